@@ -1,0 +1,1 @@
+"""maas-authz: Envoy external authorization for Models as a Service."""

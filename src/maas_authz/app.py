@@ -1,0 +1,265 @@
+"""Wiring: configuration -> identity source, tiers, access reviewer, pipeline, gRPC server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from maas_authz import service
+from maas_authz.access import AccessReviewer, Grant, StaticAccessReviewer
+from maas_authz.caching import CachedAccessReviewer, CachedTokenReviewer
+from maas_authz.check import CheckLimits, CheckPipeline
+from maas_authz.config import AuthzConfig
+from maas_authz.identity import Identity, TokenReviewer
+from maas_authz.kube_reviews import ResourceCheck
+from maas_authz.kubernetes import KubernetesApi, SubjectAccessReviewer, TokenReviewReviewer
+from maas_authz.metrics import AuthzMetrics
+from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
+from maas_authz.static_keys import StaticKeyReviewer, parse_static_keys
+from maas_authz.tiers import DEFAULT_TIERS, TierMapping, parse_tier_document
+from maas_common.clock import Clock, SystemClock
+from maas_common.config import validate
+from maas_common.errors import ConfigError
+from maas_common.reload import WatchedFile
+from maas_common.server import GrpcService, ServerRuntime
+from maas_common.settings import CommandLine, apply_server_overrides
+
+log = logging.getLogger(__name__)
+
+
+def load_config(command_line: CommandLine) -> AuthzConfig:
+    source = str(command_line.config) if command_line.config else "built-in defaults"
+    raw = apply_server_overrides(command_line.raw, command_line.overrides)
+    return validate(AuthzConfig, raw, source)
+
+
+def _resolve(base_dir: Path, path: Path) -> Path:
+    return path if path.is_absolute() else base_dir / path
+
+
+class _ReloadingKeys:
+    """The static key file, re-read when it changes, so removing a key revokes it."""
+
+    def __init__(self, watched: WatchedFile[StaticKeyReviewer]) -> None:
+        self._watched = watched
+
+    async def review(self, token: str) -> Identity | None:
+        return await self._watched.value.review(token)
+
+
+@dataclass
+class AuthzApp:
+    config: AuthzConfig
+    runtime: ServerRuntime
+    pipeline: CheckPipeline
+    registry: CollectorRegistry
+    identity_cache: CachedTokenReviewer | None = None
+    access_cache: CachedAccessReviewer | None = None
+    watched: list[WatchedFile[Any]] = field(default_factory=list)
+
+
+def _watch(
+    path: Path,
+    parse: Callable[[str, str], Any],
+    name: str,
+    interval: float,
+    metrics: AuthzMetrics,
+) -> WatchedFile[Any]:
+    watched: WatchedFile[Any] = WatchedFile(
+        path,
+        parse,
+        name=name,
+        interval=interval,
+        on_reload=lambda result: metrics.config_reloads.labels(name, result).inc(),
+    )
+    watched.load()
+    return watched
+
+
+def load_tiers(config: AuthzConfig, base_dir: Path) -> TierMapping:
+    section = config.tiers
+    if section.file is None:
+        return parse_tier_document(DEFAULT_TIERS, "built-in tiers", section.instance)
+    path = _resolve(base_dir, section.file)
+    return WatchedFile(
+        path, lambda text, src: parse_tier_document(text, src, section.instance), name="tiers"
+    ).load()
+
+
+def check_config(config: AuthzConfig, base_dir: Path) -> str:
+    """--check-config: load every file the config names, as start-up would, and summarise."""
+    mapping = load_tiers(config, base_dir)
+    lines = [f"tiers: {', '.join(mapping.names())}"]
+    if config.identity.source == "static":
+        assert config.identity.static is not None
+        path = _resolve(base_dir, config.identity.static.keys_file)
+        keys = WatchedFile(path, parse_static_keys, name="static keys").load()
+        lines.append(f"identity: static, {len(keys)} key(s) from {path}")
+    else:
+        lines.append(f"identity: kubernetes TokenReview, audiences {config.identity.audiences}")
+    if config.uses_kubernetes() and config.kubernetes.kubeconfig is not None:
+        kubeconfig = _resolve(base_dir, config.kubernetes.kubeconfig)
+        if not kubeconfig.is_file():
+            raise ConfigError(str(kubeconfig), "kubernetes.kubeconfig", "file does not exist")
+    lines.append(f"access: {config.access.source}")
+    lines.append("configuration OK")
+    return "\n".join(lines)
+
+
+def _build_tiers(
+    config: AuthzConfig, base_dir: Path, metrics: AuthzMetrics
+) -> tuple[Callable[[], TierMapping], WatchedFile[Any] | None]:
+    if config.tiers.file is None:
+        mapping = load_tiers(config, base_dir)
+        return (lambda: mapping), None
+    instance = config.tiers.instance
+    tier_file = _watch(
+        _resolve(base_dir, config.tiers.file),
+        lambda text, src: parse_tier_document(text, src, instance),
+        "tiers",
+        config.tiers.reload_interval,
+        metrics,
+    )
+    # a callable, so every Check reads the mapping in force at that moment
+    return (lambda: tier_file.value), tier_file
+
+
+def _build_identities(
+    config: AuthzConfig,
+    base_dir: Path,
+    api: KubernetesApi | None,
+    clock: Clock,
+    metrics: AuthzMetrics,
+) -> tuple[TokenReviewer, CachedTokenReviewer | None, WatchedFile[Any] | None]:
+    if config.identity.source == "static":
+        static = config.identity.static
+        assert static is not None
+        keys = _watch(
+            _resolve(base_dir, static.keys_file),
+            parse_static_keys,
+            "static_keys",
+            static.reload_interval,
+            metrics,
+        )
+        # in memory and cheap: no cache in front, so removing a key revokes it at the next reload
+        return _ReloadingKeys(keys), None, keys
+    assert api is not None
+    cache = config.identity.cache
+    cached = CachedTokenReviewer(
+        TokenReviewReviewer(api, config.identity.audiences),
+        ttl=cache.ttl,
+        negative_ttl=cache.negative_ttl,
+        max_entries=cache.max_entries,
+        clock=clock,
+        on_event=metrics.cache_observer("identity"),
+    )
+    return cached, cached, None
+
+
+def _build_access(
+    config: AuthzConfig, api: KubernetesApi | None, clock: Clock, metrics: AuthzMetrics
+) -> tuple[AccessReviewer, CachedAccessReviewer | None]:
+    if config.access.source == "static":
+        grants = (
+            Grant(frozenset(g.models), frozenset(g.groups), frozenset(g.users))
+            for g in config.access.static_grants
+        )
+        return StaticAccessReviewer(grants), None
+    assert api is not None
+    cache = config.access.cache
+    check = ResourceCheck(config.access.verb, config.access.group, config.access.resource)
+    cached = CachedAccessReviewer(
+        SubjectAccessReviewer(api, check),
+        ttl=cache.ttl,
+        negative_ttl=cache.negative_ttl,
+        max_entries=cache.max_entries,
+        clock=clock,
+        on_event=metrics.cache_observer("access"),
+    )
+    return cached, cached
+
+
+async def build_app(
+    config: AuthzConfig,
+    base_dir: Path,
+    *,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AuthzApp:
+    clock = clock or SystemClock()
+    if registry is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    metrics = AuthzMetrics(registry)
+
+    tiers, tier_file = _build_tiers(config, base_dir, metrics)
+    api: KubernetesApi | None = None
+    if config.uses_kubernetes():
+        kube = config.kubernetes
+        api = await KubernetesApi.connect(
+            kubeconfig=_resolve(base_dir, kube.kubeconfig) if kube.kubeconfig else None,
+            context=kube.context,
+            call_timeout=kube.timeout,
+            max_concurrency=kube.max_concurrency,
+            observe=metrics.observe_kubernetes,
+        )
+    identities, identity_cache, key_file = _build_identities(config, base_dir, api, clock, metrics)
+    access, access_cache = _build_access(config, api, clock, metrics)
+    watched = [w for w in (tier_file, key_file) if w is not None]
+
+    models = config.models
+    routing = PathRouting(
+        PathTemplate(models.path_template, models.default_namespace),
+        tuple(OpenPath(p.path, p.match, p.authenticate) for p in models.open_paths),
+    )
+    pipeline = CheckPipeline(
+        routing=routing,
+        identities=identities,
+        tiers=tiers,
+        access=access,
+        limits=CheckLimits(config.identity.max_token_length, config.response.retry_after),
+    )
+    servicer = service.AuthorizationService(
+        pipeline, metrics, forward_authorization=config.response.forward_authorization
+    )
+    app_holder: dict[str, AuthzApp] = {}
+
+    async def purge(request: web.Request) -> web.Response:
+        return web.json_response(_purge(app_holder["app"], request.query.get("user")))
+
+    runtime = ServerRuntime(
+        name="maas-authz",
+        grpc_addr=config.server.grpc_addr,
+        http_addr=config.server.http_addr,
+        services=[GrpcService(service.SERVICE_NAME, servicer.register)],
+        registry=registry,
+        drain_timeout=config.server.drain_timeout,
+        background=[w.watch for w in watched],
+        on_close=[api.close] if api else [],
+        http_routes=[web.post("/admin/purge", purge)],
+    )
+    app = AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
+    app_holder["app"] = app
+    return app
+
+
+def _purge(app: AuthzApp, username: str | None) -> dict[str, int]:
+    """Drop cached identities and access decisions (all, or one user's) for instant revocation."""
+    counts = {"identities": 0, "access_decisions": 0}
+    if app.identity_cache is not None:
+        cache = app.identity_cache
+        counts["identities"] = cache.forget_user(username) if username else cache.cache.clear()
+    if app.access_cache is not None:
+        access = app.access_cache
+        counts["access_decisions"] = (
+            access.forget_user(username) if username else access.cache.clear()
+        )
+    log.info("caches purged", extra={"scope": "user" if username else "all", **counts})
+    return counts

@@ -1,0 +1,135 @@
+"""The Check decision as four phases: route -> authenticate -> resolve tier -> authorize model.
+
+Pure of wire formats: it takes a path and an Authorization header and returns an Allow or a Deny.
+Time and I/O come in through the reviewers it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from maas_authz.access import AccessReviewer
+from maas_authz.credentials import BadCredentials, bearer_token
+from maas_authz.decision import Allow, Decision, Deny
+from maas_authz.identity import Identity, TokenReviewer
+from maas_authz.model_path import BadPath, OpenPath, PathRouting
+from maas_authz.tiers import Tier, TierMapping
+from maas_common.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLimits:
+    max_token_length: int = 8192
+    retry_after_seconds: int = 5
+
+
+class CheckPipeline:
+    def __init__(
+        self,
+        *,
+        routing: PathRouting,
+        identities: TokenReviewer,
+        tiers: Callable[[], TierMapping],
+        access: AccessReviewer,
+        limits: CheckLimits | None = None,
+    ) -> None:
+        self._routing = routing
+        self._identities = identities
+        self._tiers = tiers  # a callable, so a reloaded mapping applies to the next request
+        self._access = access
+        self._limits = limits or CheckLimits()
+        self._unavailable_log = _Throttle(seconds=5.0)
+
+    async def decide(self, path: str, authorization: str | None) -> Decision:
+        # 1. route: refuse what cannot be a valid request before any Kubernetes call
+        target = self._routing.classify(path)
+        if isinstance(target, BadPath):
+            return Deny(target.status, target.code, target.message)
+        if isinstance(target, OpenPath) and not target.authenticate:
+            return Allow(identity=None, tier=None, model=None)
+
+        # 2. authenticate
+        token = bearer_token(authorization, self._limits.max_token_length)
+        if isinstance(token, BadCredentials):
+            return Deny(401, token.code, token.message, token_presented=authorization is not None)
+        try:
+            identity = await self._identities.review(token)
+        except BackendUnavailable as exc:
+            return self._unavailable(exc, "authentication")
+        if identity is None:
+            return Deny(
+                401,
+                "invalid_token",
+                "the token is not valid: expired, revoked, or issued for another audience",
+                token_presented=True,
+            )
+
+        # 3. resolve tier
+        tier = self._tiers().resolve(identity.groups)
+        if tier is None:
+            return Deny(
+                403,
+                "no_tier",
+                f"user {identity.userid!r} belongs to no tier; ask an administrator to add one "
+                "of your groups to a tier",
+            )
+
+        # 4. authorize model
+        if isinstance(target, OpenPath):
+            return Allow(identity, tier, None)
+        try:
+            allowed = await self._access.allowed(identity, target)
+        except BackendUnavailable as exc:
+            return self._unavailable(exc, "model access check", tier)
+        if not allowed:
+            return Deny(
+                403,
+                "model_access_denied",
+                f"{_who(identity, tier)} has no access to model {target.name!r} "
+                f"in namespace {target.namespace!r}",
+                tier=tier.name,
+            )
+        return Allow(identity, tier, target)
+
+    def _unavailable(self, exc: BackendUnavailable, phase: str, tier: Tier | None = None) -> Deny:
+        suppressed = self._unavailable_log.allow()
+        if suppressed is not None:
+            log.warning(
+                "%s failed, answering 503: %s",
+                phase,
+                exc,
+                extra={"backend": exc.backend, "kind": exc.kind, "suppressed": suppressed},
+            )
+        return Deny(
+            503,
+            "auth_backend_unavailable",
+            f"the {phase} could not be completed right now; retry later",
+            tier=tier.name if tier else "",
+            retry_after=self._limits.retry_after_seconds,
+        )
+
+
+def _who(identity: Identity, tier: Tier) -> str:
+    return f"user {identity.userid!r} (tier {tier.name!r})"
+
+
+class _Throttle:
+    """Lets one event through per interval and counts the ones it held back (log flood guard)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._next = 0.0
+        self._held = 0
+
+    def allow(self) -> int | None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self._seconds
+        return held

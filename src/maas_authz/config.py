@@ -1,0 +1,128 @@
+"""The maas-authz configuration file. Every key, its default and its meaning are in README.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from maas_authz.model_path import PathTemplate, is_namespace_name
+from maas_common.config import Address, Duration, StrictModel
+from maas_common.settings import ServerSection
+
+
+class AuthzServerSection(ServerSection):
+    grpc_addr: Address = "0.0.0.0:50051"
+    http_addr: Address = "0.0.0.0:8081"
+
+
+class CacheSection(StrictModel):
+    ttl: Duration
+    negative_ttl: Duration
+    max_entries: int = Field(100_000, ge=1)
+
+
+class KubernetesSection(StrictModel):
+    kubeconfig: Path | None = None  # unset: in-cluster service account credentials
+    context: str | None = None
+    timeout: Duration = 0.4  # per call; keep 2x below Envoy's ext_authz timeout
+    max_concurrency: int = Field(32, ge=1, le=4096)
+
+
+class StaticKeysSection(StrictModel):
+    keys_file: Path
+    reload_interval: Duration = 2.0
+
+
+class IdentitySection(StrictModel):
+    source: Literal["kubernetes", "static"] = "kubernetes"
+    audiences: list[str] = Field(default_factory=lambda: ["maas-default-gateway-sa"])
+    static: StaticKeysSection | None = None
+    cache: CacheSection = CacheSection(ttl=600, negative_ttl=10)
+    max_token_length: int = Field(8192, ge=16, le=65536)
+
+    @model_validator(mode="after")
+    def _static_needs_keys(self) -> IdentitySection:
+        if self.source == "static" and self.static is None:
+            raise ValueError("source 'static' needs static.keys_file")
+        return self
+
+
+class TiersSection(StrictModel):
+    file: Path | None = None  # unset: the platform's default free/premium/enterprise tiers
+    instance: str = "maas-default-gateway"
+    reload_interval: Duration = 2.0
+
+
+class OpenPathSection(StrictModel):
+    path: str
+    match: Literal["exact", "prefix"] = "exact"
+    authenticate: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+
+class ModelsSection(StrictModel):
+    path_template: str = "/{namespace}/{model}"
+    default_namespace: str | None = None
+    open_paths: list[OpenPathSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _template_is_usable(self) -> ModelsSection:
+        try:
+            PathTemplate(self.path_template, self.default_namespace)
+        except ValueError as exc:
+            raise ValueError(f"path_template {self.path_template!r} {exc}") from None
+        if self.default_namespace is not None and not is_namespace_name(self.default_namespace):
+            raise ValueError(
+                f"default_namespace {self.default_namespace!r} is not a namespace name"
+            )
+        return self
+
+
+class GrantSection(StrictModel):
+    models: list[str] = Field(min_length=1)  # "namespace/name", "namespace/*" or "*"
+    groups: list[str] = Field(default_factory=list)
+    users: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_someone(self) -> GrantSection:
+        if not self.groups and not self.users:
+            raise ValueError("a grant needs groups or users")
+        for model in self.models:
+            if model != "*" and model.count("/") != 1:
+                raise ValueError(f"model {model!r} must be 'namespace/name', 'namespace/*' or '*'")
+        return self
+
+
+class AccessSection(StrictModel):
+    source: Literal["kubernetes", "static"] = "kubernetes"
+    verb: str = "post"
+    group: str = "serving.kserve.io"
+    resource: str = "llminferenceservices"
+    static_grants: list[GrantSection] = Field(default_factory=list)
+    cache: CacheSection = CacheSection(ttl=60, negative_ttl=5)
+
+
+class ResponseSection(StrictModel):
+    forward_authorization: bool = False
+    retry_after: int = Field(5, ge=1, le=3600)  # seconds, sent with 503
+
+
+class AuthzConfig(StrictModel):
+    server: AuthzServerSection = AuthzServerSection()
+    identity: IdentitySection = IdentitySection()
+    tiers: TiersSection = TiersSection()
+    models: ModelsSection = ModelsSection()
+    access: AccessSection = AccessSection()
+    kubernetes: KubernetesSection = KubernetesSection()
+    response: ResponseSection = ResponseSection()
+
+    def uses_kubernetes(self) -> bool:
+        return self.identity.source == "kubernetes" or self.access.source == "kubernetes"

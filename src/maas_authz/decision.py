@@ -1,0 +1,29 @@
+"""The outcome of a Check, independent of any wire format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from maas_authz.identity import Identity
+from maas_authz.model_path import ModelRef
+from maas_authz.tiers import Tier
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    identity: Identity | None  # None only on an open path that needs no authentication
+    tier: Tier | None
+    model: ModelRef | None  # None on open paths
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int  # the HTTP status the client gets
+    code: str  # machine-readable reason; also the `reason` metric label
+    message: str  # for the client: says what is wrong, never echoes a credential
+    tier: str = ""  # known once the tier is resolved; for metrics
+    retry_after: int | None = None
+    token_presented: bool = False  # selects the RFC 6750 form of WWW-Authenticate
+
+
+Decision = Allow | Deny

@@ -1,0 +1,183 @@
+"""The Kubernetes adapter: TokenReview and SubjectAccessReview calls, bounded and timed.
+
+Every call has a timeout and waits for one of `max_concurrency` slots (the wait counts against the
+timeout). Every failure is classified once, here, into BackendUnavailable(kind=...), so the rest of
+the server deals with one error type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, config
+
+from maas_authz.identity import Identity
+from maas_authz.kube_reviews import (
+    MalformedReview,
+    ResourceCheck,
+    parse_subject_access_review,
+    parse_token_review,
+    subject_access_review_body,
+    token_review_body,
+)
+from maas_authz.model_path import ModelRef
+from maas_common.errors import BackendUnavailable, ConfigError
+
+log = logging.getLogger(__name__)
+# The client logs response bodies at debug level, and a TokenReview response echoes the token.
+logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
+
+Observer = Callable[[str, float, str], None]  # (call, seconds, outcome: "ok" or an error kind)
+
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"  # noqa: S105 - a path
+SUBJECT_ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+
+
+class KubernetesApi:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        timeout: float,
+        max_concurrency: int,
+        observe: Observer | None = None,
+    ) -> None:
+        self._api = api_client
+        self._timeout = timeout
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._observe = observe or (lambda _call, _seconds, _outcome: None)
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        kubeconfig: Path | None,
+        context: str | None,
+        call_timeout: float,
+        max_concurrency: int,
+        observe: Observer | None = None,
+    ) -> KubernetesApi:
+        """In-cluster credentials when `kubeconfig` is None, else that file (and context)."""
+        configuration = client.Configuration()
+        try:
+            if kubeconfig is None:
+                config.load_incluster_config(client_configuration=configuration)
+            else:
+                await config.load_kube_config(
+                    config_file=str(kubeconfig),
+                    context=context,
+                    client_configuration=configuration,
+                )
+        except (config.ConfigException, OSError, ValueError, TypeError) as exc:
+            key = "kubernetes.kubeconfig" if kubeconfig else "kubernetes (in-cluster)"
+            source = str(kubeconfig) if kubeconfig else "service account files"
+            raise ConfigError(source, key, f"cannot load Kubernetes credentials: {exc}") from None
+        configuration.connection_pool_maxsize = max_concurrency
+        return cls(
+            client.ApiClient(configuration),
+            timeout=call_timeout,
+            max_concurrency=max_concurrency,
+            observe=observe,
+        )
+
+    async def create(self, call: str, path: str, body: dict[str, Any]) -> Any:
+        """POST a review object and return the decoded answer."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._slots:
+                    response = await self._api.call_api(
+                        path,
+                        "POST",
+                        header_params={
+                            "Content-Type": "application/json",
+                            "Accept": "application/json",
+                        },
+                        body=body,
+                        auth_settings=["BearerToken"],
+                        _preload_content=False,
+                        _request_timeout=self._timeout,
+                    )
+                    async with response:
+                        payload = await response.read()
+                        status = response.status
+            if status // 100 != 2:
+                outcome = f"http_{status}"
+                raise BackendUnavailable(
+                    "kubernetes", outcome, f"{call} answered HTTP {status}: {_excerpt(payload)}"
+                )
+            try:
+                return json.loads(payload)
+            except ValueError:
+                outcome = "bad_response"
+                raise BackendUnavailable(
+                    "kubernetes", outcome, f"{call} answered non-JSON"
+                ) from None
+        except TimeoutError:
+            outcome = "timeout"
+            raise BackendUnavailable(
+                "kubernetes", outcome, f"{call} took longer than {self._timeout}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            outcome = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
+            raise BackendUnavailable("kubernetes", outcome, f"{call}: {exc}") from None
+        finally:
+            self._observe(call, time.perf_counter() - started, outcome)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+
+def _excerpt(payload: bytes) -> str:
+    # Error bodies are Status objects with a message; they never contain the reviewed token.
+    try:
+        message = json.loads(payload).get("message")
+        if isinstance(message, str):
+            return message[:200]
+    except (ValueError, AttributeError):
+        pass
+    return payload[:200].decode("utf-8", "replace")
+
+
+class TokenReviewReviewer:
+    """Identity by TokenReview: the cluster decides whether a token is valid and for whom."""
+
+    def __init__(self, api: KubernetesApi, audiences: Sequence[str]) -> None:
+        self._api = api
+        self._audiences = tuple(audiences)
+
+    async def review(self, token: str) -> Identity | None:
+        answer = await self._api.create(
+            "tokenreview", TOKEN_REVIEWS, token_review_body(token, self._audiences)
+        )
+        try:
+            return parse_token_review(answer, self._audiences)
+        except MalformedReview as exc:
+            raise BackendUnavailable("kubernetes", "bad_response", str(exc)) from None
+
+
+class SubjectAccessReviewer:
+    """Model access by SubjectAccessReview: RBAC decides (verb `post` on the model by default)."""
+
+    def __init__(self, api: KubernetesApi, check: ResourceCheck) -> None:
+        self._api = api
+        self._check = check
+
+    async def allowed(self, identity: Identity, model: ModelRef) -> bool:
+        answer = await self._api.create(
+            "subjectaccessreview",
+            SUBJECT_ACCESS_REVIEWS,
+            subject_access_review_body(identity, model, self._check),
+        )
+        try:
+            return parse_subject_access_review(answer)
+        except MalformedReview as exc:
+            raise BackendUnavailable("kubernetes", "bad_response", str(exc)) from None

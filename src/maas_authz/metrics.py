@@ -1,0 +1,92 @@
+"""Prometheus metrics of maas-authz. Labels never carry a token or a user."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from maas_common.cache import CacheEvent
+
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+class AuthzMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "maas_authz_decisions",
+            "Check decisions by result (allowed/denied), reason and tier",
+            ["result", "reason", "tier"],
+            registry=registry,
+        )
+        self.check_seconds = Histogram(
+            "maas_authz_check_duration_seconds",
+            "Time to decide a Check, from request to response",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.cache_events = Counter(
+            "maas_authz_cache_events",
+            "Cache lookups (hit, miss, coalesced) and removals (expired, evicted)",
+            ["cache", "event"],
+            registry=registry,
+        )
+        self.kubernetes_seconds = Histogram(
+            "maas_authz_kubernetes_request_duration_seconds",
+            "Kubernetes API calls, by call",
+            ["call"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.kubernetes_errors = Counter(
+            "maas_authz_kubernetes_errors",
+            "Kubernetes API calls that failed, by call and kind (timeout, connect, http_NNN, ...)",
+            ["call", "kind"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "maas_config_reloads",
+            "Reloads of watched config files by result (applied, rejected, unreadable)",
+            ["config", "result"],
+            registry=registry,
+        )
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+
+    def decision(self, result: str, reason: str, tier: str) -> None:
+        key = (result, reason, tier)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+
+    def cache_observer(self, cache: str) -> CacheObserver:
+        return CacheObserver(self.cache_events, cache)
+
+    def observe_kubernetes(self, call: str, seconds: float, outcome: str) -> None:
+        self.kubernetes_seconds.labels(call).observe(seconds)
+        if outcome != "ok":
+            self.kubernetes_errors.labels(call, outcome).inc()
+
+
+class CacheObserver:
+    def __init__(self, counter: Counter, cache: str) -> None:
+        self._children = {
+            event: counter.labels(cache, event)
+            for event in ("hit", "miss", "coalesced", "expired", "evicted")
+        }
+
+    def __call__(self, event: CacheEvent) -> None:
+        self._children[event].inc()

@@ -1,0 +1,62 @@
+"""The gRPC adapter: envoy.service.auth.v3.Authorization/Check -> CheckPipeline -> CheckResponse.
+
+It never raises to Envoy: any unexpected error becomes a 500 deny with a log line, so a bug in one
+request can neither crash the server nor let a request through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from maas_authz import responses
+from maas_authz.check import CheckPipeline
+from maas_authz.decision import Allow, Deny
+from maas_authz.metrics import AuthzMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+_INTERNAL = Deny(500, "internal_error", "the authorization server failed; this is a bug, retry")
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(
+        self, pipeline: CheckPipeline, metrics: AuthzMetrics, *, forward_authorization: bool
+    ) -> None:
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._forward_authorization = forward_authorization
+
+    def register(self, server: grpc.aio.Server) -> None:
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self, server)
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        http = request.attributes.request.http
+        headers = http.headers
+        try:
+            decision = await self._pipeline.decide(http.path, headers.get("authorization"))
+            if isinstance(decision, Allow):
+                response = responses.allowed(
+                    decision, headers.keys(), forward_authorization=self._forward_authorization
+                )
+                tier = decision.tier.name if decision.tier else ""
+                self._metrics.decision("allowed", "ok", tier)
+            else:
+                response = responses.denied(decision)
+                self._metrics.decision("denied", decision.code, decision.tier)
+        except Exception:
+            log.exception(
+                "Check failed unexpectedly; denying",
+                extra={"path": http.path.split("?", 1)[0][:200]},
+            )
+            response = responses.denied(_INTERNAL)
+            self._metrics.decision("denied", _INTERNAL.code, "")
+        self._metrics.check_seconds.observe(time.perf_counter() - started)
+        return response

@@ -1,0 +1,1 @@
+"""Code shared by the maas-authz and maas-ratelimit servers."""

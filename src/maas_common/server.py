@@ -1,0 +1,198 @@
+"""Running a gRPC server with its HTTP side: reflection, health, metrics, readiness and drain.
+
+Both servers are assembled from this: the server-specific code hands over its gRPC services, its
+metrics registry and its background tasks, and this module does the rest the same way for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from maas_common.config import parse_address
+from maas_common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """One gRPC service to serve: its full name (for reflection/health) and how to register it."""
+
+    full_name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class Readiness:
+    """Per-component readiness; the server is ready when every component is."""
+
+    components: dict[str, tuple[bool, str]] = field(default_factory=dict)
+
+    def set(self, component: str, ready: bool, detail: str = "") -> None:
+        self.components[component] = (ready, detail)
+
+    @property
+    def ready(self) -> bool:
+        return all(ok for ok, _ in self.components.values())
+
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        return {
+            name: {"ready": ok, "detail": detail} for name, (ok, detail) in self.components.items()
+        }
+
+
+class ServerRuntime:
+    def __init__(
+        self,
+        *,
+        name: str,
+        grpc_addr: str,
+        http_addr: str,
+        services: Sequence[GrpcService],
+        registry: CollectorRegistry,
+        drain_timeout: float,
+        background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+        on_close: Sequence[Callable[[], Awaitable[None]]] = (),
+        http_routes: Sequence[web.RouteDef] = (),
+        grpc_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.name = name
+        self.readiness = Readiness()
+        self._grpc_addr = grpc_addr
+        self._http_addr = http_addr
+        self._services = services
+        self._registry = registry
+        self._drain_timeout = drain_timeout
+        self._background = background
+        self._on_close = on_close
+        self._http_routes = http_routes
+        # SO_REUSEPORT off: a second server on a busy port must fail loudly, not share it silently.
+        self._grpc_options = [("grpc.so_reuseport", 0), *grpc_options]
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._http: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.grpc_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        self.readiness.set("startup", False, "starting")
+        server = grpc.aio.server(options=self._grpc_options)
+        for service in self._services:
+            service.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [s.full_name for s in self._services]
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        try:
+            self.grpc_port = server.add_insecure_port(self._grpc_addr)
+        except RuntimeError as exc:
+            raise ConfigError(
+                "--grpc-addr", "", f"cannot listen on {self._grpc_addr}: {exc}"
+            ) from None
+        if self.grpc_port == 0:
+            raise ConfigError("--grpc-addr", "", f"cannot listen on {self._grpc_addr}")
+        await server.start()
+        self._grpc = server
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.add_routes(list(self._http_routes))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = parse_address(self._http_addr)
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            await server.stop(None)
+            raise ConfigError(
+                "--http-addr", "", f"cannot listen on {self._http_addr}: {exc.strerror or exc}"
+            ) from None
+        self._http = runner
+        self.http_port = runner.addresses[0][1] if runner.addresses else port
+
+        self._tasks = [asyncio.create_task(make()) for make in self._background]
+        for full_name in ["", *names]:
+            await self._health.set(full_name, health_pb2.HealthCheckResponse.SERVING)
+        self.readiness.set("startup", True)
+        log.info(
+            "%s serving",
+            self.name,
+            extra={
+                "grpc_addr": self._grpc_addr,
+                "grpc_port": self.grpc_port,
+                "http_addr": self._http_addr,
+                "http_port": self.http_port,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Drain: report not-ready, let in-flight calls finish (up to drain_timeout), then close."""
+        self.readiness.set("shutdown", False, "draining")
+        await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            log.info("%s draining in-flight calls (up to %.1fs)", self.name, self._drain_timeout)
+            await self._grpc.stop(self._drain_timeout)
+            self._grpc = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for close in self._on_close:
+            try:
+                await close()
+            except Exception:
+                log.exception("error while closing")
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        log.info("%s stopped", self.name)
+
+    async def run_until_signal(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            log.info("%s received a stop signal", self.name)
+        finally:
+            await self.stop()
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest, self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ready = self.readiness.ready
+        return web.json_response(
+            {"ready": ready, "components": self.readiness.snapshot()}, status=200 if ready else 503
+        )

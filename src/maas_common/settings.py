@@ -1,0 +1,96 @@
+"""Settings every server shares: the `server:` config section and the command line that feeds it.
+
+Precedence, highest first: command-line flag, environment variable, config file, default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from maas_common.config import Address, Duration, StrictModel, parse_address, read_yaml
+from maas_common.errors import ConfigError
+
+
+class ServerSection(StrictModel):
+    grpc_addr: Address
+    http_addr: Address
+    drain_timeout: Duration = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    config: Path | None
+    raw: dict[str, Any]
+    overrides: dict[str, str]
+    check_only: bool
+
+
+def parse_command_line(
+    *, prog: str, description: str, env_prefix: str, argv: Sequence[str] | None = None
+) -> CommandLine:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    env = os.environ
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=env.get(f"{env_prefix}_CONFIG"),
+        help=f"YAML config file (env {env_prefix}_CONFIG); omitted: built-in defaults",
+    )
+    flags = {
+        "grpc_addr": ("--grpc-addr", "HOST:PORT of the gRPC server"),
+        "http_addr": ("--http-addr", "HOST:PORT of /metrics, /healthz and /readyz"),
+        "log_level": ("--log-level", "debug, info, warning or error"),
+        "log_format": ("--log-format", "json or text"),
+    }
+    for key, (flag, help_text) in flags.items():
+        env_name = f"{env_prefix}_{key.upper()}"
+        parser.add_argument(flag, dest=key, help=f"{help_text} (env {env_name})")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration (and the files it names), print a summary and exit",
+    )
+    args = parser.parse_args(argv)
+
+    overrides: dict[str, str] = {}
+    for key, (flag, _) in flags.items():
+        env_name = f"{env_prefix}_{key.upper()}"
+        value, source = getattr(args, key), flag
+        if value is None and env.get(env_name):
+            value, source = env[env_name], env_name
+        if value is None:
+            continue
+        if key.endswith("_addr"):
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                raise ConfigError(source, "", str(exc)) from None
+        overrides[key] = value
+
+    raw: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = read_yaml(args.config)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(str(args.config), "(top level)", "expected a mapping of sections")
+        raw = loaded or {}
+    return CommandLine(
+        config=args.config, raw=raw, overrides=overrides, check_only=args.check_config
+    )
+
+
+def apply_server_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """A copy of the raw config with flag/env values placed into its `server:` section."""
+    merged = dict(raw)
+    server = merged.get("server")
+    server = dict(server) if isinstance(server, dict) else ({} if server is None else server)
+    if isinstance(server, dict):
+        server.update(overrides)
+    merged["server"] = server
+    return merged

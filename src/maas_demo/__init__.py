@@ -1,0 +1,1 @@
+"""Demo components for the maas-gateway local stack and end-to-end tests."""

@@ -1,0 +1,421 @@
+"""A throwaway single-node Kubernetes control plane (etcd + kube-apiserver) for tests.
+
+Only the API server runs: no controller-manager, scheduler or kubelet. That is enough for
+namespaces, ServiceAccounts, TokenRequest, TokenReview, Role/RoleBinding and
+SubjectAccessReview, which is what the gateway talks to.
+
+The kube-apiserver binary (v1.20.2) is built once by ``scripts/provision-kube-apiserver.sh``
+and cached outside the repo; :func:`find_apiserver_binary` returns it (or ``None`` so tests can
+skip). etcd comes from Debian's ``etcd-server`` package. Keys and certificates are made with the
+``openssl`` CLI.
+
+TLS: the API server serves a certificate signed by a per-cluster CA (SAN ``IP:127.0.0.1`` and
+``DNS:localhost``); :attr:`KubeCluster.ca_file` is that CA, so clients can verify TLS.
+
+All processes run in their own process group and are killed by :meth:`KubeCluster.stop`, which
+is also registered with :mod:`atexit`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+__all__ = ["KubeCluster", "find_apiserver_binary", "KUBE_VERSION", "SA_AUDIENCE"]
+
+KUBE_VERSION = "v1.20.2"
+SA_AUDIENCE = "maas-default-gateway-sa"
+SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+def _cache_dir() -> pathlib.Path:
+    env = os.environ.get("MAAS_CACHE_DIR")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path.home() / ".cache" / "maas-gateway"
+
+
+def find_apiserver_binary() -> pathlib.Path | None:
+    """Path of the kube-apiserver cached by scripts/provision-kube-apiserver.sh, or None."""
+    path = _cache_dir() / f"kube-apiserver-{KUBE_VERSION}" / "kube-apiserver"
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_default_route() -> bool:
+    try:
+        with open("/proc/net/route") as fh:
+            next(fh, None)
+            return any(line.split()[1:2] == ["00000000"] for line in fh)
+    except OSError:
+        return True  # unknown: let kube-apiserver decide
+
+
+def _tail(path: pathlib.Path, lines: int = 40) -> str:
+    try:
+        data = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return "\n".join(data[-lines:])
+
+
+def _openssl(*args: str, cwd: pathlib.Path) -> None:
+    proc = subprocess.run(
+        ["openssl", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed:\n{proc.stdout}")
+
+
+def _kill_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with start_new_session), then SIGKILL."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Kill the group even if the leader already exited (stray children).
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # pragma: no cover - should not happen after SIGKILL
+        pass
+
+
+_LIVE: set["KubeCluster"] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _atexit_cleanup() -> None:
+    with _LIVE_LOCK:
+        clusters = list(_LIVE)
+    for cluster in clusters:
+        try:
+            cluster.stop()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+atexit.register(_atexit_cleanup)
+
+
+class KubeCluster:
+    """etcd + kube-apiserver on free loopback ports, state under ``workdir``."""
+
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        apiserver_bin: pathlib.Path,
+        etcd_bin: str = "etcd",
+        *,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self.workdir = pathlib.Path(workdir).resolve()
+        self.apiserver_bin = pathlib.Path(apiserver_bin)
+        self.etcd_bin = etcd_bin
+        self.ready_timeout = ready_timeout
+
+        self.pki_dir = self.workdir / "pki"
+        self.etcd_data_dir = self.workdir / "etcd-data"
+        self.log_dir = self.workdir / "logs"
+        self.etcd_log = self.log_dir / "etcd.log"
+        self.apiserver_log = self.log_dir / "kube-apiserver.log"
+
+        self.ca_file = self.pki_dir / "ca.crt"
+        self.admin_token = secrets.token_hex(24)
+        self.admin_user = "admin"
+
+        self.port: int = 0
+        self.url: str = ""
+        self.etcd_client_port: int = 0
+        self.etcd_peer_port: int = 0
+        self.etcd_url: str = ""
+
+        self._etcd: subprocess.Popen | None = None
+        self._apiserver: subprocess.Popen | None = None
+        self._apiserver_args: list[str] | None = None
+        self._prepared = False
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "KubeCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- public API ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start etcd and kube-apiserver; block until /readyz is ok (or raise)."""
+        if self._apiserver is not None and self._apiserver.poll() is None:
+            return
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            if not self._prepared:
+                self._prepare()
+            if self._etcd is None or self._etcd.poll() is not None:
+                self._start_etcd()
+            self.start_apiserver()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop_apiserver(self) -> None:
+        """SIGTERM kube-apiserver and wait for it to exit; etcd keeps running."""
+        proc, self._apiserver = self._apiserver, None
+        if proc is not None:
+            _kill_group(proc)
+
+    def start_apiserver(self) -> None:
+        """(Re)start kube-apiserver with the same port and args; block until /readyz is ok."""
+        if self._apiserver_args is None:
+            raise RuntimeError("call start() first")
+        if self._apiserver is not None and self._apiserver.poll() is None:
+            return
+        self._apiserver = self._spawn(self._apiserver_args, self.apiserver_log)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop_apiserver()
+            raise
+
+    def stop(self) -> None:
+        """Stop everything. Idempotent."""
+        self.stop_apiserver()
+        proc, self._etcd = self._etcd, None
+        if proc is not None:
+            _kill_group(proc)
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    @property
+    def apiserver_running(self) -> bool:
+        return self._apiserver is not None and self._apiserver.poll() is None
+
+    def write_kubeconfig(self, path: pathlib.Path, token: str | None = None) -> pathlib.Path:
+        """Write a kubeconfig for this cluster using ``token`` (default: the admin token)."""
+        if not self.url:
+            raise RuntimeError("call start() first")
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok = self.admin_token if token is None else token
+        # JSON is valid YAML; json.dumps also quotes/escapes every value safely.
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "maas-test",
+                    "cluster": {"server": self.url, "certificate-authority": str(self.ca_file)},
+                }
+            ],
+            "users": [{"name": "maas-test-user", "user": {"token": tok}}],
+            "contexts": [
+                {
+                    "name": "maas-test",
+                    "context": {"cluster": "maas-test", "user": "maas-test-user"},
+                }
+            ],
+            "current-context": "maas-test",
+            "preferences": {},
+        }
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        path.chmod(0o600)
+        return path
+
+    # -- internals -------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        if shutil.which(self.etcd_bin) is None and not os.access(self.etcd_bin, os.X_OK):
+            raise RuntimeError(f"etcd binary {self.etcd_bin!r} not found (apt-get install etcd-server)")
+        if not os.access(self.apiserver_bin, os.X_OK):
+            raise RuntimeError(
+                f"kube-apiserver {self.apiserver_bin} not found; run scripts/provision-kube-apiserver.sh"
+            )
+        for d in (self.pki_dir, self.etcd_data_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.etcd_data_dir.chmod(0o700)
+        self._make_pki()
+
+        self.etcd_client_port = _free_port()
+        self.etcd_peer_port = _free_port()
+        while self.etcd_peer_port == self.etcd_client_port:
+            self.etcd_peer_port = _free_port()
+        self.etcd_url = f"http://127.0.0.1:{self.etcd_client_port}"
+        self.port = _free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+
+        tokens = self.pki_dir / "tokens.csv"
+        tokens.write_text(f'{self.admin_token},{self.admin_user},admin-uid,"system:masters"\n')
+        tokens.chmod(0o600)
+
+        p = self.pki_dir
+        self._apiserver_args = [
+            str(self.apiserver_bin),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.port}",
+            f"--cert-dir={p}",
+            f"--tls-cert-file={p / 'apiserver.crt'}",
+            f"--tls-private-key-file={p / 'apiserver.key'}",
+            f"--client-ca-file={p / 'ca.crt'}",
+            f"--service-account-issuer={SA_ISSUER}",
+            f"--service-account-key-file={p / 'sa.pub'}",
+            f"--service-account-signing-key-file={p / 'sa.key'}",
+            f"--api-audiences={SA_AUDIENCE}",
+            f"--token-auth-file={tokens}",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/24",
+            "--profiling=false",
+            "--logtostderr=true",
+            "--v=1",
+        ]
+        if not _has_default_route():
+            # kube-apiserver picks its advertise address from the default route and refuses to
+            # start without one; 127.0.0.1 is rejected for the "kubernetes" Endpoints. The
+            # address is only written into that (unused) Endpoints object: use TEST-NET-1.
+            self._apiserver_args.append("--advertise-address=192.0.2.1")
+        self._prepared = True
+
+    def _make_pki(self) -> None:
+        p = self.pki_dir
+        if not (p / "sa.key").exists():
+            _openssl("genrsa", "-out", "sa.key", "2048", cwd=p)
+            _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=p)
+        if not (p / "ca.crt").exists():
+            _openssl(
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
+                "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=maas-test-ca",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                cwd=p,
+            )  # fmt: skip
+        if not (p / "apiserver.crt").exists():
+            (p / "apiserver.ext").write_text(
+                "basicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\n"
+                "subjectKeyIdentifier=hash\n"
+                "authorityKeyIdentifier=keyid,issuer\n"
+                "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
+                "DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.96.0.1\n"
+            )
+            _openssl(
+                "req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256",
+                "-keyout", "apiserver.key", "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver",
+                cwd=p,
+            )  # fmt: skip
+            _openssl(
+                "x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-sha256", "-days", "3650",
+                "-extfile", "apiserver.ext", "-out", "apiserver.crt",
+                cwd=p,
+            )  # fmt: skip
+        for key in ("sa.key", "ca.key", "apiserver.key"):
+            (p / key).chmod(0o600)
+
+    def _spawn(self, args: list[str], log: pathlib.Path) -> subprocess.Popen:
+        with open(log, "ab") as fh:
+            fh.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {' '.join(args)}\n".encode())
+            fh.flush()
+            return subprocess.Popen(
+                args,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _start_etcd(self) -> None:
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        args = [
+            self.etcd_bin,
+            "--name=maas-test",
+            f"--data-dir={self.etcd_data_dir}",
+            f"--listen-client-urls={self.etcd_url}",
+            f"--advertise-client-urls={self.etcd_url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=maas-test={peer}",
+            "--initial-cluster-state=new",
+            "--log-level=warn",
+        ]
+        self._etcd = self._spawn(args, self.etcd_log)
+        deadline = time.monotonic() + self.ready_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self._etcd.poll() is not None:
+                raise RuntimeError(
+                    f"etcd exited with code {self._etcd.returncode}; {self.etcd_log}:\n"
+                    f"{_tail(self.etcd_log)}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.etcd_url}/health", timeout=2) as resp:
+                    body = resp.read().decode()
+                if '"true"' in body:
+                    return
+                last = body
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"etcd not healthy after {self.ready_timeout:.0f}s (last: {last}); "
+            f"{self.etcd_log}:\n{_tail(self.etcd_log)}"
+        )
+
+    def _wait_ready(self) -> None:
+        assert self._apiserver is not None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        req = urllib.request.Request(
+            f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}
+        )
+        deadline = time.monotonic() + self.ready_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self._apiserver.poll() is not None:
+                raise RuntimeError(
+                    f"kube-apiserver exited with code {self._apiserver.returncode}; "
+                    f"{self.apiserver_log}:\n{_tail(self.apiserver_log)}"
+                )
+            try:
+                with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
+                    body = resp.read().decode(errors="replace")
+                    if resp.status == 200 and body.strip() == "ok":
+                        return
+                    last = f"HTTP {resp.status}: {body[:200]}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"kube-apiserver not ready after {self.ready_timeout:.0f}s (last: {last}); "
+            f"{self.apiserver_log}:\n{_tail(self.apiserver_log)}"
+        )
