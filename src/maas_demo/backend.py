@@ -285,6 +285,7 @@ def _usage(prompt: int, completion: int, *, final_chunk: bool = False) -> Json:
     if not final_chunk:
         # vLLM's non-streaming usage carries these null detail fields; its stream chunk does not.
         usage["prompt_tokens_details"] = None
+        usage["completion_tokens_details"] = None
     return usage
 
 

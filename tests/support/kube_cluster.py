@@ -19,6 +19,7 @@ is also registered with :mod:`atexit`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import pathlib
@@ -33,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 
-__all__ = ["KubeCluster", "find_apiserver_binary", "KUBE_VERSION", "SA_AUDIENCE"]
+__all__ = ["KUBE_VERSION", "SA_AUDIENCE", "KubeCluster", "find_apiserver_binary"]
 
 KUBE_VERSION = "v1.20.2"
 SA_AUDIENCE = "maas-default-gateway-sa"
@@ -58,7 +59,8 @@ def find_apiserver_binary() -> pathlib.Path | None:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _has_default_route() -> bool:
@@ -80,35 +82,32 @@ def _tail(path: pathlib.Path, lines: int = 40) -> str:
 
 def _openssl(*args: str, cwd: pathlib.Path) -> None:
     proc = subprocess.run(
-        ["openssl", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ["openssl", *args],
+        check=False,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"openssl {' '.join(args)} failed:\n{proc.stdout}")
 
 
-def _kill_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def _kill_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM the process group of ``proc`` (started with start_new_session), then SIGKILL."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Kill the group even if the leader already exited (stray children).
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover - should not happen after SIGKILL
-        pass
 
 
-_LIVE: set["KubeCluster"] = set()
+_LIVE: set[KubeCluster] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -116,10 +115,8 @@ def _atexit_cleanup() -> None:
     with _LIVE_LOCK:
         clusters = list(_LIVE)
     for cluster in clusters:
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             cluster.stop()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
 
 
 atexit.register(_atexit_cleanup)
@@ -157,13 +154,13 @@ class KubeCluster:
         self.etcd_peer_port: int = 0
         self.etcd_url: str = ""
 
-        self._etcd: subprocess.Popen | None = None
-        self._apiserver: subprocess.Popen | None = None
+        self._etcd: subprocess.Popen[bytes] | None = None
+        self._apiserver: subprocess.Popen[bytes] | None = None
         self._apiserver_args: list[str] | None = None
         self._prepared = False
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "KubeCluster":
+    def __enter__(self) -> KubeCluster:
         self.start()
         return self
 
@@ -253,10 +250,13 @@ class KubeCluster:
     # -- internals -------------------------------------------------------------------------
     def _prepare(self) -> None:
         if shutil.which(self.etcd_bin) is None and not os.access(self.etcd_bin, os.X_OK):
-            raise RuntimeError(f"etcd binary {self.etcd_bin!r} not found (apt-get install etcd-server)")
+            raise RuntimeError(
+                f"etcd binary {self.etcd_bin!r} not found (apt-get install etcd-server)"
+            )
         if not os.access(self.apiserver_bin, os.X_OK):
             raise RuntimeError(
-                f"kube-apiserver {self.apiserver_bin} not found; run scripts/provision-kube-apiserver.sh"
+                f"kube-apiserver {self.apiserver_bin} not found; "
+                "run scripts/provision-kube-apiserver.sh"
             )
         for d in (self.pki_dir, self.etcd_data_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,7 @@ class KubeCluster:
         for key in ("sa.key", "ca.key", "apiserver.key"):
             (p / key).chmod(0o600)
 
-    def _spawn(self, args: list[str], log: pathlib.Path) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log: pathlib.Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as fh:
             fh.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {' '.join(args)}\n".encode())
             fh.flush()

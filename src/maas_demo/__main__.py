@@ -1,0 +1,83 @@
+"""`python -m maas_demo`: run the local stack in the foreground until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from maas_demo.stack import LocalStack, Ports, StackError
+
+CURL_HELP = """
+The MaaS gateway is up on {url}  (Envoy -> maas-authz -> demo model llm/tiny)
+
+  # free tier, allowed
+  curl -s {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model":"tiny","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":8}}'
+
+  # streaming, premium tier
+  curl -sN {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-premium' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model":"tiny","messages":[{{"role":"user","content":"Hi"}}],"stream":true}}'
+
+  # 401 (no key), 403 (no access to the model), 404 (no model in the path)
+  curl -si {url}/llm/tiny/v1/chat/completions -d '{{}}'
+  curl -si {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-noaccess' -d '{{}}'
+  curl -si {url}/nothing -H 'Authorization: Bearer sk-demo-free'
+
+  # the servers themselves
+  grpcurl -plaintext 127.0.0.1:{authz_grpc} list
+  curl -s http://127.0.0.1:{authz_http}/metrics | grep maas_authz_decisions
+
+Keys: sk-demo-free, sk-demo-premium, sk-demo-enterprise, sk-demo-noaccess.
+Logs: {logs}.  Ctrl-C stops everything.
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m maas_demo", description=__doc__)
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("MAAS_DEMO_PORT", "8080")),
+        help="Envoy's listening port (env MAAS_DEMO_PORT, default 8080)",
+    )  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"))
+    parser.add_argument("--quiet", action="store_true", help="do not echo the servers' logs")
+    args = parser.parse_args()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(args.workdir, Ports(envoy=args.port), echo=not args.quiet)
+    try:
+        stack.start()
+    except (StackError, FileNotFoundError) as exc:
+        print(f"demo: could not start the stack: {exc}", file=sys.stderr)
+        return 1
+    p = stack.ports
+    print(
+        CURL_HELP.format(
+            url=stack.gateway_url,
+            authz_grpc=p.authz_grpc,
+            authz_http=p.authz_http,
+            logs=args.workdir.resolve(),
+        ),
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            dead = stack.dead_child()
+            if dead is not None:
+                print(f"demo: {dead.name} exited; stopping.\n{dead.log_tail()}", file=sys.stderr)
+                return 1
+    finally:
+        stack.stop()
+        print("demo: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

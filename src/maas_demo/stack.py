@@ -1,0 +1,211 @@
+"""The local stack: Envoy + maas-authz + the demo model backend, as child processes.
+
+Used by `make demo` (in the foreground, logs echoed with a prefix) and by the end-to-end tests
+(on free ports, logs in files). Synchronous on purpose: it only starts, watches and stops processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import IO
+
+from maas_demo.envoy import find_envoy, render_gateway
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+DEMO_AUTHZ_CONFIG = CONFIG_DIR / "authz.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    envoy: int = 8080
+    envoy_admin: int = 9901
+    authz_grpc: int = 50051
+    authz_http: int = 8081
+    backend: int = 8000
+    envoy_host: str = "127.0.0.1"
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*(free_port() for f in fields(cls) if f.type in ("int", int)))
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    echo: bool
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,  # Ctrl-C goes to us; we stop the children in order
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None and self._log
+        for line in self.process.stdout:
+            self._log.write(line)
+            self._log.flush()
+            if self.echo:
+                sys.stdout.write(f"[{self.name}] {line.decode('utf-8', 'replace')}")
+                sys.stdout.flush()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalStack:
+    def __init__(
+        self,
+        workdir: Path,
+        ports: Ports | None = None,
+        *,
+        authz_config: Path = DEMO_AUTHZ_CONFIG,
+        echo: bool = False,
+        backend_args: tuple[str, ...] = (),
+        authz_env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.ports = ports or Ports()
+        self.authz_config = authz_config
+        self.echo = echo
+        self.backend_args = backend_args
+        self.authz_env = authz_env or {}
+        self.children: list[Child] = []
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.envoy}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        p = self.ports
+        envoy_config = self.workdir / "envoy.yaml"
+        envoy_config.write_text(
+            render_gateway(
+                {
+                    "ENVOY_HOST": p.envoy_host,
+                    "ENVOY_PORT": p.envoy,
+                    "ENVOY_ADMIN_PORT": p.envoy_admin,
+                    "AUTHZ_GRPC_PORT": p.authz_grpc,
+                    "BACKEND_PORT": p.backend,
+                }
+            )
+        )
+        python = sys.executable
+        plan = [
+            (
+                "backend",
+                [python, "-m", "maas_demo.backend", "--addr", f"127.0.0.1:{p.backend}",
+                 *self.backend_args],
+                {},
+                f"http://127.0.0.1:{p.backend}/healthz",
+            ),
+            (
+                "authz",
+                [python, "-m", "maas_authz", "--config", str(self.authz_config),
+                 "--grpc-addr", f"127.0.0.1:{p.authz_grpc}",
+                 "--http-addr", f"127.0.0.1:{p.authz_http}"],
+                self.authz_env,
+                f"http://127.0.0.1:{p.authz_http}/readyz",
+            ),
+            (
+                "envoy",
+                [str(find_envoy()), "-c", str(envoy_config), "--disable-hot-restart",
+                 "--log-level", "warn"],
+                {},
+                f"http://127.0.0.1:{p.envoy_admin}/ready",
+            ),
+        ]  # fmt: skip
+        try:
+            for name, argv, env, ready_url in plan:
+                child = Child(name, argv, self.workdir / f"{name}.log", self.echo, env)
+                self.children.append(child)
+                child.start()
+                self._wait_ready(child, ready_url, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, child: Child, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise StackError(
+                    f"{child.name} exited during start-up; last log lines:\n{child.log_tail()}"
+                )
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=1) as response,  # noqa: S310 - loopback
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.05)
+        raise StackError(f"{child.name} not ready after {timeout}s; log:\n{child.log_tail()}")
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if not c.alive()), None)
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def stop(self) -> None:
+        # front to back: Envoy stops taking requests before the servers behind it go away
+        for child in reversed(self.children):
+            child.stop()
+        self.children = []
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
