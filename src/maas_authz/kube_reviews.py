@@ -44,7 +44,9 @@ def parse_token_review(body: Any, audiences: Sequence[str]) -> Identity | None:
         raise MalformedReview("an authenticated TokenReview without user.username")
     if audiences:
         granted = status.get("audiences")
-        if not isinstance(granted, list) or not set(granted) & set(audiences):
+        if not isinstance(granted, list):
+            return None
+        if not {a for a in granted if isinstance(a, str)} & set(audiences):
             return None
     groups = user.get("groups") or []
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):

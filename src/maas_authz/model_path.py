@@ -124,10 +124,10 @@ class PathRouting:
                 "the request path must not contain encoded slashes or backslashes",
             )
         segments = path[1:].split("/")
-        if segments and segments[-1] == "" and len(segments) > 1:
-            segments.pop()  # one trailing slash is harmless
-        for index, segment in enumerate(segments):
-            if segment == "" and not (index == 0 and len(segments) == 1):
+        if segments[-1] == "":
+            segments.pop()  # one trailing slash is harmless; "/" has no segments at all
+        for segment in segments:
+            if segment == "":
                 return BadPath(400, "invalid_path", "the request path has an empty segment ('//')")
             if unquote(segment) in (".", ".."):
                 return BadPath(400, "invalid_path", "the request path must not contain '.' or '..'")

@@ -88,7 +88,8 @@ def parse_tier_document(text: str, source: str, instance: str) -> TierMapping:
     """Accepts the ConfigMap's `tiers` value (a list), `{tiers: [...]}`, or a whole ConfigMap."""
     data: Any = parse_yaml_text(text, source)
     if isinstance(data, dict) and data.get("kind") == "ConfigMap":
-        tiers_text = (data.get("data") or {}).get("tiers")
+        configmap_data = data.get("data")
+        tiers_text = configmap_data.get("tiers") if isinstance(configmap_data, dict) else None
         if not isinstance(tiers_text, str):
             raise ConfigError(
                 source, "data.tiers", "the ConfigMap must hold a YAML list in key 'tiers'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,12 +32,23 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        return _finite(value, value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            return _finite(float(match.group(1)) * _UNIT_SECONDS[match.group(2)], value)
     raise ValueError(f"expected a duration such as 500ms, 2s, 2m, 1h or 1d, got {value!r}")
+
+
+def _finite(seconds: float, original: object) -> float:
+    # YAML's .nan/.inf (and absurdly long numbers) would make TTLs and timeouts never expire.
+    try:
+        result = float(seconds)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise ValueError(f"expected a finite duration, got {original!r}")
+    return result
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -47,9 +59,14 @@ def parse_address(value: object) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host, _, port_text = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    # isascii(): str.isdigit() also accepts digits such as '²' and '٣'.
+    digits = port_text.isascii() and port_text.isdigit()
+    if not host or not digits or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
+    if not bracketed and ("[" in host or "]" in host or ":" in host):
+        raise ValueError(f"expected HOST:PORT with an IPv6 HOST in [brackets], got {value!r}")
     return host, int(port_text)
 
 

@@ -59,6 +59,7 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    _pump_thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._log = self.log_path.open("wb")
@@ -69,16 +70,18 @@ class Child:
             env={**os.environ, **self.env},
             start_new_session=True,  # Ctrl-C goes to us; we stop the children in order
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None and self._log
-        for line in self.process.stdout:
-            self._log.write(line)
-            self._log.flush()
-            if self.echo:
-                sys.stdout.write(f"[{self.name}] {line.decode('utf-8', 'replace')}")
-                sys.stdout.flush()
+        with self._log, self.process.stdout:
+            for line in self.process.stdout:
+                self._log.write(line)
+                self._log.flush()
+                if self.echo:
+                    sys.stdout.write(f"[{self.name}] {line.decode('utf-8', 'replace')}")
+                    sys.stdout.flush()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -93,6 +96,8 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=5)
         return self.process.returncode
 
     def log_tail(self, lines: int = 30) -> str:
