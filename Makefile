@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY := .venv/bin/python
+PORT ?= 8080
+
+.PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver clean
+
+help:
+	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
+	@echo "make test   - set up (venv, kube-apiserver build) and run lint + the whole test suite"
+	@echo "make lint   - ruff check, ruff format --check, mypy"
+	@echo "make test-unit | test-integration | test-e2e - one test tier"
+
+setup:
+	@scripts/setup-dev.sh
+
+kube-apiserver:
+	@scripts/provision-kube-apiserver.sh >/dev/null
+
+demo: setup
+	$(PY) -m maas_demo --port $(PORT)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: setup kube-apiserver lint
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+test-integration: setup kube-apiserver
+	$(PY) -m pytest tests/integration
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e
+
+clean:
+	rm -rf .venv .demo .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
