@@ -225,6 +225,7 @@ async def build_app(
         tiers=tiers,
         access=access,
         limits=CheckLimits(config.identity.max_token_length, config.response.retry_after),
+        clock=clock,
     )
     servicer = service.AuthorizationService(
         pipeline, metrics, forward_authorization=config.response.forward_authorization

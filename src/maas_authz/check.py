@@ -7,7 +7,6 @@ Time and I/O come in through the reviewers it is given.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity, TokenReviewer
 from maas_authz.model_path import BadPath, OpenPath, PathRouting
 from maas_authz.tiers import Tier, TierMapping
+from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,14 @@ class CheckPipeline:
         tiers: Callable[[], TierMapping],
         access: AccessReviewer,
         limits: CheckLimits | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._routing = routing
         self._identities = identities
         self._tiers = tiers  # a callable, so a reloaded mapping applies to the next request
         self._access = access
         self._limits = limits or CheckLimits()
-        self._unavailable_log = _Throttle(seconds=5.0)
+        self._unavailable_log = _Throttle(clock or SystemClock(), seconds=5.0)
 
     async def decide(self, path: str, authorization: str | None) -> Decision:
         # 1. route: refuse what cannot be a valid request before any Kubernetes call
@@ -56,7 +57,10 @@ class CheckPipeline:
         # 2. authenticate
         token = bearer_token(authorization, self._limits.max_token_length)
         if isinstance(token, BadCredentials):
-            return Deny(401, token.code, token.message, token_presented=authorization is not None)
+            # RFC 6750: only a presented bearer token gets error="invalid_token" in the challenge
+            return Deny(
+                401, token.code, token.message, token_presented=token.code == "invalid_token"
+            )
         try:
             identity = await self._identities.review(token)
         except BackendUnavailable as exc:
@@ -121,13 +125,14 @@ def _who(identity: Identity, tier: Tier) -> str:
 class _Throttle:
     """Lets one event through per interval and counts the ones it held back (log flood guard)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        self._clock = clock
         self._seconds = seconds
         self._next = 0.0
         self._held = 0
 
     def allow(self) -> int | None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if now < self._next:
             self._held += 1
             return None

@@ -17,9 +17,15 @@ class AuthzServerSection(ServerSection):
     http_addr: Address = "0.0.0.0:8081"
 
 
-class CacheSection(StrictModel):
-    ttl: Duration
-    negative_ttl: Duration
+class IdentityCacheSection(StrictModel):
+    ttl: Duration = 600.0  # as MaaS configured Authorino's TokenReview cache
+    negative_ttl: Duration = 10.0
+    max_entries: int = Field(100_000, ge=1)
+
+
+class AccessCacheSection(StrictModel):
+    ttl: Duration = 60.0  # as MaaS configured Authorino's SubjectAccessReview cache
+    negative_ttl: Duration = 5.0
     max_entries: int = Field(100_000, ge=1)
 
 
@@ -39,7 +45,7 @@ class IdentitySection(StrictModel):
     source: Literal["kubernetes", "static"] = "kubernetes"
     audiences: list[str] = Field(default_factory=lambda: ["maas-default-gateway-sa"])
     static: StaticKeysSection | None = None
-    cache: CacheSection = CacheSection(ttl=600, negative_ttl=10)
+    cache: IdentityCacheSection = IdentityCacheSection()
     max_token_length: int = Field(8192, ge=16, le=65536)
 
     @model_validator(mode="after")
@@ -107,7 +113,7 @@ class AccessSection(StrictModel):
     group: str = "serving.kserve.io"
     resource: str = "llminferenceservices"
     static_grants: list[GrantSection] = Field(default_factory=list)
-    cache: CacheSection = CacheSection(ttl=60, negative_ttl=5)
+    cache: AccessCacheSection = AccessCacheSection()
 
 
 class ResponseSection(StrictModel):

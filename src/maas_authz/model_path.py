@@ -36,8 +36,10 @@ class OpenPath:
 
     def matches(self, path: str) -> bool:
         if self.match == "exact":
-            return path == self.path
-        return path.startswith(self.path)
+            return path.rstrip("/") == self.path.rstrip("/")
+        # whole segments only: prefix /docs matches /docs and /docs/x, not /docsx
+        prefix = self.path.rstrip("/")
+        return path == prefix or path.startswith(prefix + "/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,7 @@ class PathTemplate:
 def _show(segment: str) -> str:
     """A path segment made safe to quote back to the client."""
     shown = segment if len(segment) <= 64 else segment[:61] + "..."
-    return repr(shown.encode("ascii", "backslashreplace").decode())
+    return ascii(shown)
 
 
 @dataclass(frozen=True, slots=True)

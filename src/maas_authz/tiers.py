@@ -103,6 +103,13 @@ def parse_tier_document(text: str, source: str, instance: str) -> TierMapping:
     spec = validate(TierListSpec, data, source)
     names = [t.name for t in spec.tiers]
     for index, name in enumerate(names):
+        namespace = f"{instance}-tier-{name}"
+        if len(namespace) > 63:
+            raise ConfigError(
+                source,
+                f"tiers[{index}].name",
+                f"namespace {namespace!r} would be longer than 63 characters",
+            )
         if name in names[:index]:
             raise ConfigError(source, f"tiers[{index}].name", f"tier {name!r} is listed twice")
     return build_mapping(spec, instance)

@@ -157,7 +157,8 @@ def validate(model: type[M], data: Any, source: str, prefix: str = "") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        first = errors[0]
+        # a misspelt key usually explains the "required" error next to it: report it first
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         key = format_location(tuple(first["loc"]))
         if prefix:
             key = f"{prefix}.{key}" if key else prefix

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -43,7 +43,13 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for f in fields(cls) if f.type in ("int", int)))
+        return cls(
+            envoy=free_port(),
+            envoy_admin=free_port(),
+            authz_grpc=free_port(),
+            authz_http=free_port(),
+            backend=free_port(),
+        )
 
 
 class StackError(RuntimeError):

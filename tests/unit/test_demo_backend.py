@@ -66,6 +66,7 @@ async def test_chat_usage_arithmetic(client: TestClient[Any, Any]) -> None:
         "total_tokens": 18,
         "completion_tokens": 5,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     message = data["choices"][0]["message"]
     assert message["role"] == "assistant"
@@ -130,6 +131,7 @@ async def test_completions(client: TestClient[Any, Any]) -> None:
         "total_tokens": 5,
         "completion_tokens": 2,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     # A list of prompts gets one choice each; usage sums over them.
     data = await (await client.post(path, json={"prompt": ["a", "b c"], "max_tokens": 2})).json()
