@@ -70,7 +70,7 @@ class WatchedFile(Generic[T]):
             return None
         try:
             parsed = await asyncio.to_thread(self._parse, self._decode(raw), str(self.path))
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError, or a parser bug: either way keep the old version
             log.error("%s: rejected the new version, keeping the previous one: %s", self.name, exc)
             self._digest = hashlib.sha256(raw).digest()  # report a broken version once
             self._on_reload("rejected")

@@ -134,6 +134,8 @@ class ServerRuntime:
         self.http_port = runner.addresses[0][1] if runner.addresses else port
 
         self._tasks = [asyncio.create_task(make()) for make in self._background]
+        for task in self._tasks:
+            task.add_done_callback(self._background_done)
         for full_name in ["", *names]:
             await self._health.set(full_name, health_pb2.HealthCheckResponse.SERVING)
         self.readiness.set("startup", True)
@@ -147,6 +149,17 @@ class ServerRuntime:
                 "http_port": self.http_port,
             },
         )
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        # background tasks (file watchers) run until cancelled; anything else is a failure
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "%s: background task %s failed",
+                self.name,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
+            self.readiness.set(f"background:{task.get_name()}", False, "failed")
 
     async def stop(self) -> None:
         """Drain: report not-ready, let in-flight calls finish (up to drain_timeout), then close."""

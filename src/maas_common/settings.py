@@ -40,7 +40,7 @@ def parse_command_line(
     parser.add_argument(
         "--config",
         type=Path,
-        default=env.get(f"{env_prefix}_CONFIG"),
+        default=env.get(f"{env_prefix}_CONFIG") or None,  # set but empty counts as unset
         help=f"YAML config file (env {env_prefix}_CONFIG); omitted: built-in defaults",
     )
     flags = {
