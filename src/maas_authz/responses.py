@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterable
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -70,7 +71,9 @@ def allowed(
     response = CheckResponse()
     response.status.code = code_pb2.OK
     ok = response.ok_response
-    metadata: dict[str, str] = {}
+    # A per-request id no client can choose: the rate limiter keys charge de-duplication and
+    # "never charge a refused request" on it (a client-supplied x-request-id could be replayed).
+    metadata: dict[str, str] = {"request_id": secrets.token_hex(12)}
     headers: list[HeaderValueOption] = []
     if allow.identity is not None:
         headers.append(_header(USER_HEADER, allow.identity.userid))
@@ -96,6 +99,5 @@ def allowed(
     if not forward_authorization:
         to_remove.append("authorization")
     ok.headers_to_remove.extend(to_remove)
-    if metadata:
-        response.dynamic_metadata.update(metadata)
+    response.dynamic_metadata.update(metadata)
     return response

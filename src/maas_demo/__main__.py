@@ -12,7 +12,8 @@ from pathlib import Path
 from maas_demo.stack import LocalStack, Ports, StackError
 
 CURL_HELP = """
-The MaaS gateway is up on {url}  (Envoy -> maas-authz -> demo model llm/tiny)
+The MaaS gateway is up on {url}
+(Envoy -> maas-authz -> maas-ratelimit -> demo model llm/tiny; the platform's default limits)
 
   # free tier, allowed
   curl -s {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \\
@@ -24,14 +25,21 @@ The MaaS gateway is up on {url}  (Envoy -> maas-authz -> demo model llm/tiny)
        -H 'Content-Type: application/json' \\
        -d '{{"model":"tiny","messages":[{{"role":"user","content":"Hi"}}],"stream":true}}'
 
+  # the free tier allows 5 requests per 2 minutes: the 6th gets 429 with Retry-After
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' \
+       {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \
+       -H 'Content-Type: application/json' -d '{{"messages":[{{"role":"user","content":"hi"}}]}}'; done
+
   # 401 (no key), 403 (no access to the model), 404 (no model in the path)
   curl -si {url}/llm/tiny/v1/chat/completions -d '{{}}'
   curl -si {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-noaccess' -d '{{}}'
   curl -si {url}/nothing -H 'Authorization: Bearer sk-demo-free'
 
   # the servers themselves
-  grpcurl -plaintext 127.0.0.1:{authz_grpc} list
+  .venv/bin/grpcurl -plaintext 127.0.0.1:{authz_grpc} list
+  .venv/bin/grpcurl -plaintext 127.0.0.1:{ratelimit_grpc} list
   curl -s http://127.0.0.1:{authz_http}/metrics | grep maas_authz_decisions
+  curl -s http://127.0.0.1:{ratelimit_http}/metrics | grep maas_ratelimit_decisions
 
 Keys: sk-demo-free, sk-demo-premium, sk-demo-enterprise, sk-demo-noaccess.
 Logs: {logs}.  Ctrl-C stops everything.
@@ -63,6 +71,8 @@ def main() -> int:
             url=stack.gateway_url,
             authz_grpc=p.authz_grpc,
             authz_http=p.authz_http,
+            ratelimit_grpc=p.ratelimit_grpc,
+            ratelimit_http=p.ratelimit_http,
             logs=args.workdir.resolve(),
         ),
         flush=True,

@@ -1,4 +1,4 @@
-"""The local stack: Envoy + maas-authz + the demo model backend, as child processes.
+"""The local stack: Envoy + maas-authz + maas-ratelimit + the demo model, as child processes.
 
 Used by `make demo` (in the foreground, logs echoed with a prefix) and by the end-to-end tests
 (on free ports, logs in files). Synchronous on purpose: it only starts, watches and stops processes.
@@ -24,6 +24,7 @@ from maas_demo.envoy import find_envoy, render_gateway
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 DEMO_AUTHZ_CONFIG = CONFIG_DIR / "authz.yaml"
+DEMO_RATELIMIT_CONFIG = CONFIG_DIR / "ratelimit.yaml"
 
 
 def free_port() -> int:
@@ -38,6 +39,8 @@ class Ports:
     envoy_admin: int = 9901
     authz_grpc: int = 50051
     authz_http: int = 8081
+    ratelimit_grpc: int = 50052
+    ratelimit_http: int = 8082
     backend: int = 8000
     envoy_host: str = "127.0.0.1"
 
@@ -48,6 +51,8 @@ class Ports:
             envoy_admin=free_port(),
             authz_grpc=free_port(),
             authz_http=free_port(),
+            ratelimit_grpc=free_port(),
+            ratelimit_http=free_port(),
             backend=free_port(),
         )
 
@@ -120,6 +125,7 @@ class LocalStack:
         ports: Ports | None = None,
         *,
         authz_config: Path = DEMO_AUTHZ_CONFIG,
+        ratelimit_config: Path = DEMO_RATELIMIT_CONFIG,
         echo: bool = False,
         backend_args: tuple[str, ...] = (),
         authz_env: dict[str, str] | None = None,
@@ -127,6 +133,7 @@ class LocalStack:
         self.workdir = workdir
         self.ports = ports or Ports()
         self.authz_config = authz_config
+        self.ratelimit_config = ratelimit_config
         self.echo = echo
         self.backend_args = backend_args
         self.authz_env = authz_env or {}
@@ -147,6 +154,7 @@ class LocalStack:
                     "ENVOY_PORT": p.envoy,
                     "ENVOY_ADMIN_PORT": p.envoy_admin,
                     "AUTHZ_GRPC_PORT": p.authz_grpc,
+                    "RATELIMIT_GRPC_PORT": p.ratelimit_grpc,
                     "BACKEND_PORT": p.backend,
                 }
             )
@@ -167,6 +175,14 @@ class LocalStack:
                  "--http-addr", f"127.0.0.1:{p.authz_http}"],
                 self.authz_env,
                 f"http://127.0.0.1:{p.authz_http}/readyz",
+            ),
+            (
+                "ratelimit",
+                [python, "-m", "maas_ratelimit", "--config", str(self.ratelimit_config),
+                 "--grpc-addr", f"127.0.0.1:{p.ratelimit_grpc}",
+                 "--http-addr", f"127.0.0.1:{p.ratelimit_http}"],
+                {},
+                f"http://127.0.0.1:{p.ratelimit_http}/readyz",
             ),
             (
                 "envoy",

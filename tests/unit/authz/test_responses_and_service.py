@@ -65,7 +65,12 @@ def body_of(response: CheckResponse) -> dict[str, Any]:
 
 
 def metadata(response: CheckResponse) -> dict[str, Any]:
-    return dict(MessageToDict(response.dynamic_metadata))
+    """The dynamic metadata without its request_id, after checking that one is there."""
+    found = dict(MessageToDict(response.dynamic_metadata))
+    request_id = found.pop("request_id")
+    assert isinstance(request_id, str) and len(request_id) == 24
+    int(request_id, 16)
+    return found
 
 
 # --- responses.allowed --------------------------------------------------------------------------
@@ -125,6 +130,17 @@ def test_authorization_is_removed_unless_forwarded() -> None:
     assert "authorization" not in kept.ok_response.headers_to_remove
     dropped = responses.allowed(Allow(ALICE, PREMIUM, TINY), [], forward_authorization=False)
     assert "authorization" in dropped.ok_response.headers_to_remove
+
+
+def test_every_allowed_response_carries_a_fresh_request_id() -> None:
+    allow = Allow(ALICE, PREMIUM, TINY)
+    ids = {
+        MessageToDict(
+            responses.allowed(allow, [], forward_authorization=False).dynamic_metadata
+        )["request_id"]
+        for _ in range(100)
+    }
+    assert len(ids) == 100
 
 
 def test_allowed_dynamic_metadata() -> None:

@@ -1,0 +1,1 @@
+"""maas-ratelimit: Envoy rate limit service with token buckets for requests and LLM tokens."""

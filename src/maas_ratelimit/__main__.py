@@ -1,0 +1,5 @@
+import sys
+
+from maas_ratelimit.main import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""Wiring: configuration -> limits table (hot reloaded), bucket store, limiter, gRPC server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from maas_common.clock import Clock, SystemClock
+from maas_common.config import validate
+from maas_common.reload import ReloadResult, WatchedFile
+from maas_common.server import GrpcService, ServerRuntime
+from maas_common.settings import CommandLine, apply_server_overrides
+from maas_ratelimit import service
+from maas_ratelimit.config import RateLimitConfig
+from maas_ratelimit.instrumented import InstrumentedStore
+from maas_ratelimit.limiter import RateLimiter
+from maas_ratelimit.limits import DEFAULT_LIMITS, LimitTable, parse_limits
+from maas_ratelimit.memory_store import MemoryBucketStore
+from maas_ratelimit.metrics import RateLimitMetrics
+from maas_ratelimit.redis_store import RedisBucketStore
+from maas_ratelimit.store import BucketStore
+
+
+def load_config(command_line: CommandLine) -> RateLimitConfig:
+    source = str(command_line.config) if command_line.config else "built-in defaults"
+    raw = apply_server_overrides(command_line.raw, command_line.overrides)
+    return validate(RateLimitConfig, raw, source)
+
+
+def _resolve(base_dir: Path, path: Path) -> Path:
+    return path if path.is_absolute() else base_dir / path
+
+
+def limits_file(
+    config: RateLimitConfig,
+    base_dir: Path,
+    on_reload: Callable[[ReloadResult], None] | None = None,
+) -> WatchedFile[LimitTable] | None:
+    if config.limits.file is None:
+        return None
+    return WatchedFile(
+        _resolve(base_dir, config.limits.file),
+        parse_limits,
+        name="limits",
+        interval=config.limits.reload_interval,
+        on_reload=on_reload,
+    )
+
+
+def check_config(config: RateLimitConfig, base_dir: Path) -> str:
+    """--check-config: load the limits file as start-up would, and summarise."""
+    watched = limits_file(config, base_dir)
+    table = watched.load() if watched else parse_limits(DEFAULT_LIMITS, "built-in limits")
+    lines = [f"domain: {table.domain}"]
+    lines += [f"limit {limit.name}: {limit.description}" for limit in table.limits]
+    lines.append(f"store: {config.store.type} (failure mode {config.store.failure_mode})")
+    lines.append("configuration OK")
+    return "\n".join(lines)
+
+
+def build_store(config: RateLimitConfig) -> BucketStore:
+    ttl_ms = round(config.store.request_id_ttl * 1000)
+    if config.store.type == "redis":
+        redis = config.store.redis
+        assert redis is not None
+        return RedisBucketStore.from_url(
+            redis.url,
+            timeout=redis.timeout,
+            connect_timeout=redis.connect_timeout,
+            max_connections=redis.max_connections,
+            key_prefix=redis.key_prefix,
+            request_id_ttl_ms=ttl_ms,
+        )
+    return MemoryBucketStore(request_id_ttl_ms=ttl_ms)
+
+
+@dataclass
+class RateLimitApp:
+    config: RateLimitConfig
+    runtime: ServerRuntime
+    limiter: RateLimiter
+    store: BucketStore
+    registry: CollectorRegistry
+
+
+def build_app(
+    config: RateLimitConfig,
+    base_dir: Path,
+    *,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+    store: BucketStore | None = None,
+) -> RateLimitApp:
+    clock = clock or SystemClock()
+    if registry is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    metrics = RateLimitMetrics(registry)
+
+    watched = limits_file(
+        config, base_dir, lambda result: metrics.config_reloads.labels("limits", result).inc()
+    )
+    limits: Callable[[], LimitTable]
+    if watched is None:
+        table = parse_limits(DEFAULT_LIMITS, "built-in limits")
+        limits = lambda: table  # noqa: E731
+    else:
+        watched.load()
+        limits = lambda: watched.value  # noqa: E731 - read at every call: reloads apply at once
+
+    raw_store = store or build_store(config)
+    if isinstance(raw_store, MemoryBucketStore):
+        metrics.track_buckets(raw_store.__len__)
+    instrumented = InstrumentedStore(raw_store, metrics)
+    limiter = RateLimiter(limits=limits, store=instrumented, clock=clock)
+    servicer = service.RateLimitService(limiter, metrics, failure_mode=config.store.failure_mode)
+    runtime = ServerRuntime(
+        name="maas-ratelimit",
+        grpc_addr=config.server.grpc_addr,
+        http_addr=config.server.http_addr,
+        services=[GrpcService(service.SERVICE_NAME, servicer.register)],
+        registry=registry,
+        drain_timeout=config.server.drain_timeout,
+        background=[watched.watch] if watched else [],
+        on_close=[instrumented.close],
+    )
+    return RateLimitApp(config, runtime, limiter, instrumented, registry)

@@ -1,0 +1,63 @@
+"""Token bucket arithmetic, exact: integers only, time in milliseconds, no clock of its own.
+
+A bucket for "N per window W" holds at most N tokens and refills continuously at N/W. To keep
+everything in integers the level is stored scaled by W (in "token-milliseconds"): capacity is N*W,
+one token is W, and each elapsed millisecond adds N. A level below zero is debt, left by post-paid
+token charges; it is paid back by refill before anything is admitted again.
+
+The Redis store runs the same arithmetic in a Lua script (redis_store.py); the store contract
+tests hold both to the same results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Lua numbers are doubles: every scaled value must stay an exact integer there too.
+MAX_EXACT = 2**53
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    limit: int  # tokens per window
+    window_ms: int
+
+    @property
+    def capacity(self) -> int:
+        return self.limit * self.window_ms
+
+
+@dataclass(slots=True)
+class BucketState:
+    level: int  # scaled by `scale`
+    updated_ms: int
+    scale: int  # the window_ms the level was scaled with (windows can change on reload)
+
+
+def current_level(state: BucketState | None, spec: BucketSpec, now_ms: int) -> int:
+    """The scaled level at `now_ms`: refilled since the last update, at most the capacity."""
+    if state is None:
+        return spec.capacity  # a bucket nobody has touched (or that expired) is full
+    level = state.level
+    if state.scale != spec.window_ms:
+        level = level * spec.window_ms // state.scale  # same number of tokens, new scale
+    elapsed = max(0, now_ms - state.updated_ms)  # a clock step backwards refills nothing
+    return min(spec.capacity, level + elapsed * spec.limit)
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def remaining_tokens(level: int, spec: BucketSpec) -> int:
+    """Whole tokens available now (0 while in debt)."""
+    return max(0, level // spec.window_ms)
+
+
+def ms_until(level: int, target: int, spec: BucketSpec) -> int:
+    """Milliseconds of refill until the level reaches `target` (0 if it already has)."""
+    return max(0, ceil_div(target - level, spec.limit))
+
+
+def ms_until_full(level: int, spec: BucketSpec) -> int:
+    return ms_until(level, spec.capacity, spec)

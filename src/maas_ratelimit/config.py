@@ -1,0 +1,48 @@
+"""The maas-ratelimit configuration file; README.md documents every key and default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from maas_common.config import Address, Duration, StrictModel
+from maas_common.settings import ServerSection
+
+
+class RateLimitServerSection(ServerSection):
+    grpc_addr: Address = "0.0.0.0:50052"
+    http_addr: Address = "0.0.0.0:8082"
+
+
+class LimitsSection(StrictModel):
+    file: Path | None = None  # unset: the platform's default limits
+    reload_interval: Duration = 2.0
+
+
+class RedisSection(StrictModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: Duration = 0.05  # per operation, including the wait for a connection
+    connect_timeout: Duration = 0.2
+    max_connections: int = Field(64, ge=1, le=10_000)
+    key_prefix: str = "maas:rl:"
+
+
+class StoreSection(StrictModel):
+    type: Literal["memory", "redis"] = "memory"
+    failure_mode: Literal["open", "closed"] = "open"
+    request_id_ttl: Duration = 600.0  # how long charges are de-duplicated per request id
+    redis: RedisSection | None = None
+
+    @model_validator(mode="after")
+    def _redis_needs_settings(self) -> StoreSection:
+        if self.type == "redis" and self.redis is None:
+            raise ValueError("type 'redis' needs a redis: section (at least redis.url)")
+        return self
+
+
+class RateLimitConfig(StrictModel):
+    server: RateLimitServerSection = RateLimitServerSection()
+    limits: LimitsSection = LimitsSection()
+    store: StoreSection = StoreSection()

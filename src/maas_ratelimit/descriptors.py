@@ -1,0 +1,56 @@
+"""What Envoy asks about, as plain data: descriptors with their entries and effective hits.
+
+The entry keys this server understands (Envoy's rate_limits actions produce them from the
+dynamic metadata maas-authz sets, never from client headers):
+  tier        the tier; limits are chosen by it (required for any limit to apply)
+  user        the user id; counters are per user (required)
+  model       "namespace/name"; for per-model counters and model filters (optional)
+  request_id  a unique id per request, from maas-authz; makes charges idempotent and lets a
+              charge for a refused request be recognised (optional but recommended)
+  charge      present on the after-response call: the descriptor's hits are LLM tokens to charge
+              to `tokens` limits (value: what is charged, e.g. "total_tokens")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TIER, USER, MODEL, REQUEST_ID, CHARGE = "tier", "user", "model", "request_id", "charge"
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    entries: dict[str, str]
+    hits: int  # how many to count: per-descriptor hits_addend, else the request's, else 1
+    check_only: bool  # a per-descriptor hits_addend of 0: check, consume nothing
+
+    @property
+    def tier(self) -> str | None:
+        return self.entries.get(TIER)
+
+    @property
+    def user(self) -> str | None:
+        return self.entries.get(USER)
+
+    @property
+    def model(self) -> str | None:
+        return self.entries.get(MODEL)
+
+    @property
+    def request_id(self) -> str | None:
+        return self.entries.get(REQUEST_ID)
+
+    @property
+    def is_charge(self) -> bool:
+        return CHARGE in self.entries
+
+
+def effective_hits(descriptor_hits: int | None, request_hits: int) -> tuple[int, bool]:
+    """(hits, check_only) per the RLS protocol.
+
+    A request-level hits_addend of 0 means 1 (proto3 cannot tell unset from 0). A per-descriptor
+    hits_addend is a wrapper type, so it has presence: there, 0 really means 0 — check only.
+    """
+    if descriptor_hits is not None:
+        return descriptor_hits, descriptor_hits == 0
+    return (request_hits or 1), False

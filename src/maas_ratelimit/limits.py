@@ -1,0 +1,177 @@
+"""The limits file: which limits apply to which tier, and how a descriptor finds its limits.
+
+domain: maas                 # must equal the Envoy rate limit filter's `domain`
+limits:
+  - name: free-requests      # unique; part of the counter key
+    tier: free
+    kind: requests           # requests (taken on admission) | tokens (post-paid LLM tokens)
+    limit: 5
+    window: 2m
+    per: [user]              # counter per user (default), or [user, model]
+    models: []               # only these models ("namespace/name"); empty = every model
+    shadow: false            # count and report, never refuse
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from maas_common.config import Duration, StrictModel, parse_yaml_text, validate
+from maas_common.errors import ConfigError
+from maas_ratelimit.bucket import MAX_EXACT, BucketSpec
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+Kind = Literal["requests", "tokens"]
+Per = Literal["user", "model"]
+_UNITS = {1_000: "SECOND", 60_000: "MINUTE", 3_600_000: "HOUR", 86_400_000: "DAY"}
+
+
+class LimitSpec(StrictModel):
+    name: str
+    tier: str
+    kind: Kind
+    limit: int = Field(ge=1)
+    window: Duration
+    per: list[Per] = Field(default_factory=lambda: list[Per](["user"]))
+    models: list[str] = Field(default_factory=list)
+    shadow: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value) or len(value) > 63:
+            raise ValueError(f"{value!r} must be lowercase letters, digits, '-', '_' or '.'")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if value < 1 or value != round(value * 1000) / 1000:
+            raise ValueError("a window must be at least 1s, in whole milliseconds")
+        return value
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, value: list[str]) -> list[str]:
+        if "user" not in value or len(set(value)) != len(value):
+            raise ValueError("must contain 'user', optionally 'model', each once")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        for model in value:
+            if model.count("/") != 1:
+                raise ValueError(f"model {model!r} must be 'namespace/name'")
+        return value
+
+    @model_validator(mode="after")
+    def _exact(self) -> LimitSpec:
+        if self.limit * round(self.window * 1000) >= MAX_EXACT:
+            raise ValueError(
+                f"limit x window is too large to count exactly ({self.limit} per {self.window}s); "
+                "use a shorter window"
+            )
+        return self
+
+
+class LimitsFileSpec(StrictModel):
+    domain: str = "maas"
+    limits: list[LimitSpec]
+
+
+def format_window(window_ms: int) -> str:
+    for unit_ms, suffix in ((86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")):
+        if window_ms % unit_ms == 0:
+            return f"{window_ms // unit_ms}{suffix}"
+    return f"{window_ms}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    name: str
+    tier: str
+    kind: Kind
+    spec: BucketSpec
+    per_model: bool
+    models: frozenset[str]
+    shadow: bool
+
+    @property
+    def description(self) -> str:
+        """What a client is told, e.g. "free tier: 5 requests per 2m"."""
+        window = format_window(self.spec.window_ms)
+        return f"{self.tier} tier: {self.spec.limit} {self.kind} per {window}"
+
+    @property
+    def unit(self) -> str:
+        """Envoy's RateLimit.Unit when the window is exactly one unit, else UNKNOWN."""
+        return _UNITS.get(self.spec.window_ms, "UNKNOWN")
+
+    def applies_to(self, model: str | None) -> bool:
+        return not self.models or (model is not None and model in self.models)
+
+    def counter_key(self, user: str, model: str | None) -> str:
+        # \x1f (unit separator) cannot occur in names, users are opaque: no ambiguity
+        parts = [self.name, user]
+        if self.per_model:
+            parts.append(model or "")
+        return "\x1f".join(parts)
+
+
+@dataclass(frozen=True)
+class LimitTable:
+    domain: str
+    limits: tuple[Limit, ...]
+
+    def __post_init__(self) -> None:
+        by_tier: dict[str, list[Limit]] = {}
+        for limit in self.limits:
+            by_tier.setdefault(limit.tier, []).append(limit)
+        object.__setattr__(self, "_by_tier", {t: tuple(ls) for t, ls in by_tier.items()})
+
+    def for_tier(self, tier: str, model: str | None) -> Sequence[Limit]:
+        limits: dict[str, tuple[Limit, ...]] = self._by_tier  # type: ignore[attr-defined]
+        return [limit for limit in limits.get(tier, ()) if limit.applies_to(model)]
+
+
+def parse_limits(text: str, source: str) -> LimitTable:
+    spec = validate(LimitsFileSpec, parse_yaml_text(text, source), source)
+    names: set[str] = set()
+    limits = []
+    for index, item in enumerate(spec.limits):
+        if item.name in names:
+            raise ConfigError(
+                source, f"limits[{index}].name", f"limit {item.name!r} is listed twice"
+            )
+        names.add(item.name)
+        limits.append(
+            Limit(
+                name=item.name,
+                tier=item.tier,
+                kind=item.kind,
+                spec=BucketSpec(item.limit, round(item.window * 1000)),
+                per_model="model" in item.per,
+                models=frozenset(item.models),
+                shadow=item.shadow,
+            )
+        )
+    return LimitTable(spec.domain, tuple(limits))
+
+
+# The platform's defaults (Kuadrant RateLimitPolicy / TokenRateLimitPolicy of MaaS).
+DEFAULT_LIMITS = """\
+domain: maas
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m}
+  - {name: premium-requests, tier: premium, kind: requests, limit: 20, window: 2m}
+  - {name: premium-tokens, tier: premium, kind: tokens, limit: 50000, window: 1m}
+  - {name: enterprise-requests, tier: enterprise, kind: requests, limit: 50, window: 2m}
+  - {name: enterprise-tokens, tier: enterprise, kind: tokens, limit: 100000, window: 1m}
+"""

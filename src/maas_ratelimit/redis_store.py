@@ -1,0 +1,367 @@
+"""The Redis bucket store: the arithmetic of bucket.py in Lua, one script call per operation.
+
+Each operation is a single EVALSHA (redis-py's registered scripts; EVAL with the text on
+NOSCRIPT), so it is atomic on the server and costs one round trip. `now_ms` comes from the
+caller's clock, never from Redis TIME, so both stores give the same answers for the same calls.
+
+Layout, under a prefix (default "maas:rl:"):
+- prefix + bucket key: a hash {v: level, t: updated_ms, s: scale}, as BucketState. Each write
+  sets PEXPIRE to the time until the bucket is full again: a full bucket equals no bucket, so
+  idle buckets disappear by themselves.
+- prefix + "rid:" + request id: "denied" (refused at admission) or "charged", with a TTL.
+
+Every key an operation touches is passed in KEYS (what Redis Cluster needs to route a script),
+though keys carry no hash tags, so one operation's keys may still map to different slots.
+
+Lua numbers are doubles: every value the scripts hold is an integer below 2**53 (see
+bucket.MAX_EXACT), so +, - and * are exact; divisions are floored and then corrected, and the
+rescale on a window change avoids the product level * window_ms, which may not stay below 2**53.
+Numbers are written with %.0f: Redis's own number-to-string conversion may use an exponent.
+
+Retries: a script that was sent may have run even if its reply was lost, and re-running admit or
+charge would apply it twice. from_url therefore disables redis-py's retries; the next operation
+simply tries again on a fresh connection (the pool reconnects closed connections by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Self
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from maas_common.errors import BackendUnavailable
+from maas_ratelimit.store import (
+    Admission,
+    AdmitResult,
+    Charge,
+    ChargeResult,
+    ChargeStatus,
+    Outcome,
+)
+
+# Shared Lua helpers: exact integer arithmetic on doubles, and BucketState load/store.
+_LUA_COMMON = """
+local function fmt(x)
+  return string.format('%.0f', x)
+end
+
+-- floor(x / d) for integers |x| < 2^53, d > 0; the double quotient may be off by one
+local function floordiv(x, d)
+  local q = math.floor(x / d)
+  local r = x - q * d
+  if r < 0 then
+    q = q - 1
+  elseif r >= d then
+    q = q + 1
+  end
+  return q
+end
+
+local function ceildiv(x, d)
+  return -floordiv(-x, d)
+end
+
+-- floor(r * b / c) for 0 <= r < c, b > 0, when r * b may exceed 2^53: binary long
+-- multiplication, keeping the running product as quotient and remainder modulo c
+local function mulfloordiv(r, b, c)
+  if r * b < 9007199254740992 then
+    return floordiv(r * b, c)
+  end
+  local bits = {}
+  while b > 0 do
+    local bit = b % 2
+    bits[#bits + 1] = bit
+    b = (b - bit) / 2
+  end
+  local q, rem = 0, 0
+  for i = #bits, 1, -1 do
+    q, rem = q * 2, rem * 2
+    if rem >= c then
+      q, rem = q + 1, rem - c
+    end
+    if bits[i] == 1 then
+      rem = rem + r
+      if rem >= c then
+        q, rem = q + 1, rem - c
+      end
+    end
+  end
+  return q
+end
+
+-- level * new // old (floored, as Python's //), without forming the product
+local function rescale(level, old, new)
+  local tokens = floordiv(level, old)
+  local rest = level - tokens * old
+  return tokens * new + mulfloordiv(rest, new, old)
+end
+
+-- bucket.current_level
+local function current_level(key, limit, window, now)
+  local capacity = limit * window
+  local state = redis.call('HMGET', key, 'v', 't', 's')
+  if not state[1] then
+    return capacity
+  end
+  local level, updated, scale = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
+  if not (level and updated and scale) or scale <= 0 then
+    return redis.error_reply('corrupt bucket state at ' .. key)
+  end
+  if scale ~= window then
+    level = rescale(level, scale, window)
+  end
+  local elapsed = math.max(0, now - updated)
+  return math.min(capacity, level + elapsed * limit)
+end
+
+-- MemoryBucketStore._write: the state now, expiring when the bucket is full again
+local function write(key, limit, window, level, now)
+  local until_full = math.max(0, ceildiv(limit * window - level, limit))
+  redis.call('HSET', key, 'v', fmt(level), 't', fmt(now), 's', fmt(window))
+  redis.call('PEXPIRE', key, fmt(math.max(1, until_full)))
+end
+"""
+
+# KEYS: the n bucket keys, then the request id key if there is one.
+# ARGV: now_ms, n, request_id_ttl_ms, then per bucket: limit, window_ms, need, take, shadow (0|1).
+# Returns {admitted (0|1), then per bucket: sufficient (0|1), level after}.
+_ADMIT = (
+    _LUA_COMMON
+    + """
+local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local specs, levels, sufficient = {}, {}, {}
+local admitted = 1
+-- every level is read before anything is written (a key may appear twice)
+for i = 1, n do
+  local base = 3 + (i - 1) * 5
+  local spec = {
+    limit = tonumber(ARGV[base + 1]), window = tonumber(ARGV[base + 2]),
+    need = tonumber(ARGV[base + 3]), take = tonumber(ARGV[base + 4]),
+    shadow = ARGV[base + 5] == '1',
+  }
+  specs[i] = spec
+  local level = current_level(KEYS[i], spec.limit, spec.window, now)
+  if type(level) == 'table' then
+    return level
+  end
+  levels[i] = level
+  sufficient[i] = level >= spec.need
+  if not sufficient[i] and not spec.shadow then
+    admitted = 0
+  end
+end
+local reply = {admitted}
+for i = 1, n do
+  local spec, level = specs[i], levels[i]
+  if admitted == 1 and sufficient[i] then
+    level = level - spec.take
+  end
+  write(KEYS[i], spec.limit, spec.window, level, now)
+  reply[#reply + 1] = sufficient[i] and 1 or 0
+  reply[#reply + 1] = level
+end
+if admitted == 0 and #KEYS > n then
+  redis.call('SET', KEYS[n + 1], 'denied', 'PX', ttl)
+end
+return reply
+"""
+)
+
+# KEYS: the n bucket keys, then the request id key if there is one.
+# ARGV: now_ms, n, request_id_ttl_ms, then per bucket: limit, window_ms, amount.
+# Returns {status: 0 applied | 1 duplicate | 2 denied_request, then the n levels if applied}.
+_CHARGE = (
+    _LUA_COMMON
+    + """
+local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+if #KEYS > n then
+  local mark = redis.call('GET', KEYS[n + 1])
+  if mark == 'denied' then
+    return {2}
+  elseif mark == 'charged' then
+    return {1}
+  end
+  redis.call('SET', KEYS[n + 1], 'charged', 'PX', ttl)
+end
+local reply = {0}
+-- one charge at a time, as the memory store: a key named twice is charged twice
+for i = 1, n do
+  local base = 3 + (i - 1) * 3
+  local limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local level = current_level(KEYS[i], limit, window, now)
+  if type(level) == 'table' then
+    return level
+  end
+  level = level - tonumber(ARGV[base + 3])
+  write(KEYS[i], limit, window, level, now)
+  reply[#reply + 1] = level
+end
+return reply
+"""
+)
+
+_CHARGE_STATUS = {
+    0: ChargeStatus.APPLIED,
+    1: ChargeStatus.DUPLICATE,
+    2: ChargeStatus.DENIED_REQUEST,
+}
+
+# Seconds a pooled connection may sit idle before it is PINGed on its next use: catches a
+# connection the network silently dropped, at the price of one PING after idle periods.
+_HEALTH_CHECK_INTERVAL_S = 2
+
+
+class RedisBucketStore:
+    """A BucketStore on Redis. Any failure surfaces as BackendUnavailable("redis", kind, ...).
+
+    `timeout` bounds each whole operation (pool wait, connect, script), in seconds; None leaves
+    only the client's own socket timeouts. A client built elsewhere keeps its own retry policy:
+    prefer from_url, which turns retries off (see the module docstring).
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "maas:rl:",
+        request_id_ttl_ms: int = 600_000,
+        timeout: float | None = None,
+    ) -> None:
+        if request_id_ttl_ms <= 0:
+            raise ValueError("request_id_ttl_ms must be positive")
+        self._client = client
+        self._prefix = key_prefix
+        self._request_id_ttl_ms = request_id_ttl_ms
+        self._timeout = timeout
+        self._admit_script = client.register_script(_ADMIT)
+        self._charge_script = client.register_script(_CHARGE)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        max_connections: int,
+        key_prefix: str = "maas:rl:",
+        request_id_ttl_ms: int = 600_000,
+    ) -> Self:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,  # waiting for a free connection
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            # No retries (not even on timeout): a re-sent script could apply twice.
+            # (retry_on_timeout=False is the default and is deprecated as an argument.)
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=_HEALTH_CHECK_INTERVAL_S,
+        )
+        client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
+        return cls(
+            client, key_prefix=key_prefix, request_id_ttl_ms=request_id_ttl_ms, timeout=timeout
+        )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    def bucket_key(self, key: str) -> str:
+        return self._prefix + key
+
+    def request_id_key(self, request_id: str) -> str:
+        return self._prefix + "rid:" + request_id
+
+    async def admit(
+        self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
+    ) -> AdmitResult:
+        if not admissions:
+            return AdmitResult(True, ())  # nothing to check, nothing to refuse or mark
+        keys = [self.bucket_key(a.key) for a in admissions]
+        if request_id:
+            keys.append(self.request_id_key(request_id))
+        args: list[int] = [now_ms, len(admissions), self._request_id_ttl_ms]
+        for a in admissions:
+            args += [a.spec.limit, a.spec.window_ms, a.need, a.take, int(a.shadow)]
+        reply = await self._run(self._admit_script, keys, args)
+        try:
+            if len(reply) != 1 + 2 * len(admissions):
+                raise ValueError(f"{len(reply)} values")
+            outcomes = tuple(
+                Outcome(bool(int(reply[1 + 2 * i])), int(reply[2 + 2 * i]))
+                for i in range(len(admissions))
+            )
+            return AdmitResult(bool(int(reply[0])), outcomes)
+        except (TypeError, ValueError) as exc:
+            raise BackendUnavailable("redis", "error", f"unexpected admit reply: {exc}") from exc
+
+    async def charge(
+        self, charges: Sequence[Charge], now_ms: int, request_id: str | None
+    ) -> ChargeResult:
+        if not charges and not request_id:
+            return ChargeResult(ChargeStatus.APPLIED, ())
+        keys = [self.bucket_key(c.key) for c in charges]
+        if request_id:
+            keys.append(self.request_id_key(request_id))
+        args: list[int] = [now_ms, len(charges), self._request_id_ttl_ms]
+        for c in charges:
+            args += [c.spec.limit, c.spec.window_ms, c.amount]
+        reply = await self._run(self._charge_script, keys, args)
+        try:
+            status = _CHARGE_STATUS[int(reply[0])]
+            levels = tuple(int(level) for level in reply[1:])
+            expected = len(charges) if status is ChargeStatus.APPLIED else 0
+            if len(levels) != expected:
+                raise ValueError(f"{len(reply)} values")
+            return ChargeResult(status, levels)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise BackendUnavailable("redis", "error", f"unexpected charge reply: {exc}") from exc
+
+    async def ping(self) -> bool:
+        """Readiness: whether Redis answers now."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._client.ping())
+        except (rex.RedisError, TimeoutError, OSError):
+            return False
+
+    async def close(self) -> None:
+        # closing the sockets of a server that is gone: nothing is left to release
+        with contextlib.suppress(rex.RedisError, OSError):
+            await self._client.aclose()
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[int]) -> list[Any]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await script(keys=keys, args=args)
+        except rex.TimeoutError as exc:
+            raise BackendUnavailable("redis", "timeout", _describe(exc)) from exc
+        except TimeoutError as exc:  # asyncio.timeout
+            raise BackendUnavailable(
+                "redis", "timeout", f"no answer within {self._timeout}s"
+            ) from exc
+        except rex.ConnectionError as exc:
+            # A BlockingConnectionPool that waited in vain says ConnectionError, from a timeout
+            kind = "timeout" if isinstance(exc.__cause__, TimeoutError) else "connect"
+            raise BackendUnavailable("redis", kind, _describe(exc)) from exc
+        except rex.ResponseError as exc:
+            raise BackendUnavailable("redis", "script_error", _describe(exc)) from exc
+        except (rex.RedisError, OSError) as exc:
+            raise BackendUnavailable("redis", "error", _describe(exc)) from exc
+        if not isinstance(reply, list) or not reply:
+            raise BackendUnavailable("redis", "error", f"unexpected script reply {reply!r}")
+        return reply
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,102 @@
+"""The gRPC adapter: RateLimitService/ShouldRateLimit -> RateLimiter -> RateLimitResponse.
+
+Failure policy, decided here: a store that cannot answer either fails open (allow, count it) or
+fails closed with gRPC UNAVAILABLE, so that Envoy's `failure_mode_deny` decides — the same
+contract Limitador has. A domain this server does not serve is INVALID_ARGUMENT, loudly, rather
+than silently unlimited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from maas_common.errors import BackendUnavailable
+from maas_ratelimit import responses
+from maas_ratelimit.descriptors import CHARGE, Descriptor, effective_hits
+from maas_ratelimit.limiter import RateLimiter, UnknownDomain, Verdict
+from maas_ratelimit.metrics import RateLimitMetrics
+from maas_ratelimit.store import ChargeStatus
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+FailureMode = Literal["open", "closed"]
+
+
+def to_descriptors(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
+    out = []
+    for descriptor in request.descriptors:
+        own = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
+        hits, check_only = effective_hits(own, request.hits_addend)
+        entries = {entry.key: entry.value for entry in descriptor.entries}
+        out.append(Descriptor(entries, hits, check_only))
+    return out
+
+
+class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self, limiter: RateLimiter, metrics: RateLimitMetrics, *, failure_mode: FailureMode
+    ) -> None:
+        self._limiter = limiter
+        self._metrics = metrics
+        self._failure_mode = failure_mode
+        self._last_failure_log = 0.0
+
+    def register(self, server: grpc.aio.Server) -> None:
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self, server)
+
+    async def ShouldRateLimit(  # the gRPC method name
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        started = time.perf_counter()
+        try:
+            descriptors = to_descriptors(request)
+            verdict = await self._limiter.decide(request.domain, descriptors)
+        except UnknownDomain as exc:
+            self._metrics.calls.labels("error").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BackendUnavailable as exc:
+            return await self._store_failed(exc, request, context)
+        except Exception:
+            log.exception("ShouldRateLimit failed unexpectedly")
+            self._metrics.calls.labels("error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "rate limit decision failed")
+        self._record(verdict)
+        self._metrics.call_seconds.observe(time.perf_counter() - started)
+        return responses.build(verdict)
+
+    async def _store_failed(
+        self,
+        exc: BackendUnavailable,
+        request: rls_pb2.RateLimitRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> rls_pb2.RateLimitResponse:
+        now = time.monotonic()
+        if now - self._last_failure_log > 5.0:  # one line per 5 s, not one per request
+            self._last_failure_log = now
+            log.warning("rate limit store failed, failing %s: %s", self._failure_mode, exc)
+        if any(CHARGE in (e.key for e in d.entries) for d in request.descriptors):
+            self._metrics.charges_skipped.labels("store_unavailable").inc()
+        if self._failure_mode == "open":
+            self._metrics.calls.labels("failure_open").inc()
+            return responses.allow_all(len(request.descriptors))
+        self._metrics.calls.labels("unavailable").inc()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store unavailable: {exc}")
+        raise AssertionError("unreachable")  # abort() raises
+
+    def _record(self, verdict: Verdict) -> None:
+        self._metrics.calls.labels("over_limit" if verdict.over_limit else "ok").inc()
+        for descriptor in verdict.descriptors:
+            for state in descriptor.limits:
+                self._metrics.decision(state.result, state.limit.tier, state.limit.name)
+        for charge in verdict.charges:
+            if charge.status is ChargeStatus.APPLIED:
+                self._metrics.tokens_charged.labels(charge.tier, charge.model).inc(charge.tokens)
+            else:
+                self._metrics.charges_skipped.labels(charge.status.value).inc()
+        for reason in verdict.ignored:
+            self._metrics.descriptors_ignored.labels(reason).inc()

@@ -1,0 +1,87 @@
+"""The bucket store interface, its operations as plain data, and the admission rule they share.
+
+Two operations, each atomic over all the buckets it names:
+- admit: every bucket must have its `need`; if every enforced one does, each bucket that has it
+  gives up its `take`; if any enforced one does not, nothing at all is taken (all-or-nothing).
+  Shadow buckets are evaluated and reported but never refuse.
+- charge: post-paid usage. Never refused, may drive a bucket into debt, and applied at most once
+  per request id; a request id that was refused at admission is never charged.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from maas_ratelimit.bucket import BucketSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    key: str
+    spec: BucketSpec
+    need: int  # scaled level the bucket must have (requests: hits x window; tokens: 1)
+    take: int  # scaled amount removed when admitted (tokens limits take nothing up front)
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    sufficient: bool  # the bucket had its `need`
+    level: int  # scaled level after the operation
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    admitted: bool
+    outcomes: tuple[Outcome, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    key: str
+    spec: BucketSpec
+    amount: int  # scaled amount removed, unconditionally
+
+
+class ChargeStatus(enum.Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # this request id was charged before
+    DENIED_REQUEST = "denied_request"  # this request id was refused at admission
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    status: ChargeStatus
+    levels: tuple[int, ...]  # scaled levels after the charge; empty unless applied
+
+
+class BucketStore(Protocol):
+    """Raises maas_common.errors.BackendUnavailable when the store cannot answer."""
+
+    name: str
+
+    async def admit(
+        self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
+    ) -> AdmitResult: ...
+
+    async def charge(
+        self, charges: Sequence[Charge], now_ms: int, request_id: str | None
+    ) -> ChargeResult: ...
+
+    async def close(self) -> None: ...
+
+
+def apply_admission(
+    levels: Sequence[int], admissions: Sequence[Admission]
+) -> tuple[bool, list[Outcome]]:
+    """The admission rule on current levels; returns (admitted, outcomes with levels after)."""
+    sufficient = [level >= a.need for level, a in zip(levels, admissions, strict=True)]
+    admitted = all(ok or a.shadow for ok, a in zip(sufficient, admissions, strict=True))
+    outcomes = []
+    for level, ok, admission in zip(levels, sufficient, admissions, strict=True):
+        after = level - admission.take if admitted and ok else level
+        outcomes.append(Outcome(ok, after))
+    return admitted, outcomes
