@@ -28,7 +28,8 @@ The MaaS gateway is up on {url}
   # the free tier allows 5 requests per 2 minutes: the 6th gets 429 with Retry-After
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' \
        {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \
-       -H 'Content-Type: application/json' -d '{{"messages":[{{"role":"user","content":"hi"}}]}}'; done
+       -H 'Content-Type: application/json' \
+       -d '{{"messages":[{{"role":"user","content":"hi"}}]}}'; done
 
   # 401 (no key), 403 (no access to the model), 404 (no model in the path)
   curl -si {url}/llm/tiny/v1/chat/completions -d '{{}}'

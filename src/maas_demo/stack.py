@@ -118,6 +118,24 @@ class Child:
             return ""
 
 
+def wait_until_ready(child: Child, url: str, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail early, with the log tail, if the child exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise StackError(
+                f"{child.name} exited during start-up; last log lines:\n{child.log_tail()}"
+            )
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+            urllib.request.urlopen(url, timeout=1) as response,  # noqa: S310 - loopback
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.05)
+    raise StackError(f"{child.name} not ready after {timeout}s; log:\n{child.log_tail()}")
+
+
 class LocalStack:
     def __init__(
         self,
@@ -197,26 +215,10 @@ class LocalStack:
                 child = Child(name, argv, self.workdir / f"{name}.log", self.echo, env)
                 self.children.append(child)
                 child.start()
-                self._wait_ready(child, ready_url, timeout)
+                wait_until_ready(child, ready_url, timeout)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self, child: Child, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not child.alive():
-                raise StackError(
-                    f"{child.name} exited during start-up; last log lines:\n{child.log_tail()}"
-                )
-            with (
-                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
-                urllib.request.urlopen(url, timeout=1) as response,  # noqa: S310 - loopback
-            ):
-                if response.status == 200:
-                    return
-            time.sleep(0.05)
-        raise StackError(f"{child.name} not ready after {timeout}s; log:\n{child.log_tail()}")
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if not c.alive()), None)

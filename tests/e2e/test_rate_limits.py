@@ -1,0 +1,129 @@
+"""Rate limits through the real Envoy, with descriptors built from maas-authz's metadata."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from maas_demo.stack import LocalStack, Ports
+from tests.e2e.conftest import Gateway, http
+
+pytestmark = pytest.mark.e2e
+CHAT = "/llm/tiny/v1/chat/completions"
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+GRPCURL = str(pathlib.Path(sys.executable).parent / "grpcurl")
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A stack of its own, so that its counters start at zero (the default platform limits)."""
+    stack = LocalStack(tmp_path_factory.mktemp("limited"), Ports.free())
+    stack.start()
+    yield Gateway(stack)
+    stack.stop()
+
+
+def test_sixth_free_request_within_two_minutes_gets_429_with_retry_after(
+    limited: Gateway,
+) -> None:
+    statuses = [limited.request(CHAT, "sk-demo-free", BODY).status for _ in range(5)]
+    assert statuses == [200] * 5
+
+    sixth = limited.request(CHAT, "sk-demo-free", BODY)
+
+    assert sixth.status == 429
+    # token bucket: one request comes back every 2m / 5 = 24 s
+    assert 1 <= int(sixth.headers["retry-after"]) <= 24
+    assert sixth.headers["content-type"] == "application/json"
+    assert sixth.headers["x-maas-ratelimit-limit"] == "free-requests"
+    assert sixth.json() == {
+        "error": {
+            "message": "rate limit exceeded: free tier: 5 requests per 2m; retry in "
+            f"{sixth.headers['retry-after']}s",
+            "type": "requests",
+            "code": "rate_limit_exceeded",
+        }
+    }
+    assert sixth.headers["x-ratelimit-remaining"] == "0"
+
+
+def test_spoofed_identity_headers_do_not_escape_the_limit(limited: Gateway) -> None:
+    # runs after the free user is limited: claiming another user or tier changes nothing,
+    # because the descriptors come from ext_authz metadata, not from request headers
+    for spoof in (
+        {"x_maas_user": "someone-else"},
+        {"x_maas_tier": "enterprise"},
+        {"x_request_id": "11111111-2222-3333-4444-555555555555"},
+    ):
+        assert limited.request(CHAT, "sk-demo-free", BODY, **spoof).status == 429
+
+
+def test_premium_user_is_not_limited_at_the_free_limit(limited: Gateway) -> None:
+    statuses = [limited.request(CHAT, "sk-demo-premium", BODY).status for _ in range(10)]
+    assert statuses == [200] * 10
+    last = limited.request(CHAT, "sk-demo-premium", BODY)
+    assert last.headers["x-ratelimit-limit"].startswith("20")
+    assert last.headers["x-ratelimit-remaining"] == "9"
+
+
+def test_denied_requests_consume_nothing(limited: Gateway) -> None:
+    # the no-access user is refused by maas-authz (403) before any rate limit is asked
+    for _ in range(8):
+        assert limited.request(CHAT, "sk-demo-noaccess", BODY).status == 403
+    metrics = http(
+        f"http://127.0.0.1:{limited.stack.ports.ratelimit_http}/metrics", method="GET"
+    ).body.decode()
+    assert (
+        'maas_ratelimit_decisions_total{limit="free-requests",result="allowed",tier="free"} 5.0'
+        in metrics
+    )
+    assert (
+        'maas_ratelimit_decisions_total{limit="free-requests",result="limited",tier="free"}'
+        in metrics
+    )
+    assert "demo-free" not in metrics  # no user in any label
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_grpcurl_lists_describes_and_shows_over_limit(limited: Gateway) -> None:
+    address = f"127.0.0.1:{limited.stack.ports.ratelimit_grpc}"
+
+    listed = grpcurl(address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "envoy.service.ratelimit.v3.RateLimitService" in listed.stdout.split()
+
+    described = grpcurl(address, "describe", "envoy.service.ratelimit.v3.RateLimitService")
+    assert "rpc ShouldRateLimit ( .envoy.service.ratelimit.v3.RateLimitRequest )" in (
+        described.stdout
+    )
+
+    # 6 hits at once against "free: 5 requests per 2m" for a user nobody has used
+    over = {
+        "domain": "maas",
+        "descriptors": [
+            {
+                "entries": [{"key": "tier", "value": "free"}, {"key": "user", "value": "grpcurl"}],
+                "hits_addend": 6,
+            }
+        ],
+    }
+    called = grpcurl(
+        "-d",
+        json.dumps(over),
+        address,
+        "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    )
+    assert called.returncode == 0, called.stderr
+    answer = json.loads(called.stdout)
+    assert answer["overall_code"] == "OVER_LIMIT"
+    assert answer["statuses"][0]["current_limit"]["name"] == "free tier: 5 requests per 2m"
