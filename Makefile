@@ -2,11 +2,12 @@
 PY := .venv/bin/python
 PORT ?= 8080
 
-.PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver clean
+.PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver \
+	test-packages clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
-	@echo "make test   - set up (venv, kube-apiserver build) and run lint + the whole test suite"
+	@echo "make test   - set up (venv, redis-server, kube-apiserver build), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
 	@echo "make test-unit | test-integration | test-e2e - one test tier"
 
@@ -15,6 +16,9 @@ setup:
 
 kube-apiserver:
 	@scripts/provision-kube-apiserver.sh >/dev/null
+
+test-packages:
+	@scripts/install-test-packages.sh
 
 demo: setup
 	$(PY) -m maas_demo --port $(PORT)
@@ -28,13 +32,13 @@ format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: setup kube-apiserver lint
+test: setup test-packages kube-apiserver lint
 	$(PY) -m pytest
 
-test-unit: setup
+test-unit: setup test-packages
 	$(PY) -m pytest tests/unit
 
-test-integration: setup kube-apiserver
+test-integration: setup test-packages kube-apiserver
 	$(PY) -m pytest tests/integration
 
 test-e2e: setup

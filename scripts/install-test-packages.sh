@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Debian packages the test suite runs for real: redis-server. Installs only what is missing.
+set -euo pipefail
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+((${#missing[@]})) || exit 0
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install-test-packages: missing ${missing[*]}; run as root or install them" >&2
+    exit 1
+fi
+echo "install-test-packages: installing ${missing[*]}" >&2
+log=$(mktemp)
+export DEBIAN_FRONTEND=noninteractive
+if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+    >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    exit 1
+fi
+# The package starts a system-wide Redis on 6379; the tests start their own on free ports.
+rm -f "$log"
