@@ -103,17 +103,27 @@ local function rescale(level, old, new)
   return tokens * new + mulfloordiv(rest, new, old)
 end
 
--- bucket.current_level
-local function current_level(key, limit, window, now)
-  local capacity = limit * window
+-- the stored BucketState {level, updated, scale}, false for none, or an error reply (a table
+-- with `err`) for a key this store did not write
+local function load(key)
   local state = redis.call('HMGET', key, 'v', 't', 's')
   if not state[1] then
-    return capacity
+    return false
   end
   local level, updated, scale = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
   if not (level and updated and scale) or scale <= 0 then
     return redis.error_reply('corrupt bucket state at ' .. key)
   end
+  return {level, updated, scale}
+end
+
+-- bucket.current_level
+local function current_level(state, limit, window, now)
+  local capacity = limit * window
+  if not state then
+    return capacity
+  end
+  local level, updated, scale = state[1], state[2], state[3]
   if scale ~= window then
     level = rescale(level, scale, window)
   end
@@ -138,7 +148,8 @@ _ADMIT = (
 local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local specs, levels, sufficient = {}, {}, {}
 local admitted = 1
--- every level is read before anything is written (a key may appear twice)
+-- Every level is read before anything is written: a key named twice gives up one take, as in
+-- the memory store, and a script that fails on a bad key has written nothing.
 for i = 1, n do
   local base = 3 + (i - 1) * 5
   local spec = {
@@ -147,10 +158,11 @@ for i = 1, n do
     shadow = ARGV[base + 5] == '1',
   }
   specs[i] = spec
-  local level = current_level(KEYS[i], spec.limit, spec.window, now)
-  if type(level) == 'table' then
-    return level
+  local state = load(KEYS[i])
+  if state and state.err then
+    return state
   end
+  local level = current_level(state, spec.limit, spec.window, now)
   levels[i] = level
   sufficient[i] = level >= spec.need
   if not sufficient[i] and not spec.shadow then
@@ -181,27 +193,41 @@ _CHARGE = (
     _LUA_COMMON
     + """
 local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-if #KEYS > n then
-  local mark = redis.call('GET', KEYS[n + 1])
+local rid = KEYS[n + 1]
+if rid then
+  local mark = redis.call('GET', rid)
   if mark == 'denied' then
     return {2}
   elseif mark == 'charged' then
     return {1}
   end
-  redis.call('SET', KEYS[n + 1], 'charged', 'PX', ttl)
 end
-local reply = {0}
--- one charge at a time, as the memory store: a key named twice is charged twice
+-- One charge after the other, as the memory store (a key named twice is charged twice), but
+-- computed before anything is written: a script that fails half-way is not rolled back.
+local states, levels = {}, {}
 for i = 1, n do
   local base = 3 + (i - 1) * 3
   local limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local level = current_level(KEYS[i], limit, window, now)
-  if type(level) == 'table' then
-    return level
+  local key = KEYS[i]
+  local state = states[key]
+  if state == nil then
+    state = load(key)
+    if state and state.err then
+      return state
+    end
   end
-  level = level - tonumber(ARGV[base + 3])
-  write(KEYS[i], limit, window, level, now)
-  reply[#reply + 1] = level
+  local level = current_level(state, limit, window, now) - tonumber(ARGV[base + 3])
+  states[key] = {level, now, window}
+  levels[i] = level
+end
+if rid then
+  redis.call('SET', rid, 'charged', 'PX', ttl)
+end
+local reply = {0}
+for i = 1, n do
+  local base = 3 + (i - 1) * 3
+  write(KEYS[i], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), levels[i], now)
+  reply[#reply + 1] = levels[i]
 end
 return reply
 """
