@@ -134,7 +134,9 @@ class RateLimiter:
                     sufficient=outcome.sufficient,
                     remaining=remaining_tokens(outcome.level, spec),
                     reset_ms=ms_until_full(outcome.level, spec),
-                    retry_after_ms=ms_until(outcome.level, admission.need, spec),
+                    retry_after_ms=(
+                        0 if outcome.sufficient else ms_until(outcome.level, admission.need, spec)
+                    ),
                 )
             )
         verdicts = tuple(

@@ -51,7 +51,9 @@ class LimitSpec(StrictModel):
     @field_validator("window")
     @classmethod
     def _window(cls, value: float) -> float:
-        if value < 1 or value != round(value * 1000) / 1000:
+        # compare in milliseconds with a float tolerance: "1001ms" is 1.0010000000000001 s
+        ms = value * 1000
+        if value < 1 or abs(ms - round(ms)) > max(1e-6, ms * 1e-12):
             raise ValueError("a window must be at least 1s, in whole milliseconds")
         return value
 

@@ -1,0 +1,742 @@
+"""RateLimiter.decide with the memory store and a manual clock: the rate limit decision.
+
+Numbers used throughout: free requests are 5 per 2m (one request comes back every 24 s), free
+tokens 100 per 1m (100 tokens per minute: one token per 600 ms, scaled refill 100 per ms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from maas_common.clock import ManualClock
+from maas_ratelimit.descriptors import Descriptor, effective_hits
+from maas_ratelimit.limiter import (
+    ChargeReport,
+    DescriptorVerdict,
+    LimitState,
+    RateLimiter,
+    UnknownDomain,
+    Verdict,
+)
+from maas_ratelimit.limits import LimitTable, parse_limits
+from maas_ratelimit.memory_store import MemoryBucketStore
+from maas_ratelimit.store import ChargeStatus
+
+LIMITS = """\
+domain: maas
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m}
+  - {name: premium-requests, tier: premium, kind: requests, limit: 20, window: 2m}
+  - {name: premium-tokens, tier: premium, kind: tokens, limit: 50000, window: 1m}
+"""
+
+REQUESTS_ONLY = """\
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: premium-requests, tier: premium, kind: requests, limit: 20, window: 2m}
+"""
+
+PER_MODEL = """\
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: tiny-requests, tier: free, kind: requests, limit: 2, window: 1m,
+     per: [user, model], models: [llm/tiny]}
+  - {name: per-model, tier: premium, kind: requests, limit: 2, window: 1m, per: [user, model]}
+"""
+
+
+def desc(
+    tier: str | None = "free",
+    user: str | None = "alice",
+    model: str | None = None,
+    *,
+    hits: int | None = None,
+    request_hits: int = 0,
+    request_id: str | None = None,
+    charge: bool = False,
+) -> Descriptor:
+    """A Descriptor built the way service.to_descriptors builds it."""
+    entries: dict[str, str] = {}
+    for key, value in (("tier", tier), ("user", user), ("model", model)):
+        if value is not None:
+            entries[key] = value
+    if request_id is not None:
+        entries["request_id"] = request_id
+    if charge:
+        entries["charge"] = "total_tokens"
+    count, check_only = effective_hits(hits, request_hits)
+    return Descriptor(entries, count, check_only)
+
+
+def charge(
+    tokens: int,
+    *,
+    user: str | None = "alice",
+    model: str | None = None,
+    request_id: str | None = None,
+) -> Descriptor:
+    """The after-response call: `tokens` LLM tokens to charge, as a per-descriptor hits_addend."""
+    return desc("free", user, model, hits=tokens, request_id=request_id, charge=True)
+
+
+class Rig:
+    """A limiter whose limits table can be swapped (as a hot reload does)."""
+
+    def __init__(self, limits: str = LIMITS) -> None:
+        self.clock = ManualClock()  # monotonic 1000.0 s -> now_ms 1_000_000
+        self.store = MemoryBucketStore()
+        self.table = parse_limits(limits, "limits.yaml")
+        self.limiter = RateLimiter(limits=lambda: self.table, store=self.store, clock=self.clock)
+
+    async def decide(self, *descriptors: Descriptor, domain: str = "maas") -> Verdict:
+        return await self.limiter.decide(domain, descriptors)
+
+    async def admitted(self, count: int, *descriptors: Descriptor) -> None:
+        for _ in range(count):
+            verdict = await self.decide(*descriptors)
+            assert not verdict.over_limit
+
+    async def remaining(self, tier: str = "free", user: str = "alice", model: str | None = None,
+                        ) -> dict[str, int]:  # fmt: skip
+        """Peek with a check-only descriptor: whole tokens left per limit, nothing consumed."""
+        verdict = await self.decide(desc(tier, user, model, hits=0))
+        return {state.limit.name: state.remaining for state in verdict.descriptors[0].limits}
+
+
+def states(verdict: Verdict, index: int = 0) -> dict[str, LimitState]:
+    return {state.limit.name: state for state in verdict.descriptors[index].limits}
+
+
+def reported_name(verdict: DescriptorVerdict) -> str | None:
+    return verdict.reported.limit.name if verdict.reported else None
+
+
+# --- requests: exactly N per window, token bucket refill ----------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_free_user_gets_exactly_five_requests() -> None:
+    rig = Rig()
+    for expected_remaining in (4, 3, 2, 1, 0):
+        verdict = await rig.decide(desc())
+        assert not verdict.over_limit
+        assert verdict.binding is None
+        state = states(verdict)["free-requests"]
+        assert state.sufficient
+        assert state.result == "allowed"
+        assert state.remaining == expected_remaining
+        assert state.retry_after_ms == 0
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert refused.descriptors[0].over_limit
+    state = states(refused)["free-requests"]
+    assert (state.sufficient, state.result) == (False, "limited")
+    assert state.remaining == 0
+    assert state.retry_after_ms == 24_000  # one of 5 per 2 minutes comes back in 24 s
+    assert state.reset_ms == 120_000  # empty: full again after one window
+    assert refused.binding is state
+    assert refused.descriptors[0].reported is state
+
+
+@pytest.mark.asyncio
+async def test_reset_ms_counts_down_from_the_used_amount() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc())
+    assert states(verdict)["free-requests"].reset_ms == 24_000
+    verdict = await rig.decide(desc(hits=2))
+    assert states(verdict)["free-requests"].reset_ms == 72_000
+    assert states(verdict)["free-tokens"].reset_ms == 0  # untouched: full
+
+
+@pytest.mark.asyncio
+async def test_one_request_refills_after_24_seconds() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())
+    rig.clock.advance(23)
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-requests"].retry_after_ms == 1_000
+    rig.clock.advance(0.999)
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-requests"].retry_after_ms == 1
+    rig.clock.advance(0.001)
+    allowed = await rig.decide(desc())
+    assert not allowed.over_limit
+    assert states(allowed)["free-requests"].remaining == 0
+    again = await rig.decide(desc())
+    assert again.over_limit
+    assert states(again)["free-requests"].retry_after_ms == 24_000
+
+
+@pytest.mark.asyncio
+async def test_refused_requests_consume_nothing() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())
+    for _ in range(10):
+        assert (await rig.decide(desc())).over_limit
+    rig.clock.advance(24)
+    assert not (await rig.decide(desc())).over_limit  # the refusals did not push it back
+
+
+@pytest.mark.asyncio
+async def test_no_double_burst_at_the_window_edge() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())
+    rig.clock.advance(120)  # exactly one window later: full again, but only full
+    await rig.admitted(5, desc())
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-requests"].retry_after_ms == 24_000
+
+
+@pytest.mark.asyncio
+async def test_a_burst_at_the_end_of_a_window_is_not_followed_by_another() -> None:
+    # a fixed window would allow 5 at 1:59 and 5 more at 2:00
+    rig = Rig()
+    rig.clock.advance(119)
+    await rig.admitted(5, desc())
+    rig.clock.advance(1)
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-requests"].retry_after_ms == 23_000
+
+
+@pytest.mark.asyncio
+async def test_spread_usage_never_exceeds_the_token_bucket_bound() -> None:
+    rig = Rig(REQUESTS_ONLY)
+    admitted_at: list[int] = []  # seconds
+    for second in range(601):
+        for _ in range(10):  # a greedy client: until refused (bounded, in case it never is)
+            if (await rig.decide(desc())).over_limit:
+                break
+            admitted_at.append(second)
+        rig.clock.advance(1)
+    # 5 at once, then one every 24 s: 25 more in 600 s
+    assert admitted_at[:5] == [0] * 5
+    assert admitted_at[5:] == list(range(24, 601, 24))
+    assert len(admitted_at) == 30
+    # in any interval [a, b]: at most capacity + refill = 5 + (b - a) / 24
+    for a in range(601):
+        for b in range(a, min(a + 241, 601)):
+            count = sum(1 for t in admitted_at if a <= t <= b)
+            assert count * 24 <= 5 * 24 + (b - a), (a, b, count)
+
+
+# --- separate counters --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_users_have_separate_counters() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc(user="alice"))
+    assert (await rig.decide(desc(user="alice"))).over_limit
+    await rig.admitted(5, desc(user="bob"))
+    assert (await rig.decide(desc(user="bob"))).over_limit
+
+
+@pytest.mark.asyncio
+async def test_tiers_have_separate_counters() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc("free", "alice"))
+    assert (await rig.decide(desc("free", "alice"))).over_limit
+    # the same user in another tier (e.g. just upgraded) counts against that tier's limit
+    verdict = await rig.decide(desc("premium", "alice"))
+    assert not verdict.over_limit
+    assert states(verdict)["premium-requests"].remaining == 19
+    await rig.admitted(19, desc("premium", "alice"))
+    refused = await rig.decide(desc("premium", "alice"))
+    assert refused.over_limit
+    assert states(refused)["premium-requests"].retry_after_ms == 6_000  # 20 per 2m
+
+
+@pytest.mark.asyncio
+async def test_per_user_limits_count_every_model_together() -> None:
+    rig = Rig()
+    await rig.admitted(2, desc(model="llm/a"))
+    await rig.admitted(3, desc(model="llm/b"))
+    assert (await rig.decide(desc(model="llm/c"))).over_limit
+
+
+# --- per-model limits ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_model_filtered_limit_applies_to_its_model_only() -> None:
+    rig = Rig(PER_MODEL)
+    first = await rig.decide(desc(model="llm/tiny"))
+    assert sorted(states(first)) == ["free-requests", "tiny-requests"]
+    await rig.admitted(1, desc(model="llm/tiny"))
+    refused = await rig.decide(desc(model="llm/tiny"))
+    assert refused.over_limit
+    assert refused.binding is not None
+    assert refused.binding.limit.name == "tiny-requests"
+    assert refused.binding.retry_after_ms == 30_000  # 2 per 1m
+    # the per-user limit was not charged for the refused request: 3 left for other models
+    assert await rig.remaining() == {"free-requests": 3}
+    await rig.admitted(3, desc(model="llm/big"))
+    assert (await rig.decide(desc(model="llm/big"))).over_limit
+
+
+@pytest.mark.asyncio
+async def test_when_the_per_user_limit_is_empty_the_per_model_one_is_not_consumed() -> None:
+    rig = Rig(PER_MODEL)
+    await rig.admitted(5, desc(model="llm/big"))
+    assert await rig.remaining(model="llm/tiny") == {"free-requests": 0, "tiny-requests": 2}
+    refused = await rig.decide(desc(model="llm/tiny"))
+    assert refused.over_limit
+    assert refused.binding is not None
+    assert refused.binding.limit.name == "free-requests"
+    assert await rig.remaining(model="llm/tiny") == {"free-requests": 0, "tiny-requests": 2}
+
+
+@pytest.mark.asyncio
+async def test_per_user_and_model_counters() -> None:
+    rig = Rig(PER_MODEL)
+    await rig.admitted(2, desc("premium", model="llm/a"))
+    assert (await rig.decide(desc("premium", model="llm/a"))).over_limit
+    await rig.admitted(2, desc("premium", model="llm/b"))
+    await rig.admitted(2, desc("premium", user="bob", model="llm/a"))
+    await rig.admitted(2, desc("premium"))  # no model: a counter of its own
+    assert (await rig.decide(desc("premium"))).over_limit
+
+
+# --- hits ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_per_descriptor_hits_take_that_many() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc(hits=3))
+    assert states(verdict)["free-requests"].remaining == 2
+    refused = await rig.decide(desc(hits=3))  # needs 3, has 2: refused, nothing taken
+    assert refused.over_limit
+    assert states(refused)["free-requests"].remaining == 2
+    assert states(refused)["free-requests"].retry_after_ms == 24_000  # until 3 are there
+    verdict = await rig.decide(desc(hits=2))
+    assert not verdict.over_limit
+    assert states(verdict)["free-requests"].remaining == 0
+
+
+@pytest.mark.asyncio
+async def test_per_descriptor_zero_is_check_only() -> None:
+    rig = Rig()
+    for _ in range(10):
+        verdict = await rig.decide(desc(hits=0))
+        assert not verdict.over_limit
+        assert states(verdict)["free-requests"].remaining == 5
+    await rig.admitted(5, desc())
+    refused = await rig.decide(desc(hits=0))  # no room for one: over limit, though it takes 0
+    assert refused.over_limit
+    assert states(refused)["free-requests"].retry_after_ms == 24_000
+    rig.clock.advance(24)
+    verdict = await rig.decide(desc(hits=0))
+    assert not verdict.over_limit
+    assert states(verdict)["free-requests"].remaining == 1
+    assert not (await rig.decide(desc())).over_limit  # the check left the one request there
+
+
+@pytest.mark.asyncio
+async def test_per_descriptor_zero_wins_over_the_request_level_hits() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc(hits=0, request_hits=4))
+    assert states(verdict)["free-requests"].remaining == 5
+
+
+@pytest.mark.asyncio
+async def test_request_level_zero_means_one() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc(request_hits=0))
+    assert states(verdict)["free-requests"].remaining == 4
+
+
+@pytest.mark.asyncio
+async def test_request_level_hits_apply_without_a_per_descriptor_value() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc(request_hits=4))
+    assert states(verdict)["free-requests"].remaining == 1
+    verdict = await rig.decide(desc(hits=1, request_hits=4))  # per-descriptor wins
+    assert states(verdict)["free-requests"].remaining == 0
+
+
+@pytest.mark.asyncio
+async def test_all_descriptors_of_a_call_are_all_or_nothing() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc(user="bob"))
+    verdict = await rig.decide(desc(user="alice"), desc(user="bob"))
+    assert verdict.over_limit
+    assert [d.over_limit for d in verdict.descriptors] == [False, True]
+    assert await rig.remaining(user="alice") == {"free-requests": 5, "free-tokens": 100}
+
+
+# --- tokens limits ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_token_admission_needs_credit_and_takes_nothing() -> None:
+    rig = Rig()
+    for _ in range(5):
+        verdict = await rig.decide(desc())
+        tokens = states(verdict)["free-tokens"]
+        assert tokens.sufficient
+        assert tokens.remaining == 100
+
+
+@pytest.mark.asyncio
+async def test_a_charge_debits_tokens() -> None:
+    rig = Rig()
+    verdict = await rig.decide(charge(30, model="llm/tiny"))
+    assert not verdict.over_limit
+    assert verdict.charges == (ChargeReport("free", "llm/tiny", 30, ChargeStatus.APPLIED),)
+    assert verdict.descriptors == (DescriptorVerdict(False, None, ()),)  # charges admit nothing
+    assert verdict.ignored == ()
+    assert await rig.remaining() == {"free-requests": 5, "free-tokens": 70}
+    rig.clock.advance(0.6)  # one token per 600 ms
+    assert await rig.remaining() == {"free-requests": 5, "free-tokens": 71}
+
+
+@pytest.mark.asyncio
+async def test_a_charge_can_go_into_debt_and_the_user_waits_until_refill_pays_it() -> None:
+    rig = Rig()
+    verdict = await rig.decide(charge(150))
+    assert not verdict.over_limit
+    assert verdict.charges[0].status is ChargeStatus.APPLIED
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    tokens = states(refused)["free-tokens"]
+    assert (tokens.sufficient, tokens.remaining) == (False, 0)
+    # 50 tokens owed = 3_000_000 scaled; credit > 0 needs 3_000_001 at 100 per ms
+    assert tokens.retry_after_ms == 30_001
+    assert tokens.reset_ms == 90_000
+    assert states(refused)["free-requests"].remaining == 5  # nothing taken elsewhere either
+    rig.clock.advance(30)
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-tokens"].retry_after_ms == 1
+    rig.clock.advance(0.001)
+    allowed = await rig.decide(desc())
+    assert not allowed.over_limit
+    assert states(allowed)["free-tokens"].remaining == 0  # some credit, not a whole token
+    assert states(allowed)["free-requests"].remaining == 4
+
+
+@pytest.mark.asyncio
+async def test_charges_are_never_refused_even_in_debt() -> None:
+    rig = Rig()
+    for _ in range(3):
+        verdict = await rig.decide(charge(100))
+        assert not verdict.over_limit
+        assert verdict.binding is None
+        assert verdict.charges[0].status is ChargeStatus.APPLIED
+    refused = await rig.decide(desc())
+    assert states(refused)["free-tokens"].retry_after_ms == 120_001  # 200 owed
+
+
+@pytest.mark.asyncio
+async def test_a_charge_exactly_to_zero_refuses_until_one_millisecond_of_refill() -> None:
+    rig = Rig()
+    await rig.decide(charge(100))
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-tokens"].retry_after_ms == 1
+    rig.clock.advance(0.001)
+    assert not (await rig.decide(desc())).over_limit
+
+
+@pytest.mark.asyncio
+async def test_a_charge_for_a_request_refused_at_admission_is_skipped() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())
+    refused = await rig.decide(desc(request_id="r6"))
+    assert refused.over_limit
+    verdict = await rig.decide(charge(40, request_id="r6"))
+    assert not verdict.over_limit
+    assert verdict.charges == (ChargeReport("free", "", 40, ChargeStatus.DENIED_REQUEST),)
+    assert (await rig.remaining())["free-tokens"] == 100
+
+
+@pytest.mark.asyncio
+async def test_a_repeated_charge_is_a_duplicate() -> None:
+    rig = Rig()
+    assert not (await rig.decide(desc(request_id="r1"))).over_limit
+    first = await rig.decide(charge(40, request_id="r1"))
+    assert first.charges[0].status is ChargeStatus.APPLIED
+    second = await rig.decide(charge(40, request_id="r1"))
+    assert second.charges == (ChargeReport("free", "", 40, ChargeStatus.DUPLICATE),)
+    assert not second.over_limit
+    assert (await rig.remaining())["free-tokens"] == 60
+    other = await rig.decide(charge(10, request_id="r2"))
+    assert other.charges[0].status is ChargeStatus.APPLIED
+    assert (await rig.remaining())["free-tokens"] == 50
+
+
+@pytest.mark.asyncio
+async def test_charges_without_a_request_id_always_apply() -> None:
+    rig = Rig()
+    for _ in range(3):
+        verdict = await rig.decide(charge(20))
+        assert verdict.charges[0].status is ChargeStatus.APPLIED
+    assert (await rig.remaining())["free-tokens"] == 40
+
+
+@pytest.mark.asyncio
+async def test_charges_go_to_the_users_own_bucket() -> None:
+    rig = Rig()
+    await rig.decide(charge(150, user="bob"))
+    assert (await rig.remaining(user="bob"))["free-tokens"] == 0
+    assert (await rig.remaining(user="alice"))["free-tokens"] == 100
+    assert (await rig.decide(desc(user="bob"))).over_limit
+    assert not (await rig.decide(desc(user="alice"))).over_limit
+
+
+@pytest.mark.asyncio
+async def test_a_charge_without_tokens_limits_is_ignored() -> None:
+    rig = Rig(REQUESTS_ONLY)
+    verdict = await rig.decide(charge(40))
+    assert verdict.charges == ()
+    assert verdict.ignored == ("no_tokens_limit",)
+    assert not verdict.over_limit
+    assert await rig.remaining() == {"free-requests": 5}  # a charge never takes requests
+
+
+@pytest.mark.asyncio
+async def test_a_charge_reports_the_tokens_of_the_request_level_hits() -> None:
+    rig = Rig()
+    descriptor = desc(charge=True, request_hits=25)
+    verdict = await rig.decide(descriptor)
+    assert verdict.charges == (ChargeReport("free", "", 25, ChargeStatus.APPLIED),)
+    assert (await rig.remaining())["free-tokens"] == 75
+
+
+# --- several matching limits --------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("tokens_charged", "binding", "retry_after_ms"),
+    [
+        (150, "free-tokens", 30_001),  # tokens wait longer than the 24 s of requests
+        (110, "free-requests", 24_000),  # 10 tokens owed: 6_001 ms, requests wait longer
+    ],
+)
+async def test_the_refusing_limit_with_the_longest_wait_is_reported(
+    tokens_charged: int, binding: str, retry_after_ms: int
+) -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())
+    await rig.decide(charge(tokens_charged))
+    refused = await rig.decide(desc())
+    both = states(refused)
+    assert not both["free-requests"].sufficient
+    assert not both["free-tokens"].sufficient
+    assert refused.binding is not None
+    assert refused.binding.limit.name == binding
+    assert refused.binding.retry_after_ms == retry_after_ms
+    assert reported_name(refused.descriptors[0]) == binding
+
+
+@pytest.mark.asyncio
+async def test_without_refusal_the_enforced_limit_with_least_room_is_reported() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc())  # requests 4/5 left, tokens 100/100
+    assert reported_name(verdict.descriptors[0]) == "free-requests"
+    await rig.decide(charge(90))  # tokens 10/100 left, requests 4/5
+    verdict = await rig.decide(desc())  # requests 3/5
+    assert verdict.binding is None
+    assert reported_name(verdict.descriptors[0]) == "free-tokens"
+    assert verdict.descriptors[0].reported is not None
+    assert verdict.descriptors[0].reported.remaining == 10
+
+
+@pytest.mark.asyncio
+async def test_the_binding_limit_spans_descriptors() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc(user="alice"))
+    await rig.decide(charge(150, user="bob"))
+    refused = await rig.decide(desc(user="alice"), desc(user="bob"))
+    assert [reported_name(d) for d in refused.descriptors] == ["free-requests", "free-tokens"]
+    assert refused.binding is not None
+    assert refused.binding.limit.name == "free-tokens"  # 30_001 ms beats 24_000 ms
+
+
+# --- shadow limits ------------------------------------------------------------------------------
+
+SHADOW = """\
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: free-shadow, tier: free, kind: requests, limit: 2, window: 1m, shadow: true}
+  - {name: premium-shadow, tier: premium, kind: requests, limit: 1, window: 1m, shadow: true}
+"""
+
+
+@pytest.mark.asyncio
+async def test_shadow_limits_never_refuse_but_report_shadow_limited() -> None:
+    rig = Rig(SHADOW)
+    await rig.admitted(2, desc())
+    verdict = await rig.decide(desc())
+    assert not verdict.over_limit
+    assert not verdict.descriptors[0].over_limit
+    assert verdict.binding is None
+    shadow = states(verdict)["free-shadow"]
+    assert (shadow.sufficient, shadow.result) == (False, "shadow_limited")
+    assert shadow.retry_after_ms == 30_000
+    assert states(verdict)["free-requests"].result == "allowed"
+    assert states(verdict)["free-requests"].remaining == 2  # the enforced limit still counts
+    assert reported_name(verdict.descriptors[0]) == "free-requests"  # not the shadow
+
+
+@pytest.mark.asyncio
+async def test_the_enforced_limit_still_refuses_next_to_a_shadow() -> None:
+    rig = Rig(SHADOW)
+    await rig.admitted(5, desc())
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert refused.binding is not None
+    assert refused.binding.limit.name == "free-requests"
+    assert states(refused)["free-shadow"].result == "shadow_limited"
+
+
+@pytest.mark.asyncio
+async def test_only_shadow_limits_are_reported_when_nothing_else_applies() -> None:
+    rig = Rig(SHADOW)
+    await rig.admitted(3, desc("premium"))
+    verdict = await rig.decide(desc("premium"))
+    assert not verdict.over_limit
+    assert verdict.binding is None
+    assert reported_name(verdict.descriptors[0]) == "premium-shadow"
+    assert states(verdict)["premium-shadow"].result == "shadow_limited"
+
+
+# --- descriptors that match nothing, domains ----------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("descriptor", "reason"),
+    [
+        (desc(tier=None), "no_tier"),
+        (desc(user=None), "no_user"),
+        (desc(tier=None, user=None), "no_tier"),
+        (desc(tier=""), "no_tier"),
+        (desc(user=""), "no_user"),
+        (charge(10, user=None), "no_user"),
+    ],
+)
+async def test_a_descriptor_without_tier_or_user_matches_nothing(
+    descriptor: Descriptor, reason: str
+) -> None:
+    rig = Rig()
+    for _ in range(10):
+        verdict = await rig.decide(descriptor)
+        assert not verdict.over_limit
+        assert verdict.ignored == (reason,)
+        assert verdict.descriptors == (DescriptorVerdict(False, None, ()),)
+        assert verdict.charges == ()
+    assert len(rig.store) == 0  # no bucket was touched
+
+
+@pytest.mark.asyncio
+async def test_ignored_descriptors_do_not_hide_the_others() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())
+    verdict = await rig.decide(desc(user=None), desc())
+    assert verdict.over_limit
+    assert verdict.ignored == ("no_user",)
+    assert [d.over_limit for d in verdict.descriptors] == [False, True]
+
+
+@pytest.mark.asyncio
+async def test_a_tier_without_limits_is_allowed() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc("gold"))
+    assert not verdict.over_limit
+    assert verdict.descriptors == (DescriptorVerdict(False, None, ()),)
+    assert verdict.ignored == ()
+
+
+@pytest.mark.asyncio
+async def test_no_descriptors() -> None:
+    verdict = await Rig().decide()
+    assert verdict == Verdict(False, (), (), ())
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_domain_raises() -> None:
+    rig = Rig()
+    with pytest.raises(UnknownDomain) as caught:
+        await rig.decide(desc(), domain="other")
+    assert str(caught.value) == "unknown domain 'other'; this server serves 'maas'"
+    assert len(rig.store) == 0
+
+
+# --- reloads ------------------------------------------------------------------------------------
+
+
+def reloaded(limit: int, window: str) -> LimitTable:
+    return parse_limits(
+        "limits:\n"
+        f"  - {{name: free-requests, tier: free, kind: requests, limit: {limit}, "
+        f"window: {window}}}\n",
+        "limits.yaml",
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_reloaded_table_keeps_the_counters() -> None:
+    rig = Rig(REQUESTS_ONLY)
+    await rig.admitted(3, desc())
+    rig.table = reloaded(10, "2m")  # same name, a higher limit: the 2 tokens left stay 2
+    verdict = await rig.decide(desc())
+    state = states(verdict)["free-requests"]
+    assert state.limit.spec.limit == 10
+    assert state.remaining == 1
+    await rig.admitted(1, desc())
+    refused = await rig.decide(desc())
+    assert refused.over_limit
+    assert states(refused)["free-requests"].retry_after_ms == 12_000  # 10 per 2m now
+
+
+@pytest.mark.asyncio
+async def test_a_reloaded_window_rescales_the_counter() -> None:
+    rig = Rig(REQUESTS_ONLY)
+    await rig.admitted(3, desc())
+    rig.table = reloaded(5, "1m")
+    assert await rig.remaining() == {"free-requests": 2}
+    await rig.admitted(2, desc())
+    refused = await rig.decide(desc())
+    assert states(refused)["free-requests"].retry_after_ms == 12_000  # 5 per 1m now
+
+
+@pytest.mark.asyncio
+async def test_a_reloaded_domain_applies_to_the_next_call() -> None:
+    rig = Rig()
+    rig.table = parse_limits("domain: other\n" + REQUESTS_ONLY, "limits.yaml")
+    with pytest.raises(UnknownDomain):
+        await rig.decide(desc())
+    assert not (await rig.decide(desc(), domain="other")).over_limit
+
+
+def test_result_of_limit_states() -> None:
+    table = parse_limits(SHADOW, "limits.yaml")
+    enforced, shadow = table.limits[0], table.limits[1]
+    assert LimitState(enforced, True, 1, 0, 0).result == "allowed"
+    assert LimitState(enforced, False, 0, 0, 1).result == "limited"
+    assert LimitState(shadow, True, 1, 0, 0).result == "allowed"
+    assert LimitState(shadow, False, 0, 0, 1).result == "shadow_limited"
+
+
+def test_effective_hits() -> None:
+    cases: Sequence[tuple[int | None, int, tuple[int, bool]]] = [
+        (None, 0, (1, False)),
+        (None, 1, (1, False)),
+        (None, 7, (7, False)),
+        (0, 0, (0, True)),
+        (0, 7, (0, True)),
+        (3, 0, (3, False)),
+        (3, 7, (3, False)),
+    ]
+    for own, request, expected in cases:
+        assert effective_hits(own, request) == expected

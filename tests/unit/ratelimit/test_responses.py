@@ -1,0 +1,227 @@
+"""Verdict -> RateLimitResponse (responses.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
+
+from maas_ratelimit import responses
+from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
+from maas_ratelimit.limits import Limit, parse_limits
+
+TABLE = parse_limits(
+    """\
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m}
+  - {name: free-shadow, tier: free, kind: requests, limit: 2, window: 1h, shadow: true}
+  - {name: odd, tier: free, kind: requests, limit: 3, window: 1500ms}
+""",
+    "limits.yaml",
+)
+REQUESTS, TOKENS, SHADOW, ODD = TABLE.limits
+OK = RateLimitResponse.OK
+OVER_LIMIT = RateLimitResponse.OVER_LIMIT
+Unit = RateLimitResponse.RateLimit.Unit
+
+
+def state(
+    limit: Limit,
+    *,
+    sufficient: bool = True,
+    remaining: int = 0,
+    reset_ms: int = 0,
+    retry_after_ms: int = 0,
+) -> LimitState:
+    return LimitState(limit, sufficient, remaining, reset_ms, retry_after_ms)
+
+
+def refused(limit: Limit = REQUESTS, retry_after_ms: int = 24_000) -> LimitState:
+    return state(limit, sufficient=False, reset_ms=120_000, retry_after_ms=retry_after_ms)
+
+
+def one(descriptor_state: LimitState, *others: LimitState) -> DescriptorVerdict:
+    states = (descriptor_state, *others)
+    over = any(not s.sufficient and not s.limit.shadow for s in states)
+    return DescriptorVerdict(over, descriptor_state, states)
+
+
+def headers(response: RateLimitResponse) -> list[tuple[str, str]]:
+    return [(h.key, h.value) for h in response.response_headers_to_add]
+
+
+# --- OK -----------------------------------------------------------------------------------------
+
+
+def test_ok_with_limit_information() -> None:
+    s = state(REQUESTS, remaining=4, reset_ms=24_000)
+    response = responses.build(Verdict(False, (one(s),)))
+    assert response.overall_code == OK
+    assert len(response.statuses) == 1
+    status = response.statuses[0]
+    assert status.code == OK
+    assert status.current_limit.name == "free tier: 5 requests per 2m"
+    assert status.current_limit.requests_per_unit == 5
+    assert status.current_limit.unit == Unit.UNKNOWN  # 2m is not one unit
+    assert status.limit_remaining == 4
+    assert status.duration_until_reset.ToMilliseconds() == 24_000
+    assert status.duration_until_reset.seconds == 24
+    assert headers(response) == []
+    assert response.raw_body == b""
+    assert len(response.request_headers_to_add) == 0
+
+
+def test_a_one_minute_tokens_limit_has_unit_minute() -> None:
+    s = state(TOKENS, remaining=70, reset_ms=18_000)
+    status = responses.build(Verdict(False, (one(s),))).statuses[0]
+    assert status.current_limit.name == "free tier: 100 tokens per 1m"
+    assert status.current_limit.requests_per_unit == 100
+    assert status.current_limit.unit == Unit.MINUTE
+    assert status.limit_remaining == 70
+
+
+def test_reset_with_milliseconds() -> None:
+    s = state(ODD, remaining=2, reset_ms=1_501)
+    status = responses.build(Verdict(False, (one(s),))).statuses[0]
+    assert (status.duration_until_reset.seconds, status.duration_until_reset.nanos) == (
+        1,
+        501_000_000,
+    )
+    assert status.current_limit.name == "free tier: 3 requests per 1500ms"
+
+
+def test_a_descriptor_without_limits_is_ok_without_information() -> None:
+    response = responses.build(Verdict(False, (DescriptorVerdict(False, None, ()),)))
+    assert response.overall_code == OK
+    status = response.statuses[0]
+    assert status.code == OK
+    assert not status.HasField("current_limit")
+    assert not status.HasField("duration_until_reset")
+    assert status.limit_remaining == 0
+
+
+def test_no_descriptors() -> None:
+    response = responses.build(Verdict(False, ()))
+    assert response.overall_code == OK
+    assert len(response.statuses) == 0
+
+
+def test_a_shadow_refusal_is_ok() -> None:
+    shadow = state(SHADOW, sufficient=False, retry_after_ms=5_000)
+    verdict = Verdict(False, (DescriptorVerdict(False, state(REQUESTS, remaining=3), (shadow,)),))
+    response = responses.build(verdict)
+    assert response.overall_code == OK
+    assert response.statuses[0].code == OK
+    assert headers(response) == []
+    assert response.raw_body == b""
+
+
+# --- OVER_LIMIT ---------------------------------------------------------------------------------
+
+
+def test_over_limit_response() -> None:
+    response = responses.build(Verdict(True, (one(refused()),)))
+    assert response.overall_code == OVER_LIMIT
+    status = response.statuses[0]
+    assert status.code == OVER_LIMIT
+    assert status.current_limit.name == "free tier: 5 requests per 2m"
+    assert status.current_limit.requests_per_unit == 5
+    assert status.limit_remaining == 0
+    assert status.duration_until_reset.ToMilliseconds() == 120_000
+    assert headers(response) == [
+        ("retry-after", "24"),
+        ("x-maas-ratelimit-limit", "free-requests"),
+        ("content-type", "application/json"),
+    ]
+    assert json.loads(response.raw_body) == {
+        "error": {
+            "message": "rate limit exceeded: free tier: 5 requests per 2m; retry in 24s",
+            "type": "requests",
+            "code": "rate_limit_exceeded",
+        }
+    }
+
+
+def test_over_limit_for_tokens() -> None:
+    response = responses.build(Verdict(True, (one(refused(TOKENS, 30_001)),)))
+    assert headers(response)[:2] == [
+        ("retry-after", "31"),
+        ("x-maas-ratelimit-limit", "free-tokens"),
+    ]
+    assert json.loads(response.raw_body) == {
+        "error": {
+            "message": "rate limit exceeded: free tier: 100 tokens per 1m; retry in 31s",
+            "type": "tokens",
+            "code": "rate_limit_exceeded",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("retry_after_ms", "seconds"),
+    [(0, 1), (1, 1), (999, 1), (1_000, 1), (1_001, 2), (23_999, 24), (24_000, 24), (24_001, 25)],
+)
+def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(
+    retry_after_ms: int, seconds: int
+) -> None:
+    s = refused(retry_after_ms=retry_after_ms)
+    assert responses.retry_after_seconds(s) == seconds
+    response = responses.build(Verdict(True, (one(s),)))
+    assert dict(headers(response))["retry-after"] == str(seconds)
+    message = json.loads(response.raw_body)["error"]["message"]
+    assert message.endswith(f"; retry in {seconds}s")
+
+
+def test_per_descriptor_codes_and_the_binding_limit_across_descriptors() -> None:
+    ok = one(state(REQUESTS, remaining=2, reset_ms=72_000))
+    short = one(refused(REQUESTS, 24_000))
+    long = one(refused(TOKENS, 30_001))
+    response = responses.build(Verdict(True, (ok, short, long)))
+    assert response.overall_code == OVER_LIMIT
+    assert [s.code for s in response.statuses] == [OK, OVER_LIMIT, OVER_LIMIT]
+    assert [s.limit_remaining for s in response.statuses] == [2, 0, 0]
+    # the longest wait is what the client is told
+    assert dict(headers(response))["x-maas-ratelimit-limit"] == "free-tokens"
+    assert dict(headers(response))["retry-after"] == "31"
+
+
+def test_the_reported_limit_of_a_descriptor_is_its_own() -> None:
+    # a descriptor refused by one limit reports that limit, even if another one applied too
+    s_requests = refused(REQUESTS)
+    s_tokens = state(TOKENS, remaining=100)
+    verdict = Verdict(True, (DescriptorVerdict(True, s_requests, (s_requests, s_tokens)),))
+    status = responses.build(verdict).statuses[0]
+    assert status.current_limit.name == "free tier: 5 requests per 2m"
+
+
+def test_over_limit_without_a_binding_limit_has_no_body() -> None:
+    response = responses.build(Verdict(True, (DescriptorVerdict(False, None, ()),)))
+    assert response.overall_code == OVER_LIMIT
+    assert headers(response) == []
+    assert response.raw_body == b""
+
+
+def test_error_body_bytes() -> None:
+    body = responses.error_body(refused())
+    assert isinstance(body, bytes)
+    assert body == (
+        b'{"error": {"message": "rate limit exceeded: free tier: 5 requests per 2m; '
+        b'retry in 24s", "type": "requests", "code": "rate_limit_exceeded"}}'
+    )
+
+
+# --- allow_all ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_allow_all(count: int) -> None:
+    response = responses.allow_all(count)
+    assert response.overall_code == OK
+    assert len(response.statuses) == count
+    for status in response.statuses:
+        assert status.code == OK
+        assert not status.HasField("current_limit")
+    assert headers(response) == []
+    assert response.raw_body == b""
