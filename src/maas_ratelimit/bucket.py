@@ -5,6 +5,9 @@ everything in integers the level is stored scaled by W (in "token-milliseconds")
 one token is W, and each elapsed millisecond adds N. A level below zero is debt, left by post-paid
 token charges; it is paid back by refill before anything is admitted again.
 
+Times are wall-clock milliseconds from the calling server (so that replicas sharing a Redis agree),
+and a bucket's time never moves backwards.
+
 The Redis store runs the same arithmetic in a Lua script (redis_store.py); the store contract
 tests hold both to the same results.
 """
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 
 # Lua numbers are doubles: every scaled value must stay an exact integer there too.
 MAX_EXACT = 2**53
+# Debt is capped at this many windows' worth of tokens: one absurd usage report cannot lock a
+# user out for ever, and every level stays within +-(DEBT_WINDOWS + 1) x capacity < MAX_EXACT.
+DEBT_WINDOWS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +31,11 @@ class BucketSpec:
     @property
     def capacity(self) -> int:
         return self.limit * self.window_ms
+
+    @property
+    def floor(self) -> int:
+        """The lowest level debt can reach."""
+        return -DEBT_WINDOWS * self.capacity
 
 
 @dataclass(slots=True)
@@ -43,6 +54,12 @@ def current_level(state: BucketState | None, spec: BucketSpec, now_ms: int) -> i
         level = level * spec.window_ms // state.scale  # same number of tokens, new scale
     elapsed = max(0, now_ms - state.updated_ms)  # a clock step backwards refills nothing
     return min(spec.capacity, level + elapsed * spec.limit)
+
+
+def next_updated(state: BucketState | None, now_ms: int) -> int:
+    """A bucket's time only moves forward: replicas whose clocks differ must not make the same
+    span of time refill twice (B at t-60s, then A at t, would otherwise refill 60 s again)."""
+    return now_ms if state is None else max(state.updated_ms, now_ms)
 
 
 def ceil_div(numerator: int, denominator: int) -> int:

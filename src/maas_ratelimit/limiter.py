@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from maas_common.clock import Clock
-from maas_ratelimit.bucket import ms_until, ms_until_full, remaining_tokens
+from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, ms_until_full, remaining_tokens
 from maas_ratelimit.descriptors import Descriptor
 from maas_ratelimit.limits import Limit, LimitTable
 from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, Outcome
@@ -86,7 +86,8 @@ class RateLimiter:
         table = self._limits()
         if domain != table.domain:
             raise UnknownDomain(f"unknown domain {domain!r}; this server serves {table.domain!r}")
-        now_ms = int(self._clock.monotonic() * 1000)
+        # wall time, not monotonic: replicas on other hosts share the buckets in Redis
+        now_ms = round(self._clock.wall() * 1000)
         ignored: list[str] = []
 
         # plan: which buckets each descriptor touches
@@ -107,7 +108,9 @@ class RateLimiter:
                     ignored.append("no_tokens_limit")
                 for limit in tokens:
                     key = limit.counter_key(user, descriptor.model)
-                    charges.append(Charge(key, limit.spec, descriptor.hits * limit.spec.window_ms))
+                    # beyond this the debt floor is reached anyway; keeps Lua's doubles exact
+                    tokens_charged = min(descriptor.hits, (DEBT_WINDOWS + 1) * limit.spec.limit)
+                    charges.append(Charge(key, limit.spec, tokens_charged * limit.spec.window_ms))
                 if tokens:
                     charge_reports.append((tier, descriptor.model or "", descriptor.hits))
                 continue

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from maas_common.config import Duration, StrictModel, parse_yaml_text, validate
 from maas_common.errors import ConfigError
-from maas_ratelimit.bucket import MAX_EXACT, BucketSpec
+from maas_ratelimit.bucket import DEBT_WINDOWS, MAX_EXACT, BucketSpec
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 Kind = Literal["requests", "tokens"]
@@ -74,7 +74,7 @@ class LimitSpec(StrictModel):
 
     @model_validator(mode="after")
     def _exact(self) -> LimitSpec:
-        if self.limit * round(self.window * 1000) >= MAX_EXACT:
+        if (DEBT_WINDOWS + 1) * self.limit * round(self.window * 1000) >= MAX_EXACT:
             raise ValueError(
                 f"limit x window is too large to count exactly ({self.limit} per {self.window}s); "
                 "use a shorter window"

@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from maas_ratelimit.bucket import BucketSpec, BucketState, current_level, ms_until_full
+from maas_ratelimit.bucket import (
+    BucketSpec,
+    BucketState,
+    current_level,
+    ms_until_full,
+    next_updated,
+)
 from maas_ratelimit.store import (
     Admission,
     AdmitResult,
@@ -67,8 +73,9 @@ class MemoryBucketStore:
             self._mark(request_id, "charged", now_ms)
         levels = []
         for charge in charges:
-            level = self.level(charge.key, charge.spec, now_ms) - charge.amount
-            self._write(charge.key, charge.spec, level, now_ms)
+            spec = charge.spec
+            level = max(spec.floor, self.level(charge.key, spec, now_ms) - charge.amount)
+            self._write(charge.key, spec, level, now_ms)
             levels.append(level)
         self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(charges)))
         return ChargeResult(ChargeStatus.APPLIED, tuple(levels))
@@ -78,8 +85,10 @@ class MemoryBucketStore:
         self._request_ids.clear()
 
     def _write(self, key: str, spec: BucketSpec, level: int, now_ms: int) -> None:
-        full_at = now_ms + ms_until_full(level, spec)
-        self._buckets[key] = (BucketState(level, now_ms, spec.window_ms), full_at)
+        entry = self._buckets.get(key)
+        updated = next_updated(entry[0] if entry else None, now_ms)
+        full_at = updated + ms_until_full(level, spec)
+        self._buckets[key] = (BucketState(level, updated, spec.window_ms), full_at)
         self._buckets.move_to_end(key)
 
     def _sweep(self, now_ms: int, count: int) -> None:

@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from maas_common.errors import BackendUnavailable
+from maas_ratelimit.bucket import DEBT_WINDOWS
 from maas_ratelimit.store import (
     Admission,
     AdmitResult,
@@ -131,11 +132,19 @@ local function current_level(state, limit, window, now)
   return math.min(capacity, level + elapsed * limit)
 end
 
--- MemoryBucketStore._write: the state now, expiring when the bucket is full again
-local function write(key, limit, window, level, now)
+-- bucket.next_updated: a bucket's time only moves forward (replicas' clocks differ)
+local function next_updated(state, now)
+  if not state then
+    return now
+  end
+  return math.max(state[2], now)
+end
+
+-- MemoryBucketStore._write: the state at `updated`, expiring when the bucket is full again
+local function write(key, limit, window, level, updated, now)
   local until_full = math.max(0, ceildiv(limit * window - level, limit))
-  redis.call('HSET', key, 'v', fmt(level), 't', fmt(now), 's', fmt(window))
-  redis.call('PEXPIRE', key, fmt(math.max(1, until_full)))
+  redis.call('HSET', key, 'v', fmt(level), 't', fmt(updated), 's', fmt(window))
+  redis.call('PEXPIRE', key, fmt(math.max(1, until_full + (updated - now))))
 end
 """
 
@@ -146,7 +155,7 @@ _ADMIT = (
     _LUA_COMMON
     + """
 local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local specs, levels, sufficient = {}, {}, {}
+local specs, levels, sufficient, updated = {}, {}, {}, {}
 local admitted = 1
 -- Every level is read before anything is written: a key named twice gives up one take, as in
 -- the memory store, and a script that fails on a bad key has written nothing.
@@ -164,6 +173,7 @@ for i = 1, n do
   end
   local level = current_level(state, spec.limit, spec.window, now)
   levels[i] = level
+  updated[i] = next_updated(state, now)
   sufficient[i] = level >= spec.need
   if not sufficient[i] and not spec.shadow then
     admitted = 0
@@ -175,7 +185,7 @@ for i = 1, n do
   if admitted == 1 and sufficient[i] then
     level = level - spec.take
   end
-  write(KEYS[i], spec.limit, spec.window, level, now)
+  write(KEYS[i], spec.limit, spec.window, level, updated[i], now)
   reply[#reply + 1] = sufficient[i] and 1 or 0
   reply[#reply + 1] = level
 end
@@ -204,7 +214,7 @@ if rid then
 end
 -- One charge after the other, as the memory store (a key named twice is charged twice), but
 -- computed before anything is written: a script that fails half-way is not rolled back.
-local states, levels = {}, {}
+local states, levels, updated = {}, {}, {}
 for i = 1, n do
   local base = 3 + (i - 1) * 3
   local limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
@@ -216,8 +226,10 @@ for i = 1, n do
       return state
     end
   end
-  local level = current_level(state, limit, window, now) - tonumber(ARGV[base + 3])
-  states[key] = {level, now, window}
+  local floor = -__DEBT_WINDOWS__ * limit * window  -- bucket.BucketSpec.floor
+  local level = math.max(floor, current_level(state, limit, window, now) - tonumber(ARGV[base + 3]))
+  updated[i] = next_updated(state, now)
+  states[key] = {level, updated[i], window}
   levels[i] = level
 end
 if rid then
@@ -226,12 +238,14 @@ end
 local reply = {0}
 for i = 1, n do
   local base = 3 + (i - 1) * 3
-  write(KEYS[i], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), levels[i], now)
+  write(KEYS[i], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), levels[i], updated[i], now)
   reply[#reply + 1] = levels[i]
 end
 return reply
 """
 )
+
+_CHARGE = _CHARGE.replace("__DEBT_WINDOWS__", str(DEBT_WINDOWS))
 
 _CHARGE_STATUS = {
     0: ChargeStatus.APPLIED,

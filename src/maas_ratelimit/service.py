@@ -59,14 +59,17 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         except UnknownDomain as exc:
             self._metrics.calls.labels("error").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort() raises; this keeps `verdict` bound for the reader and the checker
         except BackendUnavailable as exc:
             return await self._store_failed(exc, request, context)
         except Exception:
             log.exception("ShouldRateLimit failed unexpectedly")
             self._metrics.calls.labels("error").inc()
             await context.abort(grpc.StatusCode.INTERNAL, "rate limit decision failed")
+            raise
+        finally:
+            self._metrics.call_seconds.observe(time.perf_counter() - started)
         self._record(verdict)
-        self._metrics.call_seconds.observe(time.perf_counter() - started)
         return responses.build(verdict)
 
     async def _store_failed(

@@ -4,7 +4,8 @@ Two operations, each atomic over all the buckets it names:
 - admit: every bucket must have its `need`; if every enforced one does, each bucket that has it
   gives up its `take`; if any enforced one does not, nothing at all is taken (all-or-nothing).
   Shadow buckets are evaluated and reported but never refuse.
-- charge: post-paid usage. Never refused, may drive a bucket into debt, and applied at most once
+- charge: post-paid usage. Never refused, may drive a bucket into debt (down to the spec's floor,
+  DEBT_WINDOWS windows' worth), and applied at most once
   per request id; a request id that was refused at admission is never charged.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from maas_common.errors import ConfigError
-from maas_ratelimit.bucket import BucketSpec
+from maas_ratelimit.bucket import DEBT_WINDOWS, BucketSpec
 from maas_ratelimit.limits import DEFAULT_LIMITS, Limit, LimitTable, format_window, parse_limits
 
 SOURCE = "limits.yaml"
@@ -388,10 +388,12 @@ def test_too_large_limit_times_window() -> None:
 
 
 def test_the_largest_exact_limit_times_window_is_accepted() -> None:
-    # 2**53 = 9_007_199_254_740_992; with a 1 s window the limit may be at most 9_007_199_254_740
-    (limit,) = parse_limits(one_limit(limit="9007199254740", window="1s"), SOURCE).limits
-    assert limit.spec.capacity == 9_007_199_254_740_000
-    message = config_error(one_limit(limit="9007199254741", window="1s"))
+    # levels range over +-(DEBT_WINDOWS + 1) x capacity, which must stay below 2**53:
+    # with a 1 s window (1000 ms) the largest limit is floor((2**53 - 1) / 65 / 1000)
+    largest = (2**53 - 1) // ((DEBT_WINDOWS + 1) * 1000)
+    (limit,) = parse_limits(one_limit(limit=str(largest), window="1s"), SOURCE).limits
+    assert limit.spec.capacity == largest * 1000
+    message = config_error(one_limit(limit=str(largest + 1), window="1s"))
     assert message.startswith("limits.yaml: limits[0]: limit x window is too large")
 
 

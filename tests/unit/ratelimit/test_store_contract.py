@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from maas_ratelimit.bucket import BucketSpec
+from maas_ratelimit.bucket import DEBT_WINDOWS, BucketSpec
 from maas_ratelimit.memory_store import MemoryBucketStore
 from maas_ratelimit.redis_store import RedisBucketStore
 from maas_ratelimit.store import (
@@ -325,18 +325,21 @@ async def test_time_going_backwards_refills_nothing(store: BucketStore) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="an operation at an earlier now_ms moves the bucket's time back, so the same span "
-    "is refilled again: replicas whose clocks differ by s ms, alternating on one Redis bucket, "
-    "each gain s * limit (see the report on store semantics)",
-)
 async def test_clock_skew_does_not_refill_the_same_time_twice(store: BucketStore) -> None:
     for _ in range(5):
         assert (await store.admit([req("k")], T0, None)).admitted
     # replica B, 60 s behind, looks at the bucket; replica A comes back 1 ms later
     assert not (await store.admit([req("k")], T0 - 60_000, None)).admitted
     assert await level(store, "k", T0 + 1) == 5  # 1 ms of refill, not 60_001 ms
+
+
+@pytest.mark.asyncio
+async def test_debt_stops_at_the_floor(store: BucketStore) -> None:
+    result = await store.charge([charge("k", 10**6 * TOKEN)], T0, None)
+    assert result.levels == (SPEC.floor,)
+    assert SPEC.floor == -DEBT_WINDOWS * FULL
+    # paid back after exactly DEBT_WINDOWS windows plus one token's refill time
+    assert await level(store, "k", T0 + DEBT_WINDOWS * SPEC.window_ms) == 0
 
 
 @pytest.mark.asyncio
