@@ -134,12 +134,8 @@ def test_authorization_is_removed_unless_forwarded() -> None:
 
 def test_every_allowed_response_carries_a_fresh_request_id() -> None:
     allow = Allow(ALICE, PREMIUM, TINY)
-    ids = {
-        MessageToDict(
-            responses.allowed(allow, [], forward_authorization=False).dynamic_metadata
-        )["request_id"]
-        for _ in range(100)
-    }
+    answers = [responses.allowed(allow, [], forward_authorization=False) for _ in range(100)]
+    ids = {MessageToDict(answer.dynamic_metadata)["request_id"] for answer in answers}
     assert len(ids) == 100
 
 
