@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry
 
 from maas_authz import service
 from maas_authz.access import AccessReviewer, Grant, StaticAccessReviewer
@@ -24,23 +24,18 @@ from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
 from maas_authz.static_keys import StaticKeyReviewer, parse_static_keys
 from maas_authz.tiers import DEFAULT_TIERS, TierMapping, parse_tier_document
 from maas_common.clock import Clock, SystemClock
-from maas_common.config import validate
+from maas_common.config import resolve_path
 from maas_common.errors import ConfigError
+from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import WatchedFile
 from maas_common.server import GrpcService, ServerRuntime
-from maas_common.settings import CommandLine, apply_server_overrides
+from maas_common.settings import CommandLine, load_server_config
 
 log = logging.getLogger(__name__)
 
 
 def load_config(command_line: CommandLine) -> AuthzConfig:
-    source = str(command_line.config) if command_line.config else "built-in defaults"
-    raw = apply_server_overrides(command_line.raw, command_line.overrides)
-    return validate(AuthzConfig, raw, source)
-
-
-def _resolve(base_dir: Path, path: Path) -> Path:
-    return path if path.is_absolute() else base_dir / path
+    return load_server_config(AuthzConfig, command_line)
 
 
 class _ReloadingKeys:
@@ -76,7 +71,7 @@ def _watch(
         parse,
         name=name,
         interval=interval,
-        on_reload=lambda result: metrics.config_reloads.labels(name, result).inc(),
+        on_reload=reload_observer(metrics.config_reloads, name),
     )
     watched.load()
     return watched
@@ -86,7 +81,7 @@ def load_tiers(config: AuthzConfig, base_dir: Path) -> TierMapping:
     section = config.tiers
     if section.file is None:
         return parse_tier_document(DEFAULT_TIERS, "built-in tiers", section.instance)
-    path = _resolve(base_dir, section.file)
+    path = resolve_path(base_dir, section.file)
     return WatchedFile(
         path, lambda text, src: parse_tier_document(text, src, section.instance), name="tiers"
     ).load()
@@ -98,13 +93,13 @@ def check_config(config: AuthzConfig, base_dir: Path) -> str:
     lines = [f"tiers: {', '.join(mapping.names())}"]
     if config.identity.source == "static":
         assert config.identity.static is not None
-        path = _resolve(base_dir, config.identity.static.keys_file)
+        path = resolve_path(base_dir, config.identity.static.keys_file)
         keys = WatchedFile(path, parse_static_keys, name="static keys").load()
         lines.append(f"identity: static, {len(keys)} key(s) from {path}")
     else:
         lines.append(f"identity: kubernetes TokenReview, audiences {config.identity.audiences}")
     if config.uses_kubernetes() and config.kubernetes.kubeconfig is not None:
-        kubeconfig = _resolve(base_dir, config.kubernetes.kubeconfig)
+        kubeconfig = resolve_path(base_dir, config.kubernetes.kubeconfig)
         if not kubeconfig.is_file():
             raise ConfigError(str(kubeconfig), "kubernetes.kubeconfig", "file does not exist")
     lines.append(f"access: {config.access.source}")
@@ -120,7 +115,7 @@ def _build_tiers(
         return (lambda: mapping), None
     instance = config.tiers.instance
     tier_file = _watch(
-        _resolve(base_dir, config.tiers.file),
+        resolve_path(base_dir, config.tiers.file),
         lambda text, src: parse_tier_document(text, src, instance),
         "tiers",
         config.tiers.reload_interval,
@@ -141,7 +136,7 @@ def _build_identities(
         static = config.identity.static
         assert static is not None
         keys = _watch(
-            _resolve(base_dir, static.keys_file),
+            resolve_path(base_dir, static.keys_file),
             parse_static_keys,
             "static_keys",
             static.reload_interval,
@@ -193,10 +188,7 @@ async def build_app(
     registry: CollectorRegistry | None = None,
 ) -> AuthzApp:
     clock = clock or SystemClock()
-    if registry is None:
-        registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
+    registry = registry or new_registry()
     metrics = AuthzMetrics(registry)
 
     tiers, tier_file = _build_tiers(config, base_dir, metrics)
@@ -204,7 +196,7 @@ async def build_app(
     if config.uses_kubernetes():
         kube = config.kubernetes
         api = await KubernetesApi.connect(
-            kubeconfig=_resolve(base_dir, kube.kubeconfig) if kube.kubeconfig else None,
+            kubeconfig=resolve_path(base_dir, kube.kubeconfig) if kube.kubeconfig else None,
             context=kube.context,
             call_timeout=kube.timeout,
             max_concurrency=kube.max_concurrency,

@@ -5,23 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from maas_common.cache import CacheEvent
-
-_LATENCY_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-)
+from maas_common.metrics import LATENCY_BUCKETS, LabelledCounter, config_reload_counter
 
 
 class AuthzMetrics:
@@ -35,7 +19,7 @@ class AuthzMetrics:
         self.check_seconds = Histogram(
             "maas_authz_check_duration_seconds",
             "Time to decide a Check, from request to response",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.cache_events = Counter(
@@ -48,7 +32,7 @@ class AuthzMetrics:
             "maas_authz_kubernetes_request_duration_seconds",
             "Kubernetes API calls, by call",
             ["call"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.kubernetes_errors = Counter(
@@ -57,20 +41,11 @@ class AuthzMetrics:
             ["call", "kind"],
             registry=registry,
         )
-        self.config_reloads = Counter(
-            "maas_config_reloads",
-            "Reloads of watched config files by result (applied, rejected, unreadable)",
-            ["config", "result"],
-            registry=registry,
-        )
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self.config_reloads = config_reload_counter(registry)
+        self._decisions = LabelledCounter(self.decisions)
 
     def decision(self, result: str, reason: str, tier: str) -> None:
-        key = (result, reason, tier)
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self.decisions.labels(*key)
-        child.inc()
+        self._decisions.inc(result, reason, tier)
 
     def cache_observer(self, cache: str) -> CacheObserver:
         return CacheObserver(self.cache_events, cache)

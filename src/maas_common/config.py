@@ -168,5 +168,10 @@ def validate(model: type[M], data: Any, source: str, prefix: str = "") -> M:
         raise ConfigError(source, key or "(top level)", problem) from None
 
 
+def resolve_path(base_dir: Path, path: Path) -> Path:
+    """Paths in a config file are relative to the file's own directory."""
+    return path if path.is_absolute() else base_dir / path
+
+
 def load_file(model: type[M], path: Path) -> M:
     return validate(model, read_yaml(path), str(path))

@@ -10,10 +10,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from maas_common.config import Address, Duration, StrictModel, parse_address, read_yaml
+from maas_common.config import (
+    Address,
+    Duration,
+    StrictModel,
+    parse_address,
+    read_yaml,
+    validate,
+)
 from maas_common.errors import ConfigError
+
+M = TypeVar("M", bound=StrictModel)
 
 
 class ServerSection(StrictModel):
@@ -83,6 +92,12 @@ def parse_command_line(
     return CommandLine(
         config=args.config, raw=raw, overrides=overrides, check_only=args.check_config
     )
+
+
+def load_server_config(model: type[M], command_line: CommandLine) -> M:
+    """The validated config: file (or built-in defaults) with flag/env overrides applied."""
+    source = str(command_line.config) if command_line.config else "built-in defaults"
+    return validate(model, apply_server_overrides(command_line.raw, command_line.overrides), source)
 
 
 def apply_server_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry
 
 from maas_common.clock import Clock, SystemClock
-from maas_common.config import validate
+from maas_common.config import resolve_path
+from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import ReloadResult, WatchedFile
 from maas_common.server import GrpcService, ServerRuntime
-from maas_common.settings import CommandLine, apply_server_overrides
+from maas_common.settings import CommandLine, load_server_config
 from maas_ratelimit import service
 from maas_ratelimit.config import RateLimitConfig
 from maas_ratelimit.instrumented import InstrumentedStore
@@ -25,13 +26,7 @@ from maas_ratelimit.store import BucketStore
 
 
 def load_config(command_line: CommandLine) -> RateLimitConfig:
-    source = str(command_line.config) if command_line.config else "built-in defaults"
-    raw = apply_server_overrides(command_line.raw, command_line.overrides)
-    return validate(RateLimitConfig, raw, source)
-
-
-def _resolve(base_dir: Path, path: Path) -> Path:
-    return path if path.is_absolute() else base_dir / path
+    return load_server_config(RateLimitConfig, command_line)
 
 
 def limits_file(
@@ -42,7 +37,7 @@ def limits_file(
     if config.limits.file is None:
         return None
     return WatchedFile(
-        _resolve(base_dir, config.limits.file),
+        resolve_path(base_dir, config.limits.file),
         parse_limits,
         name="limits",
         interval=config.limits.reload_interval,
@@ -95,15 +90,10 @@ def build_app(
     store: BucketStore | None = None,
 ) -> RateLimitApp:
     clock = clock or SystemClock()
-    if registry is None:
-        registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
+    registry = registry or new_registry()
     metrics = RateLimitMetrics(registry)
 
-    watched = limits_file(
-        config, base_dir, lambda result: metrics.config_reloads.labels("limits", result).inc()
-    )
+    watched = limits_file(config, base_dir, reload_observer(metrics.config_reloads, "limits"))
     limits: Callable[[], LimitTable]
     if watched is None:
         table = parse_limits(DEFAULT_LIMITS, "built-in limits")

@@ -6,9 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-)  # fmt: skip
+from maas_common.metrics import LATENCY_BUCKETS, LabelledCounter, config_reload_counter
 
 
 class RateLimitMetrics:
@@ -28,7 +26,7 @@ class RateLimitMetrics:
         self.call_seconds = Histogram(
             "maas_ratelimit_call_duration_seconds",
             "Time to answer ShouldRateLimit",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.tokens_charged = Counter(
@@ -53,7 +51,7 @@ class RateLimitMetrics:
             "maas_ratelimit_store_duration_seconds",
             "Bucket store operations",
             ["store", "op"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.store_errors = Counter(
@@ -62,25 +60,16 @@ class RateLimitMetrics:
             ["store", "kind"],
             registry=registry,
         )
-        self.config_reloads = Counter(
-            "maas_config_reloads",
-            "Reloads of watched config files by result (applied, rejected, unreadable)",
-            ["config", "result"],
-            registry=registry,
-        )
+        self.config_reloads = config_reload_counter(registry)
         self.buckets = Gauge(
             "maas_ratelimit_buckets",
             "Live buckets held in memory (memory store)",
             registry=registry,
         )
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._decisions = LabelledCounter(self.decisions)
 
     def decision(self, result: str, tier: str, limit: str) -> None:
-        key = (result, tier, limit)
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self.decisions.labels(*key)
-        child.inc()
+        self._decisions.inc(result, tier, limit)
 
     def track_buckets(self, count: Callable[[], int]) -> None:
         self.buckets.set_function(lambda: float(count()))
