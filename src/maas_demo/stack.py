@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from maas_demo.envoy import find_envoy, render_gateway
+from maas_demo.envoy import USAGE_LUA, find_envoy, render_gateway
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 DEMO_AUTHZ_CONFIG = CONFIG_DIR / "authz.yaml"
@@ -173,6 +173,7 @@ class LocalStack:
                     "ENVOY_ADMIN_PORT": p.envoy_admin,
                     "AUTHZ_GRPC_PORT": p.authz_grpc,
                     "RATELIMIT_GRPC_PORT": p.ratelimit_grpc,
+                    "USAGE_LUA": str(USAGE_LUA),
                     "BACKEND_PORT": p.backend,
                 }
             )

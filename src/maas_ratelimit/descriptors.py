@@ -8,14 +8,20 @@ dynamic metadata maas-authz sets, never from client headers):
   request_id  a unique id per request, from maas-authz; makes charges idempotent and lets a
               charge for a refused request be recognised (optional but recommended)
   charge      present on the after-response call: the descriptor's hits are LLM tokens to charge
-              to `tokens` limits (value: what is charged, e.g. "total_tokens")
+              to `tokens` limits; the value says which: prompt_tokens, completion_tokens or
+              total_tokens (each limit weighs them by its `cost`)
+  outcome     present on the after-response call that reports what the usage reader saw:
+              "charged", or why nothing was charged (no_usage, upstream_error, ...); counted
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TIER, USER, MODEL, REQUEST_ID, CHARGE = "tier", "user", "model", "request_id", "charge"
+TIER, USER, MODEL, REQUEST_ID, CHARGE, OUTCOME = (
+    "tier", "user", "model", "request_id", "charge", "outcome"
+)  # fmt: skip
+CHARGE_KINDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,14 @@ class Descriptor:
     @property
     def is_charge(self) -> bool:
         return CHARGE in self.entries
+
+    @property
+    def charge_kind(self) -> str | None:
+        return self.entries.get(CHARGE)
+
+    @property
+    def outcome(self) -> str | None:
+        return self.entries.get(OUTCOME)
 
 
 def effective_hits(descriptor_hits: int | None, request_hits: int) -> tuple[int, bool]:

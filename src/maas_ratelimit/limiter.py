@@ -17,7 +17,7 @@ from typing import Literal
 
 from maas_common.clock import Clock
 from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, ms_until_full, remaining_tokens
-from maas_ratelimit.descriptors import Descriptor
+from maas_ratelimit.descriptors import CHARGE_KINDS, Descriptor
 from maas_ratelimit.limits import Limit, LimitTable
 from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, Outcome
 
@@ -54,7 +54,8 @@ class DescriptorVerdict:
 class ChargeReport:
     tier: str
     model: str
-    tokens: int
+    kind: str  # prompt_tokens, completion_tokens or total_tokens
+    tokens: int  # as reported, before any weight
     status: ChargeStatus
 
 
@@ -64,6 +65,7 @@ class Verdict:
     descriptors: tuple[DescriptorVerdict, ...]
     charges: tuple[ChargeReport, ...] = ()
     ignored: tuple[str, ...] = field(default=())  # reasons descriptors were skipped
+    outcomes: tuple[tuple[str, str], ...] = ()  # (tier, outcome) reported after responses
 
     @property
     def binding(self) -> LimitState | None:
@@ -94,25 +96,34 @@ class RateLimiter:
         admissions: list[Admission] = []
         owners: list[tuple[int, Limit]] = []  # admission index -> (descriptor index, limit)
         charges: list[Charge] = []
-        charge_reports: list[tuple[str, str, int]] = []
+        charge_reports: list[tuple[str, str, str, int]] = []
+        usage_outcomes: list[tuple[str, str]] = []
         request_id = next((d.request_id for d in descriptors if d.request_id), None)
         for index, descriptor in enumerate(descriptors):
             tier, user = descriptor.tier, descriptor.user
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
                 continue
+            if descriptor.outcome is not None:
+                usage_outcomes.append((tier, descriptor.outcome))
+                continue
             limits = table.for_tier(tier, descriptor.model)
             if descriptor.is_charge:
+                kind = descriptor.charge_kind or ""
+                if kind not in CHARGE_KINDS:
+                    ignored.append("unknown_charge")
+                    continue
                 tokens = [limit for limit in limits if limit.kind == "tokens"]
                 if not tokens:
                     ignored.append("no_tokens_limit")
+                    continue
                 for limit in tokens:
                     key = limit.counter_key(user, descriptor.model)
+                    weighted = limit.tokens_to_charge(kind, descriptor.hits)
                     # beyond this the debt floor is reached anyway; keeps Lua's doubles exact
-                    tokens_charged = min(descriptor.hits, (DEBT_WINDOWS + 1) * limit.spec.limit)
-                    charges.append(Charge(key, limit.spec, tokens_charged * limit.spec.window_ms))
-                if tokens:
-                    charge_reports.append((tier, descriptor.model or "", descriptor.hits))
+                    weighted = min(weighted, (DEBT_WINDOWS + 1) * limit.spec.limit)
+                    charges.append(Charge(key, limit.spec, weighted * limit.spec.window_ms))
+                charge_reports.append((tier, descriptor.model or "", kind, descriptor.hits))
                 continue
             for limit in limits:
                 admissions.append(_admission(limit, descriptor))
@@ -126,7 +137,7 @@ class RateLimiter:
         reports: tuple[ChargeReport, ...] = ()
         if charges:
             status = (await self._store.charge(charges, now_ms, request_id)).status
-            reports = tuple(ChargeReport(t, m, n, status) for t, m, n in charge_reports)
+            reports = tuple(ChargeReport(t, m, k, n, status) for t, m, k, n in charge_reports)
 
         per_descriptor: list[list[LimitState]] = [[] for _ in descriptors]
         for admission, outcome, (index, limit) in zip(admissions, outcomes, owners, strict=True):
@@ -150,7 +161,7 @@ class RateLimiter:
             )
             for states in per_descriptor
         )
-        return Verdict(not admitted, verdicts, reports, tuple(ignored))
+        return Verdict(not admitted, verdicts, reports, tuple(ignored), tuple(usage_outcomes))
 
 
 def _admission(limit: Limit, descriptor: Descriptor) -> Admission:

@@ -10,10 +10,14 @@ limits:
     per: [user]              # counter per user (default), or [user, model]
     models: []               # only these models ("namespace/name"); empty = every model
     shadow: false            # count and report, never refuse
+    cost:                    # tokens limits: weight of each kind of token (default 1 and 1)
+      prompt_tokens: 1
+      completion_tokens: 4   # e.g. output tokens cost four times as much
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +35,11 @@ Per = Literal["user", "model"]
 _UNITS = {1_000: "SECOND", 60_000: "MINUTE", 3_600_000: "HOUR", 86_400_000: "DAY"}
 
 
+class CostSpec(StrictModel):
+    prompt_tokens: float = Field(1.0, ge=0, le=1000)
+    completion_tokens: float = Field(1.0, ge=0, le=1000)
+
+
 class LimitSpec(StrictModel):
     name: str
     tier: str
@@ -40,6 +49,7 @@ class LimitSpec(StrictModel):
     per: list[Per] = Field(default_factory=lambda: list[Per](["user"]))
     models: list[str] = Field(default_factory=list)
     shadow: bool = False
+    cost: CostSpec = CostSpec()
 
     @field_validator("name")
     @classmethod
@@ -73,6 +83,12 @@ class LimitSpec(StrictModel):
         return value
 
     @model_validator(mode="after")
+    def _cost_for_tokens_only(self) -> LimitSpec:
+        if self.kind == "requests" and self.cost != CostSpec():
+            raise ValueError("cost applies to tokens limits only")
+        return self
+
+    @model_validator(mode="after")
     def _exact(self) -> LimitSpec:
         if (DEBT_WINDOWS + 1) * self.limit * round(self.window * 1000) >= MAX_EXACT:
             raise ValueError(
@@ -103,6 +119,16 @@ class Limit:
     per_model: bool
     models: frozenset[str]
     shadow: bool
+    prompt_weight: float = 1.0
+    completion_weight: float = 1.0
+
+    def tokens_to_charge(self, kind: str, count: int) -> int:
+        """Weighted tokens for `count` tokens of `kind` (rounded up: never under-charge)."""
+        if kind == "prompt_tokens":
+            return math.ceil(count * self.prompt_weight)
+        if kind == "completion_tokens":
+            return math.ceil(count * self.completion_weight)
+        return count  # total_tokens: no split known, weight 1
 
     @property
     def description(self) -> str:
@@ -161,6 +187,8 @@ def parse_limits(text: str, source: str) -> LimitTable:
                 per_model="model" in item.per,
                 models=frozenset(item.models),
                 shadow=item.shadow,
+                prompt_weight=item.cost.prompt_tokens,
+                completion_weight=item.cost.completion_tokens,
             )
         )
     return LimitTable(spec.domain, tuple(limits))

@@ -31,8 +31,16 @@ class RateLimitMetrics:
         )
         self.tokens_charged = Counter(
             "maas_ratelimit_tokens_charged",
-            "LLM tokens charged to token limits after responses",
-            ["tier", "model"],
+            "LLM tokens charged after responses, as reported (before weights), by kind "
+            "(prompt_tokens, completion_tokens, total_tokens)",
+            ["tier", "model", "kind"],
+            registry=registry,
+        )
+        self.responses = Counter(
+            "maas_ratelimit_usage_responses",
+            "Responses the usage reader reported on, by outcome: charged, or why nothing was "
+            "(no_usage, upstream_error, client_error, rate_limited, incomplete)",
+            ["tier", "outcome"],
             registry=registry,
         )
         self.charges_skipped = Counter(

@@ -98,8 +98,12 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 self._metrics.decision(state.result, state.limit.tier, state.limit.name)
         for charge in verdict.charges:
             if charge.status is ChargeStatus.APPLIED:
-                self._metrics.tokens_charged.labels(charge.tier, charge.model).inc(charge.tokens)
+                self._metrics.tokens_charged.labels(charge.tier, charge.model, charge.kind).inc(
+                    charge.tokens
+                )
             else:
                 self._metrics.charges_skipped.labels(charge.status.value).inc()
+        for tier, outcome in verdict.outcomes:
+            self._metrics.responses.labels(tier, outcome).inc()
         for reason in verdict.ignored:
             self._metrics.descriptors_ignored.labels(reason).inc()

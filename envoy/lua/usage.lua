@@ -1,0 +1,250 @@
+-- maas-gateway usage filter (Envoy Lua): what an LLM response used, for the token rate limits.
+--
+-- On the request: a streaming chat/completions request that did not ask for usage gets
+-- `stream_options.include_usage: true`, so that the stream ends with a usage event (vLLM sends
+-- no usage otherwise); the filter remembers that it added it and removes that event again on the
+-- way out, so the client sees the stream it asked for.
+--
+-- On the response: the last `"usage": {...}` object in the body (a JSON body, or the final SSE
+-- event) is read while the body streams through, without buffering it, into dynamic metadata
+-- under `maas.usage`:
+--   prompt_tokens, completion_tokens, total_tokens   numbers (completion 0 for embeddings)
+--   charge_prompt, charge_completion                 set only when the usage is to be charged
+--   outcome                                          "charged", or why not: no_usage,
+--                                                    upstream_error, client_error, rate_limited,
+--                                                    incomplete (the body never ended)
+-- Envoy's rate limit filter then sends the charge after the response (apply_on_stream_done,
+-- hits_addend from the metadata). Nothing is charged for 4xx/5xx answers or bodies without
+-- usage; usage headers (x-usage-*-tokens by default) are trusted first when a backend sends them.
+--
+-- Everything is pattern matching on bytes: no JSON library exists in Envoy's LuaJIT, and none is
+-- needed for two small, well-known shapes. The pure parts (Scanner, inject, SseFilter) are
+-- tested on their own with LuaJIT (tests/unit/usage).
+
+local NS = "maas.usage"
+local TAIL_BYTES = 4096 -- a usage object split across chunks is found if it is shorter than this
+
+local M = {}
+
+-- Usage headers a backend (or a middleware in front of it) may send, most trusted first.
+M.USAGE_HEADERS = {
+  prompt = "x-usage-prompt-tokens",
+  completion = "x-usage-completion-tokens",
+  total = "x-usage-total-tokens",
+}
+
+local function number_in(object, key)
+  local value = object:match('"' .. key .. '"%s*:%s*(%d+)')
+  return value and tonumber(value) or nil
+end
+
+-- Scanner: feed body chunks in order; remembers the last complete usage object seen.
+local Scanner = {}
+Scanner.__index = Scanner
+M.Scanner = Scanner
+
+function Scanner.new()
+  return setmetatable({ tail = "", usage = nil, malformed = false }, Scanner)
+end
+
+function Scanner:feed(chunk)
+  local text = self.tail .. chunk
+  local consumed = 0
+  for object, finish in text:gmatch('"usage"%s*:%s*(%b{})()') do
+    local prompt = number_in(object, "prompt_tokens")
+    local completion = number_in(object, "completion_tokens")
+    local total = number_in(object, "total_tokens")
+    if prompt or completion or total then
+      self.usage = { prompt = prompt, completion = completion, total = total }
+    else
+      self.malformed = true -- a usage object without any count we understand
+    end
+    consumed = finish - 1
+  end
+  local rest = text:sub(consumed + 1)
+  if #rest > TAIL_BYTES then
+    rest = rest:sub(-TAIL_BYTES)
+  end
+  self.tail = rest
+end
+
+-- The counts to charge: {prompt, completion} as integers, or nil.
+-- When only a total is reported it is charged as prompt tokens (at the prompt weight).
+function M.counts(usage)
+  if not usage then
+    return nil
+  end
+  local prompt, completion = usage.prompt, usage.completion
+  if prompt == nil and completion == nil then
+    prompt = usage.total
+  end
+  if prompt == nil and usage.total and completion then
+    prompt = math.max(0, usage.total - completion)
+  end
+  if completion == nil and usage.total and prompt then
+    completion = math.max(0, usage.total - prompt)
+  end
+  return { prompt = prompt or 0, completion = completion or 0 }
+end
+
+-- inject(body): the request body with stream_options.include_usage = true, or nil when it needs
+-- no change (not streaming, or the client asked for usage itself).
+function M.inject(body)
+  if not body:find('"stream"%s*:%s*true') then
+    return nil
+  end
+  if body:find('"include_usage"%s*:%s*true') then
+    return nil
+  end
+  local out, n = body:gsub('"include_usage"%s*:%s*false', '"include_usage":true', 1)
+  if n > 0 then
+    return out
+  end
+  out, n = body:gsub('"stream_options"%s*:%s*{%s*}', '"stream_options":{"include_usage":true}', 1)
+  if n > 0 then
+    return out
+  end
+  out, n = body:gsub('("stream_options"%s*:%s*{)', '%1"include_usage":true,', 1)
+  if n > 0 then
+    return out
+  end
+  out, n = body:gsub('^(%s*{)', '%1"stream_options":{"include_usage":true},', 1)
+  if n > 0 then
+    return out
+  end
+  return nil
+end
+
+-- SseFilter: removes the usage-only event ("choices":[] with a usage object) from a stream,
+-- for clients that did not ask for it. Works on whole events: a partial event at the end of a
+-- chunk is held back until the rest arrives (SSE events end with a blank line).
+local SseFilter = {}
+SseFilter.__index = SseFilter
+M.SseFilter = SseFilter
+
+function SseFilter.new()
+  return setmetatable({ pending = "" }, SseFilter)
+end
+
+local function is_usage_event(event)
+  return event:find('"choices"%s*:%s*%[%s*%]') and event:find('"usage"%s*:%s*{')
+end
+
+-- Returns the bytes to pass on for this chunk.
+function SseFilter:feed(chunk)
+  local text = self.pending .. chunk
+  local last = nil
+  local search = 1
+  while true do
+    local s, e = text:find("\n\n", search, true)
+    if not s then
+      break
+    end
+    last = e
+    search = e + 1
+  end
+  if not last then
+    self.pending = text
+    return ""
+  end
+  self.pending = text:sub(last + 1)
+  local complete = text:sub(1, last)
+  local kept = {}
+  for event in complete:gmatch("(.-\n\n)") do
+    if not is_usage_event(event) then
+      kept[#kept + 1] = event
+    end
+  end
+  return table.concat(kept)
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- The Envoy entry points.
+
+local function set(handle, key, value)
+  handle:streamInfo():dynamicMetadata():set(NS, key, value)
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":method") ~= "POST" then
+    return
+  end
+  local content_type = headers:get("content-type") or ""
+  if not content_type:find("json", 1, true) then
+    return
+  end
+  local body = handle:body()
+  if body == nil or body:length() == 0 then
+    return
+  end
+  local changed = M.inject(body:getBytes(0, body:length()))
+  if changed then
+    body:setBytes(changed)
+    set(handle, "injected", "true")
+  end
+end
+
+local function header_usage(headers)
+  local prompt = tonumber(headers:get(M.USAGE_HEADERS.prompt) or "")
+  local completion = tonumber(headers:get(M.USAGE_HEADERS.completion) or "")
+  local total = tonumber(headers:get(M.USAGE_HEADERS.total) or "")
+  if prompt or completion or total then
+    return { prompt = prompt, completion = completion, total = total }
+  end
+  return nil
+end
+
+-- outcome(status, usage): "charged" or the reason nothing is charged.
+function M.outcome(status, usage)
+  if status >= 500 then
+    return "upstream_error"
+  elseif status == 429 then
+    return "rate_limited"
+  elseif status >= 400 then
+    return "client_error"
+  elseif status >= 300 or not M.counts(usage) then
+    return "no_usage"
+  end
+  return "charged"
+end
+
+local function report(handle, usage, status)
+  local outcome = M.outcome(status, usage)
+  set(handle, "outcome", outcome)
+  if outcome ~= "charged" then
+    return
+  end
+  local counts = M.counts(usage)
+  set(handle, "prompt_tokens", counts.prompt)
+  set(handle, "completion_tokens", counts.completion)
+  set(handle, "total_tokens", counts.prompt + counts.completion)
+  set(handle, "charge_prompt", "prompt_tokens")
+  set(handle, "charge_completion", "completion_tokens")
+end
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status") or "0") or 0
+  local from_headers = header_usage(headers)
+  if from_headers or status >= 300 then
+    report(handle, from_headers, status)
+    return -- nothing to read in the body; it is passed on untouched
+  end
+  -- Until the body is complete nothing is charged (a reset mid-body leaves it so).
+  set(handle, "outcome", "incomplete")
+  local meta = handle:streamInfo():dynamicMetadata():get(NS)
+  local strip = meta ~= nil and meta["injected"] == "true"
+  local scanner = Scanner.new()
+  local sse = strip and SseFilter.new() or nil
+  for chunk in handle:bodyChunks() do
+    local bytes = chunk:getBytes(0, chunk:length())
+    scanner:feed(bytes)
+    if sse then
+      chunk:setBytes(sse:feed(bytes))
+    end
+  end
+  report(handle, scanner.usage, status)
+end
+
+return M
