@@ -26,10 +26,16 @@ The MaaS gateway is up on {url}
        -d '{{"model":"tiny","messages":[{{"role":"user","content":"Hi"}}],"stream":true}}'
 
   # the free tier allows 5 requests per 2 minutes: the 6th gets 429 with Retry-After
-  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\n' \
-       {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \
-       -H 'Content-Type: application/json' \
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\\n' \\
+       {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \\
+       -H 'Content-Type: application/json' \\
        -d '{{"messages":[{{"role":"user","content":"hi"}}]}}'; done
+
+  # the free tier has 100 LLM tokens per minute, charged after each answer: here the 4th gets 429
+  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{{http_code}}\\n' \\
+       {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-tokens' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"messages":[{{"role":"user","content":"a long story"}}],"max_tokens":40}}'; done
 
   # 401 (no key), 403 (no access to the model), 404 (no model in the path)
   curl -si {url}/llm/tiny/v1/chat/completions -d '{{}}'
@@ -42,7 +48,8 @@ The MaaS gateway is up on {url}
   curl -s http://127.0.0.1:{authz_http}/metrics | grep maas_authz_decisions
   curl -s http://127.0.0.1:{ratelimit_http}/metrics | grep maas_ratelimit_decisions
 
-Keys: sk-demo-free, sk-demo-premium, sk-demo-enterprise, sk-demo-noaccess.
+Keys: sk-demo-free, sk-demo-tokens (free), sk-demo-premium, sk-demo-enterprise,
+sk-demo-noaccess.
 Logs: {logs}.  Ctrl-C stops everything.
 """
 

@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -84,7 +85,7 @@ class LimitSpec(StrictModel):
 
     @model_validator(mode="after")
     def _cost_for_tokens_only(self) -> LimitSpec:
-        if self.kind == "requests" and self.cost != CostSpec():
+        if self.kind == "requests" and "cost" in self.model_fields_set:
             raise ValueError("cost applies to tokens limits only")
         return self
 
@@ -110,6 +111,11 @@ def format_window(window_ms: int) -> str:
     return f"{window_ms}ms"
 
 
+def _weighted(count: int, weight: float) -> int:
+    # exact: the weight as written (1.1, not 1.100000000000000088...), so 100 x 1.1 is 110, not 111
+    return math.ceil(count * Fraction(repr(weight)))
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     name: str
@@ -125,9 +131,9 @@ class Limit:
     def tokens_to_charge(self, kind: str, count: int) -> int:
         """Weighted tokens for `count` tokens of `kind` (rounded up: never under-charge)."""
         if kind == "prompt_tokens":
-            return math.ceil(count * self.prompt_weight)
+            return _weighted(count, self.prompt_weight)
         if kind == "completion_tokens":
-            return math.ceil(count * self.completion_weight)
+            return _weighted(count, self.completion_weight)
         return count  # total_tokens: no split known, weight 1
 
     @property

@@ -249,7 +249,7 @@ def test_check_config_on_the_demo_config() -> None:
     summary = check_config(config, DEMO_CONFIG.parent)
     lines = summary.splitlines()
     assert lines[0] == "tiers: free, premium, enterprise"
-    assert "identity: static, 4 key(s) from " in summary
+    assert "identity: static, 5 key(s) from " in summary
     assert str(DEMO_CONFIG.parent / "keys.yaml") in summary
     assert "access: static" in lines
     assert lines[-1] == "configuration OK"
