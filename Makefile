@@ -3,11 +3,11 @@ PY := .venv/bin/python
 PORT ?= 8080
 
 .PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver \
-	test-packages clean
+	test-packages vllm clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
-	@echo "make test   - set up (venv, redis-server, kube-apiserver build), then lint + all tests"
+	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
 	@echo "make test-unit | test-integration | test-e2e - one test tier"
 
@@ -19,6 +19,9 @@ kube-apiserver:
 
 test-packages:
 	@scripts/install-test-packages.sh
+
+vllm:
+	@scripts/provision-vllm.sh >/dev/null
 
 demo: setup
 	$(PY) -m maas_demo --port $(PORT)
@@ -32,7 +35,7 @@ format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: setup test-packages kube-apiserver lint
+test: setup test-packages kube-apiserver vllm lint
 	$(PY) -m pytest
 
 test-unit: setup test-packages
@@ -41,7 +44,7 @@ test-unit: setup test-packages
 test-integration: setup test-packages kube-apiserver
 	$(PY) -m pytest tests/integration
 
-test-e2e: setup
+test-e2e: setup test-packages vllm
 	$(PY) -m pytest tests/e2e
 
 clean:

@@ -140,8 +140,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _model_for(request: web.Request) -> Model:
+    models = request.app[SETTINGS_KEY].models
+    if "ns" not in request.match_info:
+        # unprefixed /v1/...: what a model server behind a prefix-stripping route sees
+        return next(iter(models.values()))
     key = f"{request.match_info['ns']}/{request.match_info['name']}"
-    model = request.app[SETTINGS_KEY].models.get(key)
+    model = models.get(key)
     if model is None:
         raise ApiError(404, f"model {key} not found")
     return model
@@ -519,6 +523,10 @@ def build_app(models: Sequence[tuple[str, str]], *, token_delay_ms: float = 0.0)
     app.router.add_post(f"{prefix}/completions", completions)
     app.router.add_post(f"{prefix}/embeddings", embeddings)
     app.router.add_get(f"{prefix}/models", model_list)
+    # Without the prefix, as vLLM serves them (the gateway strips /<ns>/<name>): the first model.
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", model_list)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/_demo/requests", get_records)

@@ -147,6 +147,7 @@ class LocalStack:
         echo: bool = False,
         backend_args: tuple[str, ...] = (),
         authz_env: dict[str, str] | None = None,
+        external_backend: bool = False,
     ) -> None:
         self.workdir = workdir
         self.ports = ports or Ports()
@@ -155,6 +156,8 @@ class LocalStack:
         self.echo = echo
         self.backend_args = backend_args
         self.authz_env = authz_env or {}
+        # True: a model server already listens on ports.backend (e.g. a real vLLM)
+        self.external_backend = external_backend
         self.children: list[Child] = []
 
     @property
@@ -211,6 +214,8 @@ class LocalStack:
                 f"http://127.0.0.1:{p.envoy_admin}/ready",
             ),
         ]  # fmt: skip
+        if self.external_backend:
+            plan = [step for step in plan if step[0] != "backend"]
         try:
             for name, argv, env, ready_url in plan:
                 child = Child(name, argv, self.workdir / f"{name}.log", self.echo, env)

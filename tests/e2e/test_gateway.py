@@ -97,7 +97,7 @@ def test_dot_segments_are_resolved_by_envoy_before_the_check(gateway: Gateway) -
     result = gateway.request("/other/x/../../llm/tiny/v1/chat/completions", "sk-demo-free", BODY)
     assert result.status == 200
     [seen] = gateway.backend_saw()
-    assert seen["path"] == CHAT
+    assert seen["path"] == "/v1/chat/completions"  # the route strips /llm/tiny, as KServe
 
 
 def test_open_path_needs_a_key_but_no_model_grant(gateway: Gateway) -> None:
