@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the test suite runs for real: redis-server. Installs only what is missing.
+# Debian packages the test suite runs for real: redis-server, and luajit (the Lua of Envoy, for
+# envoy/lua/usage.lua). Installs only what is missing.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v luajit >/dev/null 2>&1 || missing+=(luajit)
 ((${#missing[@]})) || exit 0
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -108,6 +108,11 @@ function M.inject(body)
   if n > 0 then
     return out
   end
+  -- an explicit null: replaced, since a second "stream_options" key would lose to it (last wins)
+  out, n = body:gsub('"stream_options"%s*:%s*null', '"stream_options":{"include_usage":true}', 1)
+  if n > 0 then
+    return out
+  end
   out, n = body:gsub('^(%s*{)', '%1"stream_options":{"include_usage":true},', 1)
   if n > 0 then
     return out
@@ -117,7 +122,7 @@ end
 
 -- SseFilter: removes the usage-only event ("choices":[] with a usage object) from a stream,
 -- for clients that did not ask for it. Works on whole events: a partial event at the end of a
--- chunk is held back until the rest arrives (SSE events end with a blank line).
+-- chunk is held back until the rest arrives (SSE events end with a blank line: LF or CRLF).
 local SseFilter = {}
 SseFilter.__index = SseFilter
 M.SseFilter = SseFilter
@@ -136,7 +141,7 @@ function SseFilter:feed(chunk)
   local last = nil
   local search = 1
   while true do
-    local s, e = text:find("\n\n", search, true)
+    local s, e = text:find("\r?\n\r?\n", search)
     if not s then
       break
     end
@@ -150,7 +155,7 @@ function SseFilter:feed(chunk)
   self.pending = text:sub(last + 1)
   local complete = text:sub(1, last)
   local kept = {}
-  for event in complete:gmatch("(.-\n\n)") do
+  for event in complete:gmatch("(.-\r?\n\r?\n)") do
     if not is_usage_event(event) then
       kept[#kept + 1] = event
     end
@@ -185,10 +190,15 @@ function envoy_on_request(handle)
   end
 end
 
+local function header_count(headers, name)
+  local digits = (headers:get(name) or ""):match("^%s*(%d+)%s*$") -- not "-5", "inf", "0x10"
+  return digits and tonumber(digits) or nil
+end
+
 local function header_usage(headers)
-  local prompt = tonumber(headers:get(M.USAGE_HEADERS.prompt) or "")
-  local completion = tonumber(headers:get(M.USAGE_HEADERS.completion) or "")
-  local total = tonumber(headers:get(M.USAGE_HEADERS.total) or "")
+  local prompt = header_count(headers, M.USAGE_HEADERS.prompt)
+  local completion = header_count(headers, M.USAGE_HEADERS.completion)
+  local total = header_count(headers, M.USAGE_HEADERS.total)
   if prompt or completion or total then
     return { prompt = prompt, completion = completion, total = total }
   end
@@ -226,25 +236,38 @@ end
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = tonumber(headers:get(":status") or "0") or 0
+  local meta = handle:streamInfo():dynamicMetadata():get(NS)
+  -- The usage event we asked for is removed from event streams only: any other body (an error,
+  -- a backend that does not stream) has no such event and must not be held back.
+  local strip = meta ~= nil
+    and meta["injected"] == "true"
+    and status < 300
+    and (headers:get("content-type") or ""):find("text/event-stream", 1, true) ~= nil
+  local sse = strip and SseFilter.new() or nil
   local from_headers = header_usage(headers)
+  local scanner = nil
   if from_headers or status >= 300 then
     report(handle, from_headers, status)
-    return -- nothing to read in the body; it is passed on untouched
+    if not sse then
+      return -- nothing to read in the body; it is passed on untouched
+    end
+  else
+    -- Until the body is complete nothing is charged (a reset mid-body leaves it so).
+    set(handle, "outcome", "incomplete")
+    scanner = Scanner.new()
   end
-  -- Until the body is complete nothing is charged (a reset mid-body leaves it so).
-  set(handle, "outcome", "incomplete")
-  local meta = handle:streamInfo():dynamicMetadata():get(NS)
-  local strip = meta ~= nil and meta["injected"] == "true"
-  local scanner = Scanner.new()
-  local sse = strip and SseFilter.new() or nil
   for chunk in handle:bodyChunks() do
     local bytes = chunk:getBytes(0, chunk:length())
-    scanner:feed(bytes)
+    if scanner then
+      scanner:feed(bytes)
+    end
     if sse then
       chunk:setBytes(sse:feed(bytes))
     end
   end
-  report(handle, scanner.usage, status)
+  if scanner then
+    report(handle, scanner.usage, status)
+  end
 end
 
 return M

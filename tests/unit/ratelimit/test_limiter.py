@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from maas_common.clock import ManualClock
+from maas_ratelimit.bucket import DEBT_WINDOWS
 from maas_ratelimit.descriptors import Descriptor, effective_hits
 from maas_ratelimit.limiter import (
     ChargeReport,
@@ -57,6 +58,8 @@ def desc(
     request_hits: int = 0,
     request_id: str | None = None,
     charge: bool = False,
+    kind: str = "total_tokens",
+    outcome: str | None = None,
 ) -> Descriptor:
     """A Descriptor built the way service.to_descriptors builds it."""
     entries: dict[str, str] = {}
@@ -66,7 +69,9 @@ def desc(
     if request_id is not None:
         entries["request_id"] = request_id
     if charge:
-        entries["charge"] = "total_tokens"
+        entries["charge"] = kind
+    if outcome is not None:
+        entries["outcome"] = outcome
     count, check_only = effective_hits(hits, request_hits)
     return Descriptor(entries, count, check_only)
 
@@ -77,9 +82,11 @@ def charge(
     user: str | None = "alice",
     model: str | None = None,
     request_id: str | None = None,
+    kind: str = "total_tokens",
+    tier: str = "free",
 ) -> Descriptor:
     """The after-response call: `tokens` LLM tokens to charge, as a per-descriptor hits_addend."""
-    return desc("free", user, model, hits=tokens, request_id=request_id, charge=True)
+    return desc(tier, user, model, hits=tokens, request_id=request_id, charge=True, kind=kind)
 
 
 class Rig:
@@ -390,7 +397,9 @@ async def test_a_charge_debits_tokens() -> None:
     rig = Rig()
     verdict = await rig.decide(charge(30, model="llm/tiny"))
     assert not verdict.over_limit
-    assert verdict.charges == (ChargeReport("free", "llm/tiny", 30, ChargeStatus.APPLIED),)
+    assert verdict.charges == (
+        ChargeReport("free", "llm/tiny", "total_tokens", 30, ChargeStatus.APPLIED),
+    )
     assert verdict.descriptors == (DescriptorVerdict(False, None, ()),)  # charges admit nothing
     assert verdict.ignored == ()
     assert await rig.remaining() == {"free-requests": 5, "free-tokens": 70}
@@ -454,7 +463,9 @@ async def test_a_charge_for_a_request_refused_at_admission_is_skipped() -> None:
     assert refused.over_limit
     verdict = await rig.decide(charge(40, request_id="r6"))
     assert not verdict.over_limit
-    assert verdict.charges == (ChargeReport("free", "", 40, ChargeStatus.DENIED_REQUEST),)
+    assert verdict.charges == (
+        ChargeReport("free", "", "total_tokens", 40, ChargeStatus.DENIED_REQUEST),
+    )
     assert (await rig.remaining())["free-tokens"] == 100
 
 
@@ -465,7 +476,7 @@ async def test_a_repeated_charge_is_a_duplicate() -> None:
     first = await rig.decide(charge(40, request_id="r1"))
     assert first.charges[0].status is ChargeStatus.APPLIED
     second = await rig.decide(charge(40, request_id="r1"))
-    assert second.charges == (ChargeReport("free", "", 40, ChargeStatus.DUPLICATE),)
+    assert second.charges == (ChargeReport("free", "", "total_tokens", 40, ChargeStatus.DUPLICATE),)
     assert not second.over_limit
     assert (await rig.remaining())["free-tokens"] == 60
     other = await rig.decide(charge(10, request_id="r2"))
@@ -507,8 +518,211 @@ async def test_a_charge_reports_the_tokens_of_the_request_level_hits() -> None:
     rig = Rig()
     descriptor = desc(charge=True, request_hits=25)
     verdict = await rig.decide(descriptor)
-    assert verdict.charges == (ChargeReport("free", "", 25, ChargeStatus.APPLIED),)
+    assert verdict.charges == (ChargeReport("free", "", "total_tokens", 25, ChargeStatus.APPLIED),)
     assert (await rig.remaining())["free-tokens"] == 75
+
+
+# --- prompt and completion tokens, weighted by each limit's cost -------------------------------
+
+WEIGHTED = """\
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: free-tokens, tier: free, kind: tokens, limit: 1000, window: 1m,
+     cost: {prompt_tokens: 1, completion_tokens: 4}}
+  - {name: premium-tokens, tier: premium, kind: tokens, limit: 1000, window: 1m,
+     cost: {prompt_tokens: 0.5, completion_tokens: 1.5}}
+  - {name: premium-plain, tier: premium, kind: tokens, limit: 1000, window: 1m}
+"""
+
+
+def prompt(tokens: int, tier: str = "free", **kwargs: str) -> Descriptor:
+    return charge(tokens, tier=tier, kind="prompt_tokens", **kwargs)
+
+
+def completion(tokens: int, tier: str = "free", **kwargs: str) -> Descriptor:
+    return charge(tokens, tier=tier, kind="completion_tokens", **kwargs)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("prompt_tokens", "completion_tokens"), [(15, 8), (16, 3), (0, 7), (9, 0)])
+async def test_weights_charge_prompt_once_and_completion_four_times(
+    prompt_tokens: int, completion_tokens: int
+) -> None:
+    rig = Rig(WEIGHTED)
+    verdict = await rig.decide(
+        prompt(prompt_tokens, model="llm/tiny"), completion(completion_tokens, model="llm/tiny")
+    )
+    assert not verdict.over_limit
+    assert verdict.ignored == ()
+    # reported as sent, before any weight
+    assert verdict.charges == (
+        ChargeReport("free", "llm/tiny", "prompt_tokens", prompt_tokens, ChargeStatus.APPLIED),
+        ChargeReport(
+            "free", "llm/tiny", "completion_tokens", completion_tokens, ChargeStatus.APPLIED
+        ),
+    )
+    charged = prompt_tokens * 1 + completion_tokens * 4
+    assert await rig.remaining() == {"free-requests": 5, "free-tokens": 1000 - charged}
+
+
+@pytest.mark.asyncio
+async def test_weights_apply_per_charge_and_total_tokens_weigh_one() -> None:
+    rig = Rig(WEIGHTED)
+    await rig.decide(prompt(15))
+    assert (await rig.remaining())["free-tokens"] == 985
+    await rig.decide(completion(8))
+    assert (await rig.remaining())["free-tokens"] == 953  # 8 x 4
+    await rig.decide(charge(10))  # total only: no split known, weight 1
+    assert (await rig.remaining())["free-tokens"] == 943
+
+
+@pytest.mark.asyncio
+async def test_fractional_weights_round_up_per_charge() -> None:
+    rig = Rig(WEIGHTED)
+    await rig.decide(prompt(15, tier="premium"), completion(7, tier="premium"))
+    # ceil(15 x 0.5) = 8, ceil(7 x 1.5) = 11; the unweighted limit takes 15 + 7
+    assert await rig.remaining("premium") == {"premium-tokens": 981, "premium-plain": 978}
+    await rig.decide(prompt(1, tier="premium"))  # 0.5 -> 1: never under-charged
+    assert await rig.remaining("premium") == {"premium-tokens": 980, "premium-plain": 977}
+    await rig.decide(completion(10, tier="premium"))  # exactly 15: no rounding
+    assert await rig.remaining("premium") == {"premium-tokens": 965, "premium-plain": 967}
+
+
+@pytest.mark.parametrize(
+    ("cost", "kind", "count", "expected"),
+    [
+        ("{prompt_tokens: 1, completion_tokens: 4}", "prompt_tokens", 15, 15),
+        ("{prompt_tokens: 1, completion_tokens: 4}", "completion_tokens", 8, 32),
+        ("{prompt_tokens: 1, completion_tokens: 4}", "total_tokens", 23, 23),
+        ("{prompt_tokens: 0.5}", "prompt_tokens", 15, 8),
+        ("{prompt_tokens: 0.5}", "prompt_tokens", 1, 1),
+        ("{prompt_tokens: 0.5}", "prompt_tokens", 0, 0),
+        ("{completion_tokens: 1.5}", "completion_tokens", 7, 11),
+        ("{completion_tokens: 0.001}", "completion_tokens", 1, 1),
+        ("{prompt_tokens: 0}", "prompt_tokens", 500, 0),
+        # exact products stay exact although the weights are not exact binary fractions
+        ("{completion_tokens: 1.1}", "completion_tokens", 100, 110),
+        ("{prompt_tokens: 0.7}", "prompt_tokens", 10, 7),
+        ("{prompt_tokens: 0.1}", "prompt_tokens", 30, 3),
+        ("{prompt_tokens: 0.1}", "prompt_tokens", 31, 4),
+        ("{completion_tokens: 2.3}", "completion_tokens", 1000, 2300),
+        ("{completion_tokens: 1000}", "completion_tokens", 3, 3000),
+    ],
+)
+def test_tokens_to_charge(cost: str, kind: str, count: int, expected: int) -> None:
+    text = (
+        f"limits:\n  - {{name: t, tier: free, kind: tokens, limit: 9, window: 1m, cost: {cost}}}\n"
+    )
+    (limit,) = parse_limits(text, "limits.yaml").limits
+    assert limit.tokens_to_charge(kind, count) == expected
+
+
+@pytest.mark.asyncio
+async def test_a_weighted_charge_is_capped_at_the_debt_floor() -> None:
+    rig = Rig(WEIGHTED)
+    verdict = await rig.decide(completion(10**9))  # 4e9 weighted: capped, still exact
+    assert verdict.charges[0].status is ChargeStatus.APPLIED
+    assert verdict.charges[0].tokens == 10**9
+    refused = await rig.decide(desc())
+    tokens = states(refused)["free-tokens"]
+    assert not tokens.sufficient
+    # at the floor: DEBT_WINDOWS windows owed, 64 minutes until any credit
+    assert tokens.retry_after_ms == DEBT_WINDOWS * 60_000 + 1
+
+
+@pytest.mark.asyncio
+async def test_prompt_and_completion_of_one_request_are_charged_once() -> None:
+    rig = Rig(WEIGHTED)
+    assert not (await rig.decide(desc(request_id="r1"))).over_limit
+    first = await rig.decide(prompt(15, request_id="r1"), completion(8, request_id="r1"))
+    assert [c.status for c in first.charges] == [ChargeStatus.APPLIED] * 2
+    assert (await rig.remaining())["free-tokens"] == 953
+    second = await rig.decide(prompt(15, request_id="r1"), completion(8, request_id="r1"))
+    assert second.charges == (
+        ChargeReport("free", "", "prompt_tokens", 15, ChargeStatus.DUPLICATE),
+        ChargeReport("free", "", "completion_tokens", 8, ChargeStatus.DUPLICATE),
+    )
+    assert not second.over_limit
+    # a request id is charged once, whatever kinds a later call carries
+    third = await rig.decide(completion(8, request_id="r1"))
+    assert third.charges[0].status is ChargeStatus.DUPLICATE
+    assert (await rig.remaining())["free-tokens"] == 953
+
+
+@pytest.mark.asyncio
+async def test_prompt_and_completion_of_a_refused_request_are_not_charged() -> None:
+    rig = Rig(WEIGHTED)
+    await rig.admitted(5, desc())
+    assert (await rig.decide(desc(request_id="r6"))).over_limit
+    verdict = await rig.decide(prompt(15, request_id="r6"), completion(8, request_id="r6"))
+    assert [c.status for c in verdict.charges] == [ChargeStatus.DENIED_REQUEST] * 2
+    assert (await rig.remaining())["free-tokens"] == 1000
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["tokens", "", "PROMPT_TOKENS", "prompt", "hits"])
+async def test_an_unknown_charge_kind_is_ignored(kind: str) -> None:
+    rig = Rig(WEIGHTED)
+    verdict = await rig.decide(charge(40, kind=kind))
+    assert not verdict.over_limit
+    assert verdict.charges == ()
+    assert verdict.ignored == ("unknown_charge",)
+    assert verdict.descriptors == (DescriptorVerdict(False, None, ()),)
+    assert len(rig.store) == 0  # no bucket was touched
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_charge_kind_does_not_hide_the_known_ones() -> None:
+    rig = Rig(WEIGHTED)
+    verdict = await rig.decide(charge(40, kind="tokens"), completion(5))
+    assert verdict.ignored == ("unknown_charge",)
+    assert verdict.charges == (
+        ChargeReport("free", "", "completion_tokens", 5, ChargeStatus.APPLIED),
+    )
+    assert (await rig.remaining())["free-tokens"] == 980
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "outcome", ["charged", "no_usage", "upstream_error", "client_error", "rate_limited"]
+)
+async def test_an_outcome_is_reported_and_touches_no_bucket(outcome: str) -> None:
+    rig = Rig(WEIGHTED)
+    verdict = await rig.decide(desc(hits=50, model="llm/tiny", outcome=outcome))
+    assert verdict == Verdict(
+        False, (DescriptorVerdict(False, None, ()),), (), (), (("free", outcome),)
+    )
+    assert len(rig.store) == 0
+
+
+@pytest.mark.asyncio
+async def test_an_outcome_next_to_charges_and_in_debt() -> None:
+    rig = Rig(WEIGHTED)
+    await rig.admitted(5, desc())
+    await rig.decide(completion(300))  # 1200 weighted: in debt
+    assert (await rig.decide(desc())).over_limit
+    before = await rig.remaining()
+    verdict = await rig.decide(
+        prompt(15),
+        desc(outcome="charged"),
+        # an outcome entry wins over a charge entry: counted, never charged
+        desc(hits=40, charge=True, outcome="charged"),
+        desc("premium", outcome="no_usage"),
+        desc("gold", outcome="charged"),  # a tier without limits is still reported
+        desc(user=None, outcome="charged"),  # no user: ignored like any descriptor
+    )
+    assert not verdict.over_limit
+    assert verdict.outcomes == (
+        ("free", "charged"),
+        ("free", "charged"),
+        ("premium", "no_usage"),
+        ("gold", "charged"),
+    )
+    assert verdict.ignored == ("no_user",)
+    assert verdict.charges == (ChargeReport("free", "", "prompt_tokens", 15, ChargeStatus.APPLIED),)
+    assert all(d == DescriptorVerdict(False, None, ()) for d in verdict.descriptors)
+    assert await rig.remaining() == before  # 0 left either way: check the exact levels
+    assert await rig.remaining("premium") == {"premium-tokens": 1000, "premium-plain": 1000}
 
 
 # --- several matching limits --------------------------------------------------------------------

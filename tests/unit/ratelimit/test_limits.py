@@ -19,6 +19,13 @@ def one_limit(extra: str = "", *, limit: str = "5", window: str = "2m") -> str:
     )
 
 
+def tokens_limit(extra: str = "") -> str:
+    return (
+        "limits:\n"
+        f"  - {{name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m{extra}}}\n"
+    )
+
+
 def config_error(text: str) -> str:
     with pytest.raises(ConfigError) as caught:
         parse_limits(text, SOURCE)
@@ -175,6 +182,66 @@ def test_a_tokens_description() -> None:
     assert limit.unit == "HOUR"
 
 
+# --- cost: weights of prompt and completion tokens ----------------------------------------------
+
+
+def weights(text: str) -> tuple[float, float]:
+    (limit,) = parse_limits(text, SOURCE).limits
+    return limit.prompt_weight, limit.completion_weight
+
+
+def test_cost_defaults_to_one_and_one() -> None:
+    assert weights(tokens_limit()) == (1.0, 1.0)
+    assert weights(tokens_limit(", cost: {}")) == (1.0, 1.0)
+    assert weights(one_limit()) == (1.0, 1.0)  # requests limits carry the neutral weights
+    for limit in parse_limits(DEFAULT_LIMITS, "built-in limits").limits:
+        assert (limit.prompt_weight, limit.completion_weight) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("cost", "expected"),
+    [
+        ("{prompt_tokens: 1, completion_tokens: 4}", (1.0, 4.0)),
+        ("{completion_tokens: 4}", (1.0, 4.0)),
+        ("{prompt_tokens: 0.5}", (0.5, 1.0)),
+        ("{prompt_tokens: 0.25, completion_tokens: 1.5}", (0.25, 1.5)),
+        ("{prompt_tokens: 0, completion_tokens: 1000}", (0.0, 1000.0)),  # both bounds included
+    ],
+)
+def test_cost_weights(cost: str, expected: tuple[float, float]) -> None:
+    assert weights(tokens_limit(f", cost: {cost}")) == expected
+
+
+def test_cost_in_block_style() -> None:
+    text = (
+        "limits:\n"
+        "  - name: free-tokens\n"
+        "    tier: free\n"
+        "    kind: tokens\n"
+        "    limit: 100\n"
+        "    window: 1m\n"
+        "    cost:\n"
+        "      prompt_tokens: 1\n"
+        "      completion_tokens: 4\n"
+    )
+    assert weights(text) == (1.0, 4.0)
+
+
+def test_a_limit_with_a_cost_equals_one_built_with_those_weights() -> None:
+    (limit,) = parse_limits(tokens_limit(", cost: {completion_tokens: 4}"), SOURCE).limits
+    assert limit == Limit(
+        name="free-tokens",
+        tier="free",
+        kind="tokens",
+        spec=BucketSpec(100, 60_000),
+        per_model=False,
+        models=frozenset(),
+        shadow=False,
+        prompt_weight=1.0,
+        completion_weight=4.0,
+    )
+
+
 # --- for_tier and model filters -----------------------------------------------------------------
 
 FILTERED = """\
@@ -327,7 +394,7 @@ def test_counter_keys_of_different_limits_never_collide() -> None:
         (
             one_limit(", modles: [llm/tiny]"),
             "limits.yaml: limits[0].modles: unknown key "
-            "(expected one of: kind, limit, models, name, per, shadow, tier, window)",
+            "(expected one of: cost, kind, limit, models, name, per, shadow, tier, window)",
         ),
         (
             "domian: maas\n" + one_limit(),
@@ -341,6 +408,49 @@ def test_counter_keys_of_different_limits_never_collide() -> None:
             one_limit().replace("name: free-requests", "name: Free"),
             "limits.yaml: limits[0].name: 'Free' must be lowercase letters, digits, '-', '_' "
             "or '.'",
+        ),
+        (
+            one_limit(", cost: {completion_tokens: 4}"),
+            "limits.yaml: limits[0]: cost applies to tokens limits only",
+        ),
+        (
+            one_limit(", cost: {prompt_tokens: 1, completion_tokens: 1}"),
+            "limits.yaml: limits[0]: cost applies to tokens limits only",
+        ),
+        (one_limit(", cost: {}"), "limits.yaml: limits[0]: cost applies to tokens limits only"),
+        (
+            tokens_limit(", cost: {prompt_tokens: -1}"),
+            "limits.yaml: limits[0].cost.prompt_tokens: input should be greater than or equal to 0",
+        ),
+        (
+            tokens_limit(", cost: {completion_tokens: -0.5}"),
+            "limits.yaml: limits[0].cost.completion_tokens: input should be greater than or equal "
+            "to 0",
+        ),
+        (
+            tokens_limit(", cost: {completion_tokens: 1001}"),
+            "limits.yaml: limits[0].cost.completion_tokens: input should be less than or equal to "
+            "1000",
+        ),
+        (
+            tokens_limit(", cost: {completion_tokens: .nan}"),
+            "limits.yaml: limits[0].cost.completion_tokens: input should be less than or equal to "
+            "1000",
+        ),
+        (
+            tokens_limit(", cost: {completion_tokens: abc}"),
+            "limits.yaml: limits[0].cost.completion_tokens: input should be a valid number, "
+            "unable to parse string as a number",
+        ),
+        (
+            tokens_limit(", cost: {output_tokens: 4}"),
+            "limits.yaml: limits[0].cost.output_tokens: unknown key "
+            "(expected one of: completion_tokens, prompt_tokens)",
+        ),
+        (
+            tokens_limit(", cost: 4"),
+            "limits.yaml: limits[0].cost: input should be a valid dictionary or instance of "
+            "CostSpec",
         ),
         ("domain: maas\n", "limits.yaml: limits: is required"),
         ("", "limits.yaml: limits: is required"),

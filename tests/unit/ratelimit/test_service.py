@@ -90,8 +90,12 @@ def user_descriptor(hits: int | None = None, **extra: str) -> RateLimitDescripto
     return descriptor(hits, tier="free", user=USER, **extra)
 
 
-def charge_descriptor(tokens: int, **extra: str) -> RateLimitDescriptor:
-    return descriptor(tokens, tier="free", user=USER, charge="total_tokens", **extra)
+def charge_descriptor(tokens: int, kind: str = "total_tokens", **extra: str) -> RateLimitDescriptor:
+    return descriptor(tokens, tier="free", user=USER, charge=kind, **extra)
+
+
+def outcome_descriptor(outcome: str, tier: str = "free", **extra: str) -> RateLimitDescriptor:
+    return descriptor(tier=tier, user=USER, outcome=outcome, **extra)
 
 
 class Rig:
@@ -101,6 +105,7 @@ class Rig:
         failure_mode: FailureMode = "open",
         *,
         instrumented: bool = False,
+        limits: str = LIMITS,
     ) -> None:
         self.registry = CollectorRegistry()
         self.metrics = RateLimitMetrics(self.registry)
@@ -109,7 +114,7 @@ class Rig:
         self.store = store or self.memory
         if instrumented:
             self.store = InstrumentedStore(self.store, self.metrics)
-        table = parse_limits(LIMITS, "limits.yaml")
+        table = parse_limits(limits, "limits.yaml")
         limiter = RateLimiter(limits=lambda: table, store=self.store, clock=self.clock)
         self.service = RateLimitService(limiter, self.metrics, failure_mode=failure_mode)
         self.context = FakeContext()
@@ -132,6 +137,9 @@ class Rig:
 
     def calls(self, answer: str) -> float:
         return self.sample("maas_ratelimit_calls_total", answer=answer)
+
+    def charged(self, model: str, kind: str = "total_tokens", tier: str = "free") -> float:
+        return self.sample("maas_ratelimit_tokens_charged_total", tier=tier, model=model, kind=kind)
 
     def decisions(self, result: str, limit: str, tier: str = "free") -> float:
         return self.sample("maas_ratelimit_decisions_total", result=result, tier=tier, limit=limit)
@@ -246,16 +254,106 @@ async def test_tokens_charged_by_tier_and_model() -> None:
         request(charge_descriptor(42, model="llm/tiny", request_id=REQUEST_ID))
     )
     assert response.overall_code == OK
-    assert rig.sample("maas_ratelimit_tokens_charged_total", tier="free", model="llm/tiny") == 42
+    assert rig.charged("llm/tiny") == 42
     await rig.call(request(charge_descriptor(8, model="llm/big")))
-    assert rig.sample("maas_ratelimit_tokens_charged_total", tier="free", model="llm/big") == 8
-    assert rig.sample("maas_ratelimit_tokens_charged_total", tier="free", model="llm/tiny") == 42
+    assert rig.charged("llm/big") == 8
+    assert rig.charged("llm/tiny") == 42
     # a charge is not an admission: no decisions were counted for it
     assert rig.decisions("allowed", "free-tokens") == 1
     # the tokens are gone: 50 of 100 left
     peek = await rig.call(request(user_descriptor(0, model="llm/tiny")))
     assert peek.statuses[0].current_limit.name == "free tier: 100 tokens per 1m"
     assert peek.statuses[0].limit_remaining == 50
+
+
+WEIGHTED = """\
+limits:
+  - {name: free-requests, tier: free, kind: requests, limit: 5, window: 2m}
+  - {name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m,
+     cost: {prompt_tokens: 1, completion_tokens: 4}}
+"""
+
+
+@pytest.mark.asyncio
+async def test_tokens_charged_by_kind_as_reported_before_weights() -> None:
+    rig = Rig(limits=WEIGHTED)
+    await rig.call(request(user_descriptor(model="llm/tiny", request_id=REQUEST_ID)))
+    response = await rig.call(
+        request(
+            charge_descriptor(15, "prompt_tokens", model="llm/tiny", request_id=REQUEST_ID),
+            charge_descriptor(8, "completion_tokens", model="llm/tiny", request_id=REQUEST_ID),
+        )
+    )
+    assert response.overall_code == OK
+    assert [s.code for s in response.statuses] == [OK, OK]
+    assert rig.charged("llm/tiny", "prompt_tokens") == 15
+    assert rig.charged("llm/tiny", "completion_tokens") == 8  # not 32: before the weight
+    assert rig.charged("llm/tiny", "total_tokens") == 0
+    await rig.call(request(charge_descriptor(5, model="llm/tiny")))
+    assert rig.charged("llm/tiny", "total_tokens") == 5
+    # the bucket took the weighted amounts: 15 + 8 x 4 + 5 = 52 of 100
+    peek = await rig.call(request(user_descriptor(0, model="llm/tiny")))
+    assert peek.statuses[0].current_limit.name == "free tier: 100 tokens per 1m"
+    assert peek.statuses[0].limit_remaining == 48
+    # a repeated call for the same request id counts nothing more, for either kind
+    await rig.call(
+        request(
+            charge_descriptor(15, "prompt_tokens", model="llm/tiny", request_id=REQUEST_ID),
+            charge_descriptor(8, "completion_tokens", model="llm/tiny", request_id=REQUEST_ID),
+        )
+    )
+    assert rig.charged("llm/tiny", "prompt_tokens") == 15
+    assert rig.charged("llm/tiny", "completion_tokens") == 8
+    assert rig.sample("maas_ratelimit_charges_skipped_total", reason="duplicate") == 2
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_charge_kind_is_counted_as_ignored() -> None:
+    rig = Rig()
+    response = await rig.call(request(charge_descriptor(40, "tokens")))
+    assert response.overall_code == OK
+    assert rig.sample("maas_ratelimit_descriptors_ignored_total", reason="unknown_charge") == 1
+    for kind in ("tokens", "prompt_tokens", "completion_tokens", "total_tokens"):
+        assert rig.charged("", kind) == 0
+    assert len(rig.memory) == 0
+
+
+@pytest.mark.asyncio
+async def test_usage_responses_by_outcome() -> None:
+    rig = Rig()
+    for _ in range(2):
+        response = await rig.call(request(outcome_descriptor("charged", model="llm/tiny")))
+        assert response.overall_code == OK
+        assert [s.code for s in response.statuses] == [OK]
+    await rig.call(request(outcome_descriptor("no_usage"), outcome_descriptor("upstream_error")))
+    await rig.call(request(outcome_descriptor("rate_limited", tier="premium")))
+    # next to a charge (the after-response call): the outcome is counted, the charge applied
+    await rig.call(request(charge_descriptor(30), outcome_descriptor("charged")))
+
+    def responses(outcome: str, tier: str = "free") -> float:
+        return rig.sample("maas_ratelimit_usage_responses_total", tier=tier, outcome=outcome)
+
+    assert responses("charged") == 3
+    assert responses("no_usage") == 1
+    assert responses("upstream_error") == 1
+    assert responses("rate_limited", "premium") == 1
+    assert responses("rate_limited") == 0
+    assert rig.charged("") == 30
+    # outcomes are not admissions: no decision counted, no bucket but the charged one
+    assert rig.decisions("allowed", "free-requests") == 0
+    assert rig.decisions("allowed", "free-tokens") == 0
+    assert len(rig.memory) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_outcome_is_answered_ok_even_over_the_limit() -> None:
+    rig = Rig()
+    for _ in range(5):
+        await rig.call(request(user_descriptor()))
+    assert (await rig.call(request(user_descriptor()))).overall_code == OVER_LIMIT
+    response = await rig.call(request(descriptor(7, tier="free", user=USER, outcome="charged")))
+    assert response.overall_code == OK
+    assert rig.calls("over_limit") == 1
 
 
 @pytest.mark.asyncio
@@ -272,7 +370,7 @@ async def test_skipped_charges_are_counted_by_reason() -> None:
     response = await rig.call(request(charge_descriptor(30, request_id="rq-denied")))
     assert response.overall_code == OK
     assert rig.sample("maas_ratelimit_charges_skipped_total", reason="denied_request") == 1
-    assert rig.sample("maas_ratelimit_tokens_charged_total", tier="free", model="") == 10
+    assert rig.charged("") == 10
 
 
 @pytest.mark.asyncio
@@ -314,7 +412,7 @@ async def test_store_unavailable_counts_a_lost_charge() -> None:
     response = await rig.call(request(charge_descriptor(40, request_id=REQUEST_ID)))
     assert response.overall_code == OK
     assert rig.sample("maas_ratelimit_charges_skipped_total", reason="store_unavailable") == 1
-    assert rig.sample("maas_ratelimit_tokens_charged_total", tier="free", model="") == 0
+    assert rig.charged("") == 0
 
 
 @pytest.mark.asyncio
@@ -415,4 +513,7 @@ async def test_no_user_or_request_id_in_any_metric() -> None:
         'maas_ratelimit_decisions_total{limit="free-requests",result="limited",tier="free"} 1.0'
         in text
     )
-    assert 'maas_ratelimit_tokens_charged_total{model="llm/tiny",tier="free"} 10.0' in text
+    assert (
+        'maas_ratelimit_tokens_charged_total{kind="total_tokens",model="llm/tiny",tier="free"} 10.0'
+        in text
+    )
