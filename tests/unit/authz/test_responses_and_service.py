@@ -115,6 +115,13 @@ def test_allowed_without_identity_removes_every_client_identity_header() -> None
     assert metadata(response) == {}
 
 
+def test_unauthenticated_open_path_keeps_the_clients_authorization() -> None:
+    # not authenticated by us: the credentials belong to the service behind the path
+    sent = ["authorization", "x-maas-user"]
+    response = responses.allowed(Allow(None, None, None), sent, forward_authorization=False)
+    assert list(response.ok_response.headers_to_remove) == ["x-maas-user"]
+
+
 def test_allowed_on_an_open_path_removes_the_client_model_header() -> None:
     response = responses.allowed(
         Allow(ALICE, PREMIUM, None), ["x-maas-model"], forward_authorization=True
