@@ -18,27 +18,31 @@ is also registered with :mod:`atexit`.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import pathlib
 import secrets
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
-import threading
-import time
 import urllib.error
 import urllib.request
+
+from tests.support.processes import (
+    LiveSet,
+    free_port,
+    spawn_logged,
+    stop_process_group,
+    wait_until_ready,
+)
 
 __all__ = ["KUBE_VERSION", "SA_AUDIENCE", "KubeCluster", "find_apiserver_binary"]
 
 KUBE_VERSION = "v1.20.2"
 SA_AUDIENCE = "maas-default-gateway-sa"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+_STOP_GRACE = 15.0  # seconds a process group gets to exit after SIGTERM, before SIGKILL
 
 
 def _cache_dir() -> pathlib.Path:
@@ -56,13 +60,6 @@ def find_apiserver_binary() -> pathlib.Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _has_default_route() -> bool:
     try:
         with open("/proc/net/route") as fh:
@@ -70,14 +67,6 @@ def _has_default_route() -> bool:
             return any(line.split()[1:2] == ["00000000"] for line in fh)
     except OSError:
         return True  # unknown: let kube-apiserver decide
-
-
-def _tail(path: pathlib.Path, lines: int = 40) -> str:
-    try:
-        data = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(data[-lines:])
 
 
 def _openssl(*args: str, cwd: pathlib.Path) -> None:
@@ -93,33 +82,7 @@ def _openssl(*args: str, cwd: pathlib.Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed:\n{proc.stdout}")
 
 
-def _kill_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the process group of ``proc`` (started with start_new_session), then SIGKILL."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-    # Kill the group even if the leader already exited (stray children).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-_LIVE: set[KubeCluster] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _atexit_cleanup() -> None:
-    with _LIVE_LOCK:
-        clusters = list(_LIVE)
-    for cluster in clusters:
-        with contextlib.suppress(Exception):  # best effort at interpreter exit
-            cluster.stop()
-
-
-atexit.register(_atexit_cleanup)
+_LIVE: LiveSet[KubeCluster] = LiveSet("stop")  # clusters still running are stopped at exit
 
 
 class KubeCluster:
@@ -172,8 +135,7 @@ class KubeCluster:
         """Start etcd and kube-apiserver; block until /readyz is ok (or raise)."""
         if self._apiserver is not None and self._apiserver.poll() is None:
             return
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        _LIVE.add(self)
         try:
             if not self._prepared:
                 self._prepare()
@@ -188,7 +150,7 @@ class KubeCluster:
         """SIGTERM kube-apiserver and wait for it to exit; etcd keeps running."""
         proc, self._apiserver = self._apiserver, None
         if proc is not None:
-            _kill_group(proc)
+            stop_process_group(proc, grace=_STOP_GRACE)
 
     def start_apiserver(self) -> None:
         """(Re)start kube-apiserver with the same port and args; block until /readyz is ok."""
@@ -208,9 +170,8 @@ class KubeCluster:
         self.stop_apiserver()
         proc, self._etcd = self._etcd, None
         if proc is not None:
-            _kill_group(proc)
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+            stop_process_group(proc, grace=_STOP_GRACE)
+        _LIVE.discard(self)
 
     @property
     def apiserver_running(self) -> bool:
@@ -263,12 +224,12 @@ class KubeCluster:
         self.etcd_data_dir.chmod(0o700)
         self._make_pki()
 
-        self.etcd_client_port = _free_port()
-        self.etcd_peer_port = _free_port()
+        self.etcd_client_port = free_port()
+        self.etcd_peer_port = free_port()
         while self.etcd_peer_port == self.etcd_client_port:
-            self.etcd_peer_port = _free_port()
+            self.etcd_peer_port = free_port()
         self.etcd_url = f"http://127.0.0.1:{self.etcd_client_port}"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
 
         tokens = self.pki_dir / "tokens.csv"
@@ -341,17 +302,7 @@ class KubeCluster:
             (p / key).chmod(0o600)
 
     def _spawn(self, args: list[str], log: pathlib.Path) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as fh:
-            fh.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {' '.join(args)}\n".encode())
-            fh.flush()
-            return subprocess.Popen(
-                args,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        return spawn_logged(args, log, cwd=self.workdir, banner=" ".join(args))
 
     def _start_etcd(self) -> None:
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
@@ -368,26 +319,28 @@ class KubeCluster:
             "--log-level=warn",
         ]
         self._etcd = self._spawn(args, self.etcd_log)
-        deadline = time.monotonic() + self.ready_timeout
         last = ""
-        while time.monotonic() < deadline:
-            if self._etcd.poll() is not None:
-                raise RuntimeError(
-                    f"etcd exited with code {self._etcd.returncode}; {self.etcd_log}:\n"
-                    f"{_tail(self.etcd_log)}"
-                )
+
+        def healthy() -> bool:
+            nonlocal last
             try:
                 with urllib.request.urlopen(f"{self.etcd_url}/health", timeout=2) as resp:
                     body = resp.read().decode()
                 if '"true"' in body:
-                    return
+                    return True
                 last = body
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"etcd not healthy after {self.ready_timeout:.0f}s (last: {last}); "
-            f"{self.etcd_log}:\n{_tail(self.etcd_log)}"
+            return False
+
+        wait_until_ready(
+            self._etcd,
+            healthy,
+            name="etcd",
+            log_file=self.etcd_log,
+            timeout=self.ready_timeout,
+            interval=0.1,
+            not_ready=lambda: f"not healthy after {self.ready_timeout:.0f}s (last: {last})",
         )
 
     def _wait_ready(self) -> None:
@@ -396,26 +349,28 @@ class KubeCluster:
         req = urllib.request.Request(
             f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.admin_token}"}
         )
-        deadline = time.monotonic() + self.ready_timeout
         last = ""
-        while time.monotonic() < deadline:
-            if self._apiserver.poll() is not None:
-                raise RuntimeError(
-                    f"kube-apiserver exited with code {self._apiserver.returncode}; "
-                    f"{self.apiserver_log}:\n{_tail(self.apiserver_log)}"
-                )
+
+        def ready() -> bool:
+            nonlocal last
             try:
                 with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
                     body = resp.read().decode(errors="replace")
                     if resp.status == 200 and body.strip() == "ok":
-                        return
+                        return True
                     last = f"HTTP {resp.status}: {body[:200]}"
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"kube-apiserver not ready after {self.ready_timeout:.0f}s (last: {last}); "
-            f"{self.apiserver_log}:\n{_tail(self.apiserver_log)}"
+            return False
+
+        wait_until_ready(
+            self._apiserver,
+            ready,
+            name="kube-apiserver",
+            log_file=self.apiserver_log,
+            timeout=self.ready_timeout,
+            interval=0.2,
+            not_ready=lambda: f"not ready after {self.ready_timeout:.0f}s (last: {last})",
         )

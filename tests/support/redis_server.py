@@ -8,19 +8,25 @@ a kill-and-restart. Live servers are stopped at interpreter exit.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
-import time
+
+from tests.support.processes import (
+    LiveSet,
+    free_port,
+    spawn_logged,
+    stop_process_group,
+    wait_until_ready,
+)
 
 __all__ = ["RedisServer", "find_redis_server"]
+
+_STOP_GRACE = 10.0  # seconds redis-server gets to exit after SIGTERM, before SIGKILL
+_LOG_TAIL_LINES = 30  # lines of the log quoted in error messages
 
 
 def find_redis_server(binary: str = "redis-server") -> str | None:
@@ -29,21 +35,6 @@ def find_redis_server(binary: str = "redis-server") -> str | None:
     if found is None and os.access(binary, os.X_OK):
         found = binary
     return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _tail(path: pathlib.Path, lines: int = 30) -> str:
-    try:
-        data = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(data[-lines:])
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:
@@ -55,19 +46,7 @@ def _ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-_LIVE: set[RedisServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _atexit_cleanup() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        with contextlib.suppress(Exception):  # best effort at interpreter exit
-            server.cleanup()
-
-
-atexit.register(_atexit_cleanup)
+_LIVE: LiveSet[RedisServer] = LiveSet("cleanup")  # servers still running are cleaned up at exit
 
 
 class RedisServer:
@@ -122,7 +101,7 @@ class RedisServer:
         attempts = 3 if not self.port else 1
         for attempt in range(attempts):
             if not self.port or attempt:
-                self.port = _free_port()
+                self.port = free_port()
             try:
                 self._spawn(binary)
                 self._wait_ready()
@@ -136,18 +115,9 @@ class RedisServer:
         """SIGTERM (SIGKILL if it does not exit) and wait. Idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
-            # The group too, in case the leader is gone but something it started is not.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+            # The whole group, in case the leader is gone but something it started is not.
+            stop_process_group(proc, grace=_STOP_GRACE)
+        _LIVE.discard(self)
 
     def cleanup(self) -> None:
         """Stop, and remove the working directory if this object created it."""
@@ -165,33 +135,20 @@ class RedisServer:
             "--dir", str(self.workdir),
             "--daemonize", "no",
         ]  # fmt: skip
-        with open(self.log_file, "ab") as fh:
-            fh.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {args}\n".encode())
-            fh.flush()
-            self._proc = subprocess.Popen(
-                args,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        self._proc = spawn_logged(args, self.log_file, cwd=self.workdir)
+        _LIVE.add(self)
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {self._proc.returncode}; "
-                    f"{self.log_file}:\n{_tail(self.log_file)}"
-                )
-            if _ping(self.port):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(
-            f"redis-server on port {self.port} not answering PING after "
-            f"{self.ready_timeout:.0f}s; {self.log_file}:\n{_tail(self.log_file)}"
+        wait_until_ready(
+            self._proc,
+            lambda: _ping(self.port),
+            name="redis-server",
+            log_file=self.log_file,
+            timeout=self.ready_timeout,
+            interval=0.02,
+            not_ready=lambda: (
+                f"on port {self.port} not answering PING after {self.ready_timeout:.0f}s"
+            ),
+            log_lines=_LOG_TAIL_LINES,
         )

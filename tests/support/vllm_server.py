@@ -13,20 +13,17 @@ Nothing here imports torch or vLLM: this module runs in the project venv.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import pathlib
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
+
+from tests.support import processes
 
 __all__ = [
     "VllmServer",
@@ -83,49 +80,8 @@ def vllm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _tail(path: pathlib.Path, lines: int = 40) -> str:
-    try:
-        data = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(data[-lines:])
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """Wait until no process is left in group ``pgid``; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-_LIVE: set[VllmServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _atexit_cleanup() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        with contextlib.suppress(Exception):  # best effort at interpreter exit
-            server.cleanup()
-
-
-atexit.register(_atexit_cleanup)
+# Servers still running are cleaned up at interpreter exit.
+_LIVE: processes.LiveSet[VllmServer] = processes.LiveSet("cleanup")
 
 
 class VllmServer:
@@ -234,7 +190,7 @@ class VllmServer:
         attempts = 1 if self.port else 2  # a picked port may be taken before vLLM binds it
         for attempt in range(attempts):
             if not self.port or attempt:
-                self.port = _free_port()
+                self.port = processes.free_port()
             started = time.monotonic()
             try:
                 self._spawn()
@@ -255,21 +211,8 @@ class VllmServer:
         """
         proc, self._proc = self._proc, None
         if proc is not None:
-            pgid = proc.pid
-            deadline = time.monotonic() + self.stop_timeout
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=self.stop_timeout)
-            _wait_group_gone(pgid, max(deadline - time.monotonic(), 2.0))
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-            _wait_group_gone(pgid, 5.0)
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+            processes.stop_process_group(proc, grace=self.stop_timeout, wait_for_group=True)
+        _LIVE.discard(self)
 
     def cleanup(self) -> None:
         """Stop, and remove the working directory (and log) if this object created it."""
@@ -279,7 +222,7 @@ class VllmServer:
             self._workdir = None
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_file, lines)
+        return processes.log_tail(self.log_file, lines)
 
     def _python(self) -> pathlib.Path:
         python = self.python or find_vllm_python()
@@ -291,21 +234,10 @@ class VllmServer:
         return python
 
     def _spawn(self) -> None:
-        args = self.command()
-        with open(self.log_file, "ab") as fh:
-            fh.write(f"\n===== {time.strftime('%H:%M:%S')} starting: {args}\n".encode())
-            fh.flush()
-            self._proc = subprocess.Popen(
-                args,
-                cwd=self.workdir,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        self._proc = processes.spawn_logged(
+            self.command(), self.log_file, cwd=self.workdir, env=self.environment()
+        )
+        _LIVE.add(self)
 
     def _models_ready(self) -> bool:
         try:
@@ -322,17 +254,15 @@ class VllmServer:
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM server exited with code {self._proc.returncode} before it was ready; "
-                    f"{self.log_file}:\n{self.log_tail()}"
-                )
-            if self._models_ready():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(
-            f"vLLM server on port {self.port} not ready (GET /v1/models) after "
-            f"{self.ready_timeout:.0f}s; {self.log_file}:\n{self.log_tail()}"
+        processes.wait_until_ready(
+            self._proc,
+            self._models_ready,
+            name="vLLM server",
+            exited_note=" before it was ready",
+            log_file=self.log_file,
+            timeout=self.ready_timeout,
+            interval=0.5,
+            not_ready=lambda: (
+                f"on port {self.port} not ready (GET /v1/models) after {self.ready_timeout:.0f}s"
+            ),
         )
