@@ -22,6 +22,9 @@
 -- tested on their own with LuaJIT (tests/unit/usage).
 
 local NS = "maas.usage"
+-- Request bodies are buffered (to add include_usage) only up to this size, well below Envoy's
+-- default 1 MiB buffer limit: a larger body would otherwise be refused with 413.
+local MAX_INJECT_BYTES = 512 * 1024
 local TAIL_BYTES = 4096 -- a usage object split across chunks is found if it is shorter than this
 
 local M = {}
@@ -47,8 +50,18 @@ function Scanner.new()
   return setmetatable({ tail = "", usage = nil, malformed = false }, Scanner)
 end
 
+local USAGE_KEY = '"usage"'
+
 function Scanner:feed(chunk)
   local text = self.tail .. chunk
+  -- Most chunks hold no usage at all: a plain find skips them cheaply, keeping only enough bytes
+  -- to recognise a key split across two chunks (measured: docs/usage-accounting.md).
+  local first = text:find(USAGE_KEY, 1, true)
+  if not first then
+    self.tail = text:sub(-(#USAGE_KEY - 1))
+    return
+  end
+  text = text:sub(first)
   local consumed = 0
   for object, finish in text:gmatch('"usage"%s*:%s*(%b{})()') do
     local prompt = number_in(object, "prompt_tokens")
@@ -177,6 +190,12 @@ function envoy_on_request(handle)
   end
   local content_type = headers:get("content-type") or ""
   if not content_type:find("json", 1, true) then
+    return
+  end
+  -- Without a length (chunked) or above the limit, the body is not buffered: such a streaming
+  -- request that did not ask for usage goes uncharged, and is counted as outcome no_usage.
+  local length = tonumber(headers:get("content-length") or "")
+  if not length or length == 0 or length > MAX_INJECT_BYTES then
     return
   end
   local body = handle:body()

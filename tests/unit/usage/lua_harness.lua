@@ -214,8 +214,11 @@ function fake_stream()
 end
 
 -- Runs envoy_on_request. `body` nil: a request without a body (Envoy's body() gives nil).
-function on_request(stream, headers, body)
+function on_request(stream, headers, body, without_length)
   local handle = { stream = stream }
+  if body and not without_length and headers["content-length"] == nil then
+    headers["content-length"] = tostring(#body) -- as a client sends it
+  end
   handle.headers_ = fake_headers(headers)
   handle.body_ = body and fake_buffer(body, handle.headers_) or nil
   function handle:headers()

@@ -636,7 +636,22 @@ def test_requests_left_alone(lua: Any, headers: dict[str, str], data: bytes | No
     )
     assert "metadata" not in result
     assert result.get("body") == (None if data is None else data.decode())
-    assert "content-length" not in result["headers"]
+    expected_length = None if data is None else str(len(data))
+    assert result["headers"].get("content-length") == expected_length
+
+
+def test_a_large_request_is_not_buffered(lua: Any) -> None:
+    # above 512 KiB the body is left alone (Envoy would refuse buffering it past 1 MiB)
+    big = body({**CHAT_REQUEST, "messages": [{"role": "user", "content": "x" * 600_000}]})
+    result = lua(f"return on_request(fake_stream(), {t(JSON_HEADERS)}, {s(big)})")
+    assert "metadata" not in result
+    assert result["body"] == big.decode()
+
+
+def test_a_request_without_content_length_is_not_buffered(lua: Any) -> None:
+    request = body(CHAT_REQUEST)
+    result = lua(f"return on_request(fake_stream(), {t(JSON_HEADERS)}, {s(request)}, true)")
+    assert "metadata" not in result
 
 
 def full_exchange(
