@@ -236,7 +236,8 @@ async def build_app(
         drain_timeout=config.server.drain_timeout,
         background=[w.watch for w in watched],
         on_close=[api.close] if api else [],
-        http_routes=[web.post("/admin/purge", purge)],
+        admin_addr=config.server.admin_addr,
+        admin_routes=[web.post("/admin/purge", purge)],
     )
     app = AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
     app_holder["app"] = app

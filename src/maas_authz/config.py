@@ -15,6 +15,9 @@ from maas_common.settings import ServerSection
 class AuthzServerSection(ServerSection):
     grpc_addr: Address = "0.0.0.0:50051"
     http_addr: Address = "0.0.0.0:8081"
+    # POST /admin/purge, off unless set; keep it on loopback (127.0.0.1:8091): kubectl
+    # port-forward still reaches it, the network does not
+    admin_addr: Address | None = None
 
 
 class IdentityCacheSection(StrictModel):

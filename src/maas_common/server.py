@@ -53,6 +53,23 @@ class Readiness:
         }
 
 
+async def _serve_http(
+    addr: str, routes: Sequence[web.RouteDef], setting: str
+) -> tuple[web.AppRunner, int]:
+    """An aiohttp site for `routes` on `addr`; the port it got (useful with port 0)."""
+    app = web.Application()
+    app.add_routes(list(routes))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = parse_address(addr)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(setting, "", f"cannot listen on {addr}: {exc.strerror or exc}") from None
+    return runner, runner.addresses[0][1] if runner.addresses else port
+
+
 class ServerRuntime:
     def __init__(
         self,
@@ -66,6 +83,8 @@ class ServerRuntime:
         background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
         on_close: Sequence[Callable[[], Awaitable[None]]] = (),
         http_routes: Sequence[web.RouteDef] = (),
+        admin_addr: str | None = None,
+        admin_routes: Sequence[web.RouteDef] = (),
         grpc_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.name = name
@@ -78,6 +97,12 @@ class ServerRuntime:
         self._background = background
         self._on_close = on_close
         self._http_routes = http_routes
+        # Operations that change state (cache purges) listen apart from /metrics, by default on
+        # loopback only: whoever may scrape metrics may not thereby purge caches.
+        self._admin_addr = admin_addr
+        self._admin_routes = admin_routes
+        self._admin: web.AppRunner | None = None
+        self.admin_port = 0
         # SO_REUSEPORT off: a second server on a busy port must fail loudly, not share it silently.
         self._grpc_options = [("grpc.so_reuseport", 0), *grpc_options]
         self._grpc: grpc.aio.Server | None = None
@@ -113,25 +138,22 @@ class ServerRuntime:
         await server.start()
         self._grpc = server
 
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.add_routes(list(self._http_routes))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        host, port = parse_address(self._http_addr)
-        site = web.TCPSite(runner, host, port)
+        routes = [
+            web.get("/metrics", self._metrics),
+            web.get("/healthz", self._healthz),
+            web.get("/readyz", self._readyz),
+            *self._http_routes,
+        ]
         try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
+            self._http, self.http_port = await _serve_http(self._http_addr, routes, "--http-addr")
+            if self._admin_addr and self._admin_routes:
+                self._admin, self.admin_port = await _serve_http(
+                    self._admin_addr, self._admin_routes, "server.admin_addr"
+                )
+        except ConfigError:
+            await self._close_http()
             await server.stop(None)
-            raise ConfigError(
-                "--http-addr", "", f"cannot listen on {self._http_addr}: {exc.strerror or exc}"
-            ) from None
-        self._http = runner
-        self.http_port = runner.addresses[0][1] if runner.addresses else port
+            raise
 
         self._tasks = [asyncio.create_task(make()) for make in self._background]
         for task in self._tasks:
@@ -180,10 +202,14 @@ class ServerRuntime:
                 await close()
             except Exception:
                 log.exception("error while closing")
-        if self._http is not None:
-            await self._http.cleanup()
-            self._http = None
+        await self._close_http()
         log.info("%s stopped", self.name)
+
+    async def _close_http(self) -> None:
+        for runner in (self._admin, self._http):
+            if runner is not None:
+                await runner.cleanup()
+        self._admin = self._http = None
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()
