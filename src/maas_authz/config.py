@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from maas_authz.model_path import PathTemplate, is_namespace_name
-from maas_common.config import Address, Duration, StrictModel
+from maas_common.config import Address, Duration, PositiveDuration, StrictModel
 from maas_common.settings import ServerSection
 
 
@@ -35,13 +35,13 @@ class AccessCacheSection(StrictModel):
 class KubernetesSection(StrictModel):
     kubeconfig: Path | None = None  # unset: in-cluster service account credentials
     context: str | None = None
-    timeout: Duration = 0.4  # per call; keep 2x below Envoy's ext_authz timeout
+    timeout: PositiveDuration = 0.4  # per call; keep 2x below Envoy's ext_authz timeout
     max_concurrency: int = Field(32, ge=1, le=4096)
 
 
 class StaticKeysSection(StrictModel):
     keys_file: Path
-    reload_interval: Duration = 2.0
+    reload_interval: PositiveDuration = 2.0
 
 
 class IdentitySection(StrictModel):
@@ -61,7 +61,7 @@ class IdentitySection(StrictModel):
 class TiersSection(StrictModel):
     file: Path | None = None  # unset: the platform's default free/premium/enterprise tiers
     instance: str = "maas-default-gateway"
-    reload_interval: Duration = 2.0
+    reload_interval: PositiveDuration = 2.0
 
 
 class OpenPathSection(StrictModel):

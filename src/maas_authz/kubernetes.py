@@ -129,6 +129,9 @@ class KubernetesApi:
         except aiohttp.ClientError as exc:
             outcome = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
             raise BackendUnavailable("kubernetes", outcome, f"{call}: {exc}") from None
+        except OSError as exc:  # e.g. the in-cluster token file could not be re-read
+            outcome = "credentials"
+            raise BackendUnavailable("kubernetes", outcome, f"{call}: {exc}") from None
         finally:
             self._observe(call, time.perf_counter() - started, outcome)
 

@@ -77,8 +77,11 @@ def allowed(
     headers: list[HeaderValueOption] = []
     if allow.identity is not None:
         headers.append(_header(USER_HEADER, allow.identity.userid))
-        metadata["user"] = allow.identity.userid
-        metadata["username"] = allow.identity.username
+        # `user` keys the rate-limit counters, so it must be unique: the full username. The short
+        # userid (a ServiceAccount's name, as Authorino handed on) repeats across namespaces, and
+        # anyone able to name a ServiceAccount like another user's would share that user's quota.
+        metadata["user"] = allow.identity.username
+        metadata["userid"] = allow.identity.userid
     if allow.tier is not None:
         headers.append(_header(TIER_HEADER, allow.tier.name))
         metadata["tier"] = allow.tier.name

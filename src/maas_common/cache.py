@@ -36,6 +36,9 @@ class TtlCache(Generic[K, V]):
         self._on_event = on_event or (lambda _event: None)
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._inflight: dict[K, asyncio.Task[V]] = {}
+        # Bumped by invalidate()/clear(): a load that started before a purge must not store its
+        # (possibly revoked) result afterwards.
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -72,7 +75,7 @@ class TtlCache(Generic[K, V]):
         task = self._inflight.get(key)
         if task is None:
             self._on_event("miss")
-            task = asyncio.ensure_future(self._load(key, load))
+            task = asyncio.ensure_future(self._load(key, load, self._generation))
             self._inflight[key] = task
             # The load must finish even if its first caller goes away, and its error must not be
             # reported as "never retrieved" when nobody waits any more.
@@ -81,24 +84,32 @@ class TtlCache(Generic[K, V]):
             self._on_event("coalesced")
         return await asyncio.shield(task)
 
-    async def _load(self, key: K, load: Callable[[], Awaitable[tuple[V, float]]]) -> V:
+    async def _load(
+        self, key: K, load: Callable[[], Awaitable[tuple[V, float]]], generation: int
+    ) -> V:
         try:
             value, ttl = await load()
-            self.put(key, value, ttl)
+            if generation == self._generation:
+                self.put(key, value, ttl)
             return value
         finally:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key) is asyncio.current_task():
+                del self._inflight[key]
 
     def invalidate(self, predicate: Callable[[K, V], bool]) -> int:
         """Drop every entry for which predicate(key, value) holds; returns how many."""
         doomed = [k for k, (_, v) in self._entries.items() if predicate(k, v)]
         for key in doomed:
             del self._entries[key]
+        self._generation += 1
+        self._inflight.clear()  # later callers start a fresh load; current waiters keep theirs
         return len(doomed)
 
     def clear(self) -> int:
         count = len(self._entries)
         self._entries.clear()
+        self._generation += 1
+        self._inflight.clear()
         return count
 
 

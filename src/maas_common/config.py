@@ -54,6 +54,16 @@ def _finite(seconds: float, original: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0 (a zero timeout or interval cannot work)")
+    return seconds
+
+
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+
+
 def parse_address(value: object) -> tuple[str, int]:
     """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port)."""
     if not isinstance(value, str) or ":" not in value:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from maas_common.clock import Clock, SystemClock
 from maas_common.config import resolve_path
+from maas_common.errors import ConfigError
 from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import ReloadResult, WatchedFile
 from maas_common.server import GrpcService, ServerRuntime
@@ -51,24 +52,29 @@ def check_config(config: RateLimitConfig, base_dir: Path) -> str:
     table = watched.load() if watched else parse_limits(DEFAULT_LIMITS, "built-in limits")
     lines = [f"domain: {table.domain}"]
     lines += [f"limit {limit.name}: {limit.description}" for limit in table.limits]
+    build_store(config)  # checks what can be checked without connecting (the URL)
     lines.append(f"store: {config.store.type} (failure mode {config.store.failure_mode})")
     lines.append("configuration OK")
     return "\n".join(lines)
 
 
-def build_store(config: RateLimitConfig) -> BucketStore:
+def build_store(config: RateLimitConfig, source: str = "config") -> BucketStore:
+    """The configured store (nothing is connected yet). A bad URL is a ConfigError."""
     ttl_ms = round(config.store.request_id_ttl * 1000)
     if config.store.type == "redis":
         redis = config.store.redis
         assert redis is not None
-        return RedisBucketStore.from_url(
-            redis.url,
-            timeout=redis.timeout,
-            connect_timeout=redis.connect_timeout,
-            max_connections=redis.max_connections,
-            key_prefix=redis.key_prefix,
-            request_id_ttl_ms=ttl_ms,
-        )
+        try:
+            return RedisBucketStore.from_url(
+                redis.url,
+                timeout=redis.timeout,
+                connect_timeout=redis.connect_timeout,
+                max_connections=redis.max_connections,
+                key_prefix=redis.key_prefix,
+                request_id_ttl_ms=ttl_ms,
+            )
+        except ValueError as exc:
+            raise ConfigError(source, "store.redis.url", str(exc)) from None
     return MemoryBucketStore(request_id_ttl_ms=ttl_ms)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from maas_common.config import Address, Duration, StrictModel
+from maas_common.config import Address, PositiveDuration, StrictModel
 from maas_common.settings import ServerSection
 
 
@@ -18,13 +18,21 @@ class RateLimitServerSection(ServerSection):
 
 class LimitsSection(StrictModel):
     file: Path | None = None  # unset: the platform's default limits
-    reload_interval: Duration = 2.0
+    reload_interval: PositiveDuration = 2.0
 
 
 class RedisSection(StrictModel):
     url: str = "redis://127.0.0.1:6379/0"
-    timeout: Duration = 0.05  # per operation, including the wait for a connection
-    connect_timeout: Duration = 0.2
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+    timeout: PositiveDuration = 0.05  # per operation, including the wait for a connection
+    connect_timeout: PositiveDuration = 0.2
     max_connections: int = Field(64, ge=1, le=10_000)
     key_prefix: str = "maas:rl:"
 
@@ -32,7 +40,7 @@ class RedisSection(StrictModel):
 class StoreSection(StrictModel):
     type: Literal["memory", "redis"] = "memory"
     failure_mode: Literal["open", "closed"] = "open"
-    request_id_ttl: Duration = 600.0  # how long charges are de-duplicated per request id
+    request_id_ttl: PositiveDuration = 600.0  # how long charges are de-duplicated per request id
     redis: RedisSection | None = None
 
     @model_validator(mode="after")

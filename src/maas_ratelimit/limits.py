@@ -45,7 +45,7 @@ class LimitSpec(StrictModel):
     name: str
     tier: str
     kind: Kind
-    limit: int = Field(ge=1)
+    limit: int = Field(ge=1, le=2**32 - 1)  # Envoy's requests_per_unit is a uint32
     window: Duration
     per: list[Per] = Field(default_factory=lambda: list[Per](["user"]))
     models: list[str] = Field(default_factory=list)

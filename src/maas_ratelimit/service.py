@@ -56,10 +56,12 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         try:
             descriptors = to_descriptors(request)
             verdict = await self._limiter.decide(request.domain, descriptors)
+            self._record(verdict)
+            return responses.build(verdict)
         except UnknownDomain as exc:
             self._metrics.calls.labels("error").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise  # abort() raises; this keeps `verdict` bound for the reader and the checker
+            raise  # abort() raises; this says so to the reader and the type checker
         except BackendUnavailable as exc:
             return await self._store_failed(exc, request, context)
         except Exception:
@@ -69,8 +71,6 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             raise
         finally:
             self._metrics.call_seconds.observe(time.perf_counter() - started)
-        self._record(verdict)
-        return responses.build(verdict)
 
     async def _store_failed(
         self,

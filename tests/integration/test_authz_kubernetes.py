@@ -90,7 +90,9 @@ async def test_premium_service_account_is_allowed_with_identity_headers(
         "x-maas-model": f"{MODEL_NS}/{MODEL}",
     }
     assert "authorization" in result.removed
-    assert result.metadata["username"] == f"system:serviceaccount:{PREMIUM_NS}:{name}"
+    # counters are keyed by the full username, unique across namespaces
+    assert result.metadata["user"] == f"system:serviceaccount:{PREMIUM_NS}:{name}"
+    assert result.metadata["userid"] == name
     assert result.metadata["tier"] == "premium"
 
 

@@ -149,8 +149,8 @@ def test_every_allowed_response_carries_a_fresh_request_id() -> None:
 def test_allowed_dynamic_metadata() -> None:
     response = responses.allowed(Allow(ALICE, PREMIUM, TINY), [], forward_authorization=False)
     assert metadata(response) == {
-        "user": "alice",
-        "username": ALICE.username,
+        "user": ALICE.username,
+        "userid": "alice",
         "tier": "premium",
         "model": "llm/tiny",
         "model_namespace": "llm",
@@ -160,7 +160,7 @@ def test_allowed_dynamic_metadata() -> None:
 
 def test_allowed_metadata_on_an_open_path_has_no_model() -> None:
     response = responses.allowed(Allow(ALICE, PREMIUM, None), [], forward_authorization=False)
-    assert metadata(response) == {"user": "alice", "username": ALICE.username, "tier": "premium"}
+    assert metadata(response) == {"user": ALICE.username, "userid": "alice", "tier": "premium"}
 
 
 # --- responses.denied ---------------------------------------------------------------------------

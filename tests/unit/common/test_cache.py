@@ -335,3 +335,33 @@ async def test_a_cached_value_is_served_while_another_key_is_loading() -> None:
     loader.release.set()
     assert await pending == "v"
     assert loader.calls == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("purge", ["clear", "invalidate"])
+async def test_a_load_in_flight_during_a_purge_does_not_store_its_result(purge: str) -> None:
+    # a TokenReview that started before /admin/purge must not re-fill the cache afterwards
+    cache: TtlCache[str, str] = TtlCache(max_entries=10, clock=ManualClock())
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow() -> tuple[str, float]:
+        nonlocal calls
+        calls += 1
+        mine = calls
+        await release.wait()
+        return f"v{mine}", 60.0
+
+    first = asyncio.create_task(cache.get_or_load("k", slow))
+    await asyncio.sleep(0)
+    if purge == "clear":
+        cache.clear()
+    else:
+        cache.invalidate(lambda _k, _v: True)
+    second = asyncio.create_task(cache.get_or_load("k", slow))  # a fresh load, not the old one
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == "v1"
+    assert await second == "v2"
+    assert cache.get("k") == (True, "v2")
+    assert calls == 2

@@ -290,3 +290,44 @@ def test_main_check_config_on_the_demo_config_exits_0(
     assert lines[0] == "domain: maas"
     assert lines[1:7] == DEFAULT_SUMMARY_LIMITS
     assert lines[-1] == "configuration OK"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"store": {"type": "redis", "redis": {"url": "http://x"}}},
+            "ratelimit.yaml: store.redis.url: expected a redis://, rediss:// or unix:// URL, "
+            "got 'http://x'",
+        ),
+        (
+            {"store": {"request_id_ttl": 0}},
+            "ratelimit.yaml: store.request_id_ttl: must be longer than 0 (a zero timeout or "
+            "interval cannot work)",
+        ),
+        (
+            {"limits": {"reload_interval": "0s"}},
+            "ratelimit.yaml: limits.reload_interval: must be longer than 0 (a zero timeout or "
+            "interval cannot work)",
+        ),
+    ],
+)
+def test_values_that_cannot_work_are_refused(data: Any, expected: str) -> None:
+    assert str_error(data) == expected
+
+
+def str_error(data: Any) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate(RateLimitConfig, data, "ratelimit.yaml")
+    return str(caught.value)
+
+
+def test_a_redis_url_redis_py_refuses_is_a_config_error_naming_the_key() -> None:
+    config = validate(
+        RateLimitConfig,
+        {"store": {"type": "redis", "redis": {"url": "redis://host:notaport/0"}}},
+        "ratelimit.yaml",
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_store(config, "ratelimit.yaml")
+    assert str(caught.value).startswith("ratelimit.yaml: store.redis.url: ")

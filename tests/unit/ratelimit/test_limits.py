@@ -499,12 +499,18 @@ def test_too_large_limit_times_window() -> None:
 
 def test_the_largest_exact_limit_times_window_is_accepted() -> None:
     # levels range over +-(DEBT_WINDOWS + 1) x capacity, which must stay below 2**53:
-    # with a 1 s window (1000 ms) the largest limit is floor((2**53 - 1) / 65 / 1000)
-    largest = (2**53 - 1) // ((DEBT_WINDOWS + 1) * 1000)
-    (limit,) = parse_limits(one_limit(limit=str(largest), window="1s"), SOURCE).limits
-    assert limit.spec.capacity == largest * 1000
-    message = config_error(one_limit(limit=str(largest + 1), window="1s"))
+    # with a 1 d window (86_400_000 ms) the largest limit is floor((2**53 - 1) / 65 / 86_400_000)
+    day_ms = 86_400_000
+    largest = (2**53 - 1) // ((DEBT_WINDOWS + 1) * day_ms)
+    (limit,) = parse_limits(one_limit(limit=str(largest), window="1d"), SOURCE).limits
+    assert limit.spec.capacity == largest * day_ms
+    message = config_error(one_limit(limit=str(largest + 1), window="1d"))
     assert message.startswith("limits.yaml: limits[0]: limit x window is too large")
+
+
+def test_a_limit_must_fit_envoys_uint32() -> None:
+    message = config_error(one_limit(limit=str(2**32), window="1s"))
+    assert message.startswith("limits.yaml: limits[0].limit: input should be less than or equal")
 
 
 def test_invalid_yaml() -> None:
