@@ -17,15 +17,33 @@
 -- hits_addend from the metadata). Nothing is charged for 4xx/5xx answers or bodies without
 -- usage; usage headers (x-usage-*-tokens by default) are trusted first when a backend sends them.
 --
+-- Reservations: for a request whose body is buffered anyway (a JSON POST with a content-length
+-- of at most MAX_INJECT_BYTES), the filter also estimates what the request may use, as strings
+-- of integers (they become rate limit descriptor entries, which are strings):
+--   reserve_prompt       ceil(body bytes / 4)
+--   reserve_completion   max_completion_tokens, else max_tokens, else DEFAULT_RESERVE_COMPLETION
+--                        (times n when n > 1; 0 for embeddings)
+-- maas-ratelimit takes that estimate from the token bucket on admission, so concurrent requests
+-- see it, and settles it against the real usage after the response (docs/usage-accounting.md).
+--
 -- Everything is pattern matching on bytes: no JSON library exists in Envoy's LuaJIT, and none is
--- needed for two small, well-known shapes. The pure parts (Scanner, inject, SseFilter) are
--- tested on their own with LuaJIT (tests/unit/usage).
+-- needed for two small, well-known shapes. The pure parts (Scanner, estimate, inject, SseFilter)
+-- are tested on their own with LuaJIT (tests/unit/usage).
 
 local NS = "maas.usage"
--- Request bodies are buffered (to add include_usage) only up to this size, well below Envoy's
--- default 1 MiB buffer limit: a larger body would otherwise be refused with 413.
+-- Request bodies are buffered (to add include_usage, and to estimate the reservation) only up to
+-- this size, well below Envoy's default 1 MiB buffer limit: a larger body would otherwise be
+-- refused with 413.
 local MAX_INJECT_BYTES = 512 * 1024
 local TAIL_BYTES = 4096 -- a usage object split across chunks is found if it is shorter than this
+-- Completion tokens reserved for a request that sets no max_tokens / max_completion_tokens: an
+-- estimate, not a limit (the backend's own default may differ; the real usage is settled later).
+local DEFAULT_RESERVE_COMPLETION = 256
+-- A rough, deliberately generous prompt estimate: about 4 bytes of JSON per token (English text
+-- runs at ~4 characters per token, and the JSON around it counts too, so this over-estimates).
+local BYTES_PER_PROMPT_TOKEN = 4
+-- No estimate exceeds this (Envoy's own cap on a hits_addend); keeps "%d" formatting exact.
+local MAX_RESERVE = 1000000000
 
 local M = {}
 
@@ -98,6 +116,42 @@ function M.counts(usage)
     completion = math.max(0, usage.total - prompt)
   end
   return { prompt = prompt or 0, completion = completion or 0 }
+end
+
+-- A non-negative integer after "key": in the body (the key in quotes, so "max_tokens" is not
+-- found inside "xmax_tokens" nor inside a JSON string, where its quotes would be escaped),
+-- capped at MAX_RESERVE; nil when absent or not a plain integer.
+local function reserve_count(body, key)
+  local digits = body:match('"' .. key .. '"%s*:%s*(%d+)')
+  if not digits then
+    return nil
+  end
+  if #digits > 9 then
+    return MAX_RESERVE
+  end
+  return tonumber(digits)
+end
+
+-- estimate(body, path): {prompt, completion}, the tokens a request may use, as integers.
+-- The prompt is ceil(bytes / 4) of the request body. The completion is the request's own limit
+-- (max_completion_tokens wins over max_tokens, as in vLLM), DEFAULT_RESERVE_COMPLETION without
+-- one, times `n` (choices) when that is above 1, and 0 for embeddings (no completion tokens).
+function M.estimate(body, path)
+  local prompt = math.floor((#body + BYTES_PER_PROMPT_TOKEN - 1) / BYTES_PER_PROMPT_TOKEN)
+  local completion = 0
+  if not (path or ""):find("/embeddings", 1, true) then
+    completion = reserve_count(body, "max_completion_tokens")
+      or reserve_count(body, "max_tokens")
+      or DEFAULT_RESERVE_COMPLETION
+    local n = reserve_count(body, "n")
+    if n and n > 1 then
+      completion = completion * n
+    end
+  end
+  return {
+    prompt = math.min(prompt, MAX_RESERVE),
+    completion = math.min(completion, MAX_RESERVE),
+  }
 end
 
 -- inject(body): the request body with stream_options.include_usage = true, or nil when it needs
@@ -193,16 +247,28 @@ function envoy_on_request(handle)
     return
   end
   -- Without a length (chunked) or above the limit, the body is not buffered: such a streaming
-  -- request that did not ask for usage goes uncharged, and is counted as outcome no_usage.
+  -- request that did not ask for usage goes uncharged, and is counted as outcome no_usage; and
+  -- no request of that kind gets a reservation (it is admitted on credit > 0 alone).
   local length = tonumber(headers:get("content-length") or "")
   if not length or length == 0 or length > MAX_INJECT_BYTES then
     return
   end
+  -- read before body(): Envoy invalidates this headers object once body() has waited for the
+  -- body ("object used outside of proper scope")
+  local path = headers:get(":path")
   local body = handle:body()
   if body == nil or body:length() == 0 then
     return
   end
-  local changed = M.inject(body:getBytes(0, body:length()))
+  local bytes = body:getBytes(0, body:length())
+  -- The reservation (of the body as the client sent it). An estimate that fails for any reason
+  -- only means no reservation: the request goes on, admitted as before (credit > 0).
+  local ok, estimate = pcall(M.estimate, bytes, path)
+  if ok and estimate then
+    set(handle, "reserve_prompt", string.format("%d", estimate.prompt))
+    set(handle, "reserve_completion", string.format("%d", estimate.completion))
+  end
+  local changed = M.inject(bytes)
   if changed then
     body:setBytes(changed)
     set(handle, "injected", "true")

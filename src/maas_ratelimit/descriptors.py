@@ -12,6 +12,11 @@ dynamic metadata maas-authz sets, never from client headers):
               total_tokens (each limit weighs them by its `cost`)
   outcome     present on the after-response call that reports what the usage reader saw:
               "charged", or why nothing was charged (no_usage, upstream_error, ...); counted
+  reserve_prompt, reserve_completion
+              the usage reader's estimate of the request's prompt and completion tokens
+              (decimal strings), on the admission descriptor and again on the after-response
+              ones: `tokens` limits take it on admission (a reservation) and settle it after
+              the response (optional; absent = no reservation)
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from dataclasses import dataclass
 TIER, USER, MODEL, REQUEST_ID, CHARGE, OUTCOME = (
     "tier", "user", "model", "request_id", "charge", "outcome"
 )  # fmt: skip
+RESERVE_PROMPT, RESERVE_COMPLETION = "reserve_prompt", "reserve_completion"
 CHARGE_KINDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_MAX_RESERVE_DIGITS = 18  # far above any estimate (the Lua caps each at 1e9); the limiter caps it
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,24 @@ class Descriptor:
     @property
     def outcome(self) -> str | None:
         return self.entries.get(OUTCOME)
+
+    @property
+    def reservation(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens reserved for the request, or None.
+
+        Either entry alone counts (the other is 0); a value that is not a plain decimal integer
+        makes the whole reservation absent, on admission and on settlement alike (both read the
+        same entries, so what is taken is what is given back).
+        """
+        prompt, completion = self.entries.get(RESERVE_PROMPT), self.entries.get(RESERVE_COMPLETION)
+        if prompt is None and completion is None:
+            return None
+        counts = []
+        for value in ("0" if prompt is None else prompt, "0" if completion is None else completion):
+            if not (value.isascii() and value.isdigit() and len(value) <= _MAX_RESERVE_DIGITS):
+                return None
+            counts.append(int(value))
+        return counts[0], counts[1]
 
 
 def effective_hits(descriptor_hits: int | None, request_hits: int) -> tuple[int, bool]:

@@ -3,8 +3,14 @@
 For each descriptor the limits of its tier (and model) apply:
 - `requests` limits take `hits` on admission; a check-only descriptor takes nothing but still
   needs room for one more;
-- `tokens` limits need remaining credit (> 0) on admission and take nothing then; the real usage
-  arrives later in a `charge` descriptor and is taken then, never refused, possibly into debt.
+- `tokens` limits need remaining credit (> 0) on admission. A descriptor with a reservation
+  (`reserve_prompt` / `reserve_completion`, the usage reader's estimate) takes it then, weighted
+  by the limit's cost, possibly into debt: concurrent requests see it and are refused until
+  refill. Without one, nothing is taken. The real usage arrives later in `charge` descriptors
+  and is settled then: usage minus the reservation the descriptors carry (subtracted once per
+  limit per call), never refused, possibly into debt; negative is a refund. An `outcome` other
+  than "charged" that carries a reservation refunds all of it (the answer used nothing we know
+  of). Shadow limits reserve nothing (they never refuse; their buckets are charged the usage).
 All limits of all descriptors of one call are decided together and atomically (one store
 operation): if any enforced limit is short, nothing is taken anywhere.
 """
@@ -66,6 +72,11 @@ class Verdict:
     charges: tuple[ChargeReport, ...] = ()
     ignored: tuple[str, ...] = field(default=())  # reasons descriptors were skipped
     outcomes: tuple[tuple[str, str], ...] = ()  # (tier, outcome) reported after responses
+    # (tier, model, tokens) as estimated, before weights: reservations taken by admitted requests
+    reserved: tuple[tuple[str, str, int], ...] = ()
+    # (tier, model, tokens) before weights: the part of a settled reservation that was not used
+    # (all of it for an answer charged nothing); only what the store applied
+    refunded: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def binding(self) -> LimitState | None:
@@ -74,6 +85,79 @@ class Verdict:
             s for d in self.descriptors for s in d.limits if not s.sufficient and not s.limit.shadow
         ]
         return max(refused, key=lambda s: s.retry_after_ms, default=None)
+
+
+@dataclass(slots=True)
+class _Share:
+    """One tokens bucket's share of an after-response call: weighted usage less reservation."""
+
+    limit: Limit
+    key: str
+    used: int = 0  # weighted usage, summed over the call's charge descriptors
+    reserved: int | None = None  # the weighted reservation given back, once per call
+
+    @property
+    def amount(self) -> int:
+        # beyond this cap the debt floor is reached anyway; keeps Lua's doubles exact
+        used = min(self.used, (DEBT_WINDOWS + 1) * self.limit.spec.limit)
+        return (used - (self.reserved or 0)) * self.limit.spec.window_ms
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request settled in a call, before weights (for the refund metric)."""
+
+    tier: str
+    model: str
+    used: int = 0
+    reserved: int | None = None  # set when an enforced limit settled its reservation
+
+
+class _Settlement:
+    """The after-response part of a call: per bucket, usage less the reservation (once)."""
+
+    def __init__(self) -> None:
+        self.shares: dict[tuple[str, str], _Share] = {}  # (limit, counter key) -> share
+        self.requests: dict[tuple[str, str, str], _Request] = {}  # (tier, user, model)
+        self.reported: list[tuple[str, str, str, int]] = []  # (tier, model, kind, tokens)
+
+    def charge(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str) -> None:
+        """A charge descriptor: its hits are `kind` tokens used."""
+        self.add(limits, descriptor, kind, descriptor.hits)
+        self.reported.append((descriptor.tier or "", descriptor.model or "", kind, descriptor.hits))
+
+    def add(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str, count: int) -> None:
+        """A descriptor's usage (`count` tokens of `kind`) and the reservation it carries."""
+        assert descriptor.tier is not None and descriptor.user is not None
+        reservation = descriptor.reservation
+        for limit in limits:
+            key = limit.counter_key(descriptor.user, descriptor.model)
+            share = self.shares.setdefault((limit.name, key), _Share(limit, key))
+            share.used += limit.tokens_to_charge(kind, count)
+            if reservation is not None and not limit.shadow and share.reserved is None:
+                share.reserved = _reserved(limit, reservation)
+        model = descriptor.model or ""
+        request = self.requests.setdefault(
+            (descriptor.tier, descriptor.user, model), _Request(descriptor.tier, model)
+        )
+        request.used += count
+        enforced = any(not limit.shadow for limit in limits)
+        if request.reserved is None and reservation is not None and enforced:
+            request.reserved = sum(reservation)
+
+    def charges(self) -> list[Charge]:
+        return [Charge(s.key, s.limit.spec, s.amount) for s in self.shares.values()]
+
+    def reports(self, status: ChargeStatus) -> tuple[ChargeReport, ...]:
+        return tuple(ChargeReport(t, m, k, n, status) for t, m, k, n in self.reported)
+
+    def refunds(self) -> tuple[tuple[str, str, int], ...]:
+        """(tier, model, tokens) of every request whose reservation exceeded its usage."""
+        return tuple(
+            (r.tier, r.model, r.reserved - r.used)
+            for r in self.requests.values()
+            if r.reserved is not None and r.reserved > r.used
+        )
 
 
 class RateLimiter:
@@ -95,8 +179,8 @@ class RateLimiter:
         # plan: which buckets each descriptor touches
         admissions: list[Admission] = []
         owners: list[tuple[int, Limit]] = []  # admission index -> (descriptor index, limit)
-        charges: list[Charge] = []
-        charge_reports: list[tuple[str, str, str, int]] = []
+        reserving: list[tuple[str, str, int]] = []  # reservations taken if admitted
+        settlement = _Settlement()
         usage_outcomes: list[tuple[str, str]] = []
         request_id = next((d.request_id for d in descriptors if d.request_id), None)
         for index, descriptor in enumerate(descriptors):
@@ -104,30 +188,35 @@ class RateLimiter:
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
                 continue
+            limits = table.for_tier(tier, descriptor.model)
+            tokens = [limit for limit in limits if limit.kind == "tokens"]
             if descriptor.outcome is not None:
                 usage_outcomes.append((tier, descriptor.outcome))
+                # Nothing is charged for this answer: its reservation comes back whole. Only
+                # with a request id: the store then refunds it once, and never for a request it
+                # refused at admission (which reserved nothing).
+                if descriptor.outcome != "charged" and descriptor.reservation and request_id:
+                    settlement.add(
+                        [t for t in tokens if not t.shadow], descriptor, "total_tokens", 0
+                    )
                 continue
-            limits = table.for_tier(tier, descriptor.model)
             if descriptor.is_charge:
                 kind = descriptor.charge_kind or ""
                 if kind not in CHARGE_KINDS:
                     ignored.append("unknown_charge")
                     continue
-                tokens = [limit for limit in limits if limit.kind == "tokens"]
                 if not tokens:
                     ignored.append("no_tokens_limit")
                     continue
-                for limit in tokens:
-                    key = limit.counter_key(user, descriptor.model)
-                    weighted = limit.tokens_to_charge(kind, descriptor.hits)
-                    # beyond this the debt floor is reached anyway; keeps Lua's doubles exact
-                    weighted = min(weighted, (DEBT_WINDOWS + 1) * limit.spec.limit)
-                    charges.append(Charge(key, limit.spec, weighted * limit.spec.window_ms))
-                charge_reports.append((tier, descriptor.model or "", kind, descriptor.hits))
+                settlement.charge(tokens, descriptor, kind)
                 continue
             for limit in limits:
                 admissions.append(_admission(limit, descriptor))
                 owners.append((index, limit))
+            reservation = descriptor.reservation
+            reserves = any(limit.kind == "tokens" and not limit.shadow for limit in limits)
+            if reservation is not None and not descriptor.check_only and reserves:
+                reserving.append((tier, descriptor.model or "", sum(reservation)))
 
         outcomes: Sequence[Outcome] = ()
         admitted = True
@@ -135,33 +224,62 @@ class RateLimiter:
             result = await self._store.admit(admissions, now_ms, request_id)
             admitted, outcomes = result.admitted, result.outcomes
         reports: tuple[ChargeReport, ...] = ()
-        if charges:
-            status = (await self._store.charge(charges, now_ms, request_id)).status
-            reports = tuple(ChargeReport(t, m, k, n, status) for t, m, k, n in charge_reports)
+        refunded: tuple[tuple[str, str, int], ...] = ()
+        if settlement.shares:
+            status = (await self._store.charge(settlement.charges(), now_ms, request_id)).status
+            reports = settlement.reports(status)
+            if status is ChargeStatus.APPLIED:
+                refunded = settlement.refunds()
 
-        per_descriptor: list[list[LimitState]] = [[] for _ in descriptors]
-        for admission, outcome, (index, limit) in zip(admissions, outcomes, owners, strict=True):
-            spec = limit.spec
-            per_descriptor[index].append(
-                LimitState(
-                    limit=limit,
-                    sufficient=outcome.sufficient,
-                    remaining=remaining_tokens(outcome.level, spec),
-                    reset_ms=ms_until_full(outcome.level, spec),
-                    retry_after_ms=(
-                        0 if outcome.sufficient else ms_until(outcome.level, admission.need, spec)
-                    ),
-                )
-            )
-        verdicts = tuple(
-            DescriptorVerdict(
-                over_limit=any(not s.sufficient and not s.limit.shadow for s in states),
-                reported=_most_restrictive(states),
-                limits=tuple(states),
-            )
-            for states in per_descriptor
+        return Verdict(
+            not admitted,
+            _verdicts(len(descriptors), admissions, outcomes, owners),
+            reports,
+            tuple(ignored),
+            tuple(usage_outcomes),
+            tuple(reserving) if admitted else (),
+            refunded,
         )
-        return Verdict(not admitted, verdicts, reports, tuple(ignored), tuple(usage_outcomes))
+
+
+def _verdicts(
+    count: int,
+    admissions: Sequence[Admission],
+    outcomes: Sequence[Outcome],
+    owners: Sequence[tuple[int, Limit]],
+) -> tuple[DescriptorVerdict, ...]:
+    per_descriptor: list[list[LimitState]] = [[] for _ in range(count)]
+    for admission, outcome, (index, limit) in zip(admissions, outcomes, owners, strict=True):
+        spec = limit.spec
+        per_descriptor[index].append(
+            LimitState(
+                limit=limit,
+                sufficient=outcome.sufficient,
+                remaining=remaining_tokens(outcome.level, spec),
+                reset_ms=ms_until_full(outcome.level, spec),
+                retry_after_ms=(
+                    0 if outcome.sufficient else ms_until(outcome.level, admission.need, spec)
+                ),
+            )
+        )
+    return tuple(
+        DescriptorVerdict(
+            over_limit=any(not s.sufficient and not s.limit.shadow for s in states),
+            reported=_most_restrictive(states),
+            limits=tuple(states),
+        )
+        for states in per_descriptor
+    )
+
+
+def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
+    """The weighted tokens a reservation takes from `limit` (the same on admission and on
+    settlement), capped: a bucket at 1 stays above the debt floor after taking it."""
+    prompt, completion = reservation
+    weighted = limit.tokens_to_charge("prompt_tokens", prompt) + limit.tokens_to_charge(
+        "completion_tokens", completion
+    )
+    return min(weighted, DEBT_WINDOWS * limit.spec.limit)
 
 
 def _admission(limit: Limit, descriptor: Descriptor) -> Admission:
@@ -169,8 +287,13 @@ def _admission(limit: Limit, descriptor: Descriptor) -> Admission:
     key = limit.counter_key(descriptor.user, descriptor.model)
     window = limit.spec.window_ms
     if limit.kind == "tokens":
-        # post-paid: admission only needs some credit left; usage is charged after the response
-        return Admission(key, limit.spec, need=1, take=0, shadow=limit.shadow)
+        # admission only needs some credit left; a reservation, when the descriptor carries one,
+        # is taken now (possibly into debt) and settled against the real usage afterwards
+        reservation = descriptor.reservation
+        take = 0
+        if reservation is not None and not limit.shadow and not descriptor.check_only:
+            take = _reserved(limit, reservation) * window
+        return Admission(key, limit.spec, need=1, take=take, shadow=limit.shadow)
     hits = 0 if descriptor.check_only else descriptor.hits
     return Admission(key, limit.spec, need=max(hits, 1) * window, take=hits * window,
                      shadow=limit.shadow)  # fmt: skip

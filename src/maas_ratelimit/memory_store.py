@@ -74,7 +74,9 @@ class MemoryBucketStore:
         levels = []
         for charge in charges:
             spec = charge.spec
-            level = max(spec.floor, self.level(charge.key, spec, now_ms) - charge.amount)
+            level = self.level(charge.key, spec, now_ms) - charge.amount
+            # a negative amount is a refund: never above the capacity, never below the floor
+            level = min(spec.capacity, max(spec.floor, level))
             self._write(charge.key, spec, level, now_ms)
             levels.append(level)
         self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(charges)))

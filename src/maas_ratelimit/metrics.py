@@ -36,6 +36,20 @@ class RateLimitMetrics:
             ["tier", "model", "kind"],
             registry=registry,
         )
+        self.tokens_reserved = Counter(
+            "maas_ratelimit_tokens_reserved",
+            "LLM tokens reserved on admission (the usage reader's estimate, prompt + completion), "
+            "before weights, by admitted requests",
+            ["tier", "model"],
+            registry=registry,
+        )
+        self.tokens_refunded = Counter(
+            "maas_ratelimit_tokens_refunded",
+            "Reserved LLM tokens given back after responses, before weights: the estimate less "
+            "the usage when the usage was smaller, all of it for answers charged nothing",
+            ["tier", "model"],
+            registry=registry,
+        )
         self.responses = Counter(
             "maas_ratelimit_usage_responses",
             "Responses the usage reader reported on, by outcome: charged, or why nothing was "

@@ -197,7 +197,8 @@ return reply
 )
 
 # KEYS: the n bucket keys, then the request id key if there is one.
-# ARGV: now_ms, n, request_id_ttl_ms, then per bucket: limit, window_ms, amount.
+# ARGV: now_ms, n, request_id_ttl_ms, then per bucket: limit, window_ms, amount (negative: a
+# refund, clamped at the capacity).
 # Returns {status: 0 applied | 1 duplicate | 2 denied_request, then the n levels if applied}.
 _CHARGE = (
     _LUA_COMMON
@@ -227,7 +228,9 @@ for i = 1, n do
     end
   end
   local floor = -__DEBT_WINDOWS__ * limit * window  -- bucket.BucketSpec.floor
-  local level = math.max(floor, current_level(state, limit, window, now) - tonumber(ARGV[base + 3]))
+  local level = current_level(state, limit, window, now) - tonumber(ARGV[base + 3])
+  -- a negative amount is a refund: never above the capacity, never below the floor
+  level = math.min(limit * window, math.max(floor, level))
   updated[i] = next_updated(state, now)
   states[key] = {level, updated[i], window}
   levels[i] = level

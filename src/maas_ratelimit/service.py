@@ -105,5 +105,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 self._metrics.charges_skipped.labels(charge.status.value).inc()
         for tier, outcome in verdict.outcomes:
             self._metrics.responses.labels(tier, outcome).inc()
+        for tier, model, tokens in verdict.reserved:
+            self._metrics.tokens_reserved.labels(tier, model).inc(tokens)
+        for tier, model, tokens in verdict.refunded:
+            self._metrics.tokens_refunded.labels(tier, model).inc(tokens)
         for reason in verdict.ignored:
             self._metrics.descriptors_ignored.labels(reason).inc()

@@ -6,7 +6,8 @@ Two operations, each atomic over all the buckets it names:
   Shadow buckets are evaluated and reported but never refuse.
 - charge: post-paid usage. Never refused, may drive a bucket into debt (down to the spec's floor,
   DEBT_WINDOWS windows' worth), and applied at most once
-  per request id; a request id that was refused at admission is never charged.
+  per request id; a request id that was refused at admission is never charged. A negative
+  amount is a refund (a reservation given back); no bucket ever rises above its capacity.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Admission:
     key: str
     spec: BucketSpec
     need: int  # scaled level the bucket must have (requests: hits x window; tokens: 1)
-    take: int  # scaled amount removed when admitted (tokens limits take nothing up front)
+    take: int  # scaled amount removed when admitted (tokens limits: the reservation, or 0)
     shadow: bool = False
 
 
@@ -44,7 +45,7 @@ class AdmitResult:
 class Charge:
     key: str
     spec: BucketSpec
-    amount: int  # scaled amount removed, unconditionally
+    amount: int  # scaled amount removed, unconditionally (negative: added, up to the capacity)
 
 
 class ChargeStatus(enum.Enum):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import pathlib
 import string
 import subprocess
@@ -427,7 +428,11 @@ def test_shipped_filters_authorize_limit_and_charge(shipped_gateway: ShippedGate
     first = gateway.request("sk-demo-free")
     assert first.status == 200, first.body
     assert first.json()["usage"]["total_tokens"] > 0  # type: ignore[index]
-    assert first.headers["x-ratelimit-limit"] == "5"
+    # the limit with the least room is reported: the tokens one, which holds the request's
+    # reservation (ceil(body bytes / 4) + max_tokens, estimated by the Lua filter)
+    reserved = math.ceil(len(json.dumps(BODY).encode()) / 4) + 3
+    assert first.headers["x-ratelimit-limit"] == '100, 100;w=60;name="free tier: 100 tokens per 1m"'
+    assert first.headers["x-ratelimit-remaining"] == str(100 - reserved)
     seen = http(f"http://127.0.0.1:{gateway.backend_port}/_demo/requests", method="GET").json()
     assert isinstance(seen, list)
     last = {k.lower(): v for k, v in seen[-1]["headers"].items()}

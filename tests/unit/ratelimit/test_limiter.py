@@ -60,6 +60,7 @@ def desc(
     charge: bool = False,
     kind: str = "total_tokens",
     outcome: str | None = None,
+    reserve: tuple[int, int] | None = None,
 ) -> Descriptor:
     """A Descriptor built the way service.to_descriptors builds it."""
     entries: dict[str, str] = {}
@@ -72,6 +73,8 @@ def desc(
         entries["charge"] = kind
     if outcome is not None:
         entries["outcome"] = outcome
+    if reserve is not None:
+        entries["reserve_prompt"], entries["reserve_completion"] = map(str, reserve)
     count, check_only = effective_hits(hits, request_hits)
     return Descriptor(entries, count, check_only)
 
@@ -84,9 +87,13 @@ def charge(
     request_id: str | None = None,
     kind: str = "total_tokens",
     tier: str = "free",
+    reserve: tuple[int, int] | None = None,
 ) -> Descriptor:
     """The after-response call: `tokens` LLM tokens to charge, as a per-descriptor hits_addend."""
-    return desc(tier, user, model, hits=tokens, request_id=request_id, charge=True, kind=kind)
+    return desc(
+        tier, user, model, hits=tokens, request_id=request_id, charge=True, kind=kind,
+        reserve=reserve,
+    )  # fmt: skip
 
 
 class Rig:
@@ -723,6 +730,379 @@ async def test_an_outcome_next_to_charges_and_in_debt() -> None:
     assert all(d == DescriptorVerdict(False, None, ()) for d in verdict.descriptors)
     assert await rig.remaining() == before  # 0 left either way: check the exact levels
     assert await rig.remaining("premium") == {"premium-tokens": 1000, "premium-plain": 1000}
+
+
+# --- reservations: the usage reader's estimate, taken on admission, settled afterwards ---------
+
+RESERVE = (10, 40)  # the estimate of one request: 10 prompt + 40 completion tokens
+TOKENS_ONLY = """\
+limits:
+  - {name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m}
+"""
+SHADOW_TOKENS = """\
+limits:
+  - {name: free-tokens, tier: free, kind: tokens, limit: 100, window: 1m}
+  - {name: free-shadow, tier: free, kind: tokens, limit: 100, window: 1m, shadow: true}
+"""
+
+
+def admit(request_id: str | None, reserve: tuple[int, int] | None = RESERVE) -> Descriptor:
+    """The admission descriptor of a request whose body the usage reader estimated."""
+    return desc(model="llm/tiny", request_id=request_id, reserve=reserve)
+
+
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    request_id: str | None,
+    reserve: tuple[int, int] | None = RESERVE,
+) -> tuple[Descriptor, Descriptor, Descriptor]:
+    """The after-response call of a charged answer: two charges and the outcome, each with the
+    request's reservation (as envoy/gateway.yaml sends them)."""
+    model = "llm/tiny"
+    return (
+        charge(prompt_tokens, model=model, request_id=request_id, kind="prompt_tokens",
+               reserve=reserve),
+        charge(completion_tokens, model=model, request_id=request_id, kind="completion_tokens",
+               reserve=reserve),
+        desc(model=model, request_id=request_id, outcome="charged", reserve=reserve),
+    )  # fmt: skip
+
+
+def failed(outcome: str, request_id: str | None, reserve: tuple[int, int] = RESERVE) -> Descriptor:
+    """The after-response call of an answer that charged nothing: the outcome alone."""
+    return desc(model="llm/tiny", request_id=request_id, outcome=outcome, reserve=reserve)
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_is_taken_on_admission() -> None:
+    rig = Rig()
+    verdict = await rig.decide(admit("r1"))
+    assert not verdict.over_limit
+    assert states(verdict)["free-tokens"].remaining == 50
+    assert states(verdict)["free-requests"].remaining == 4
+    assert verdict.reserved == (("free", "llm/tiny", 50),)  # as estimated, before weights
+    assert await rig.remaining() == {"free-requests": 4, "free-tokens": 50}
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_see_the_reservations_in_flight() -> None:
+    # ten requests arrive before any answer: without reservations all ten would be admitted on
+    # 100 tokens of credit (need 1, take 0); with them, the bucket runs dry after two
+    rig = Rig(TOKENS_ONLY)
+    results = [await rig.decide(admit(f"r{i}")) for i in range(10)]
+    admitted = [not r.over_limit for r in results]
+    assert admitted == [True, True] + [False] * 8
+    refused = states(results[2])["free-tokens"]
+    assert (refused.sufficient, refused.remaining) == (False, 0)
+    assert refused.retry_after_ms == 1  # exactly 0 left: one more millisecond of refill
+    assert all(r.reserved == () for r in results[2:])  # refused: nothing reserved
+    # the same ten without an estimate: all admitted, as before reservations
+    plain = Rig(TOKENS_ONLY)
+    for i in range(10):
+        assert not (await plain.decide(admit(f"p{i}", None))).over_limit
+
+
+@pytest.mark.asyncio
+async def test_a_big_reservation_may_go_into_debt_and_refuses_the_next_request() -> None:
+    rig = Rig()
+    assert not (await rig.decide(admit("r1", (30, 40)))).over_limit  # 30 left
+    assert not (await rig.decide(admit("r2", (30, 40)))).over_limit  # credit > 0: 40 owed
+    refused = await rig.decide(admit("r3", (1, 1)))
+    assert refused.over_limit
+    assert states(refused)["free-tokens"].retry_after_ms == 40 * 600 + 1
+    assert states(refused)["free-requests"].remaining == 3  # nothing taken anywhere
+
+
+@pytest.mark.asyncio
+async def test_a_check_only_descriptor_reserves_nothing() -> None:
+    rig = Rig()
+    verdict = await rig.decide(desc(hits=0, reserve=RESERVE))
+    assert states(verdict)["free-tokens"].remaining == 100
+    assert verdict.reserved == ()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"reserve_prompt": "ten", "reserve_completion": "40"},
+        {"reserve_prompt": "10", "reserve_completion": "-40"},
+        {"reserve_prompt": "1e3", "reserve_completion": "0"},
+        {"reserve_prompt": "", "reserve_completion": "40"},
+        {"reserve_prompt": "\u0661\u0662", "reserve_completion": "40"},  # Arabic-Indic digits
+        {"reserve_prompt": "9" * 19},
+    ],
+)
+async def test_a_malformed_reservation_is_no_reservation(entries: dict[str, str]) -> None:
+    rig = Rig()
+    descriptor = Descriptor({"tier": "free", "user": "alice", **entries}, 1, False)
+    verdict = await rig.decide(descriptor)
+    assert not verdict.over_limit
+    assert states(verdict)["free-tokens"].remaining == 100
+    assert verdict.reserved == ()
+
+
+@pytest.mark.asyncio
+async def test_either_reserve_entry_alone_is_a_reservation() -> None:
+    rig = Rig()
+    await rig.decide(
+        Descriptor({"tier": "free", "user": "alice", "reserve_prompt": "30"}, 1, False)
+    )
+    assert (await rig.remaining())["free-tokens"] == 70
+    entries = {"tier": "free", "user": "alice", "reserve_completion": "20"}
+    await rig.decide(Descriptor(entries, 1, False))
+    assert (await rig.remaining())["free-tokens"] == 50
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_is_weighted_like_a_charge() -> None:
+    rig = Rig(WEIGHTED)  # free-tokens: 1000 per minute, completion tokens cost 4
+    verdict = await rig.decide(admit("r1"))
+    assert states(verdict)["free-tokens"].remaining == 1000 - (10 + 4 * 40)
+    assert verdict.reserved == (("free", "llm/tiny", 50),)  # the metric is before weights
+
+
+@pytest.mark.asyncio
+async def test_a_huge_reservation_is_capped_and_settled_by_the_same_cap() -> None:
+    rig = Rig()
+    huge = (10**12, 10**12)
+    assert not (await rig.decide(admit("r1", huge))).over_limit
+    refused = await rig.decide(admit("r2"))
+    # the take stops at DEBT_WINDOWS windows' worth, from a level of 100: above the debt floor
+    owed = DEBT_WINDOWS * 100 - 100
+    assert states(refused)["free-tokens"].retry_after_ms == owed * 600 + 1
+    # settled: the same capped reservation comes back, the usage is charged
+    await rig.decide(*usage(5, 5, "r1", huge))
+    assert (await rig.remaining())["free-tokens"] == 90
+
+
+@pytest.mark.asyncio
+async def test_usage_below_the_reservation_is_refunded() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1"))
+    assert (await rig.remaining())["free-tokens"] == 50
+    verdict = await rig.decide(*usage(7, 20, "r1"))
+    assert not verdict.over_limit
+    # reported as before: the usage, as the model reported it
+    assert verdict.charges == (
+        ChargeReport("free", "llm/tiny", "prompt_tokens", 7, ChargeStatus.APPLIED),
+        ChargeReport("free", "llm/tiny", "completion_tokens", 20, ChargeStatus.APPLIED),
+    )
+    assert verdict.outcomes == (("free", "charged"),)
+    # the reservation is subtracted once for the call, not once per descriptor carrying it
+    assert (await rig.remaining())["free-tokens"] == 100 - 27
+    assert verdict.refunded == (("free", "llm/tiny", 50 - 27),)
+
+
+@pytest.mark.asyncio
+async def test_usage_above_the_reservation_is_charged_on_top() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1", (5, 10)))
+    assert (await rig.remaining())["free-tokens"] == 85
+    verdict = await rig.decide(*usage(8, 40, "r1", (5, 10)))
+    assert (await rig.remaining())["free-tokens"] == 100 - 48
+    assert verdict.refunded == ()
+
+
+@pytest.mark.asyncio
+async def test_usage_far_above_the_reservation_goes_into_debt_as_before() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1", (5, 10)))
+    await rig.decide(*usage(10, 140, "r1", (5, 10)))  # 150 used: 50 owed
+    refused = await rig.decide(admit("r2"))
+    assert refused.over_limit
+    assert states(refused)["free-tokens"].retry_after_ms == 30_001
+
+
+@pytest.mark.asyncio
+async def test_settlement_is_weighted() -> None:
+    rig = Rig(WEIGHTED)
+    await rig.decide(admit("r1"))  # 10 + 4 x 40 = 170 reserved
+    verdict = await rig.decide(*usage(8, 20, "r1"))  # 8 + 4 x 20 = 88 used
+    assert (await rig.remaining())["free-tokens"] == 1000 - 88
+    assert verdict.refunded == (("free", "llm/tiny", 50 - 28),)  # before weights
+
+
+@pytest.mark.asyncio
+async def test_a_settled_request_equals_a_post_paid_one() -> None:
+    # whatever the estimate, once settled the bucket holds exactly what the usage left
+    for reserve in [(0, 0), (1, 1), (10, 40), (200, 300)]:
+        rig = Rig(WEIGHTED)
+        await rig.decide(admit("r1", reserve))
+        await rig.decide(*usage(15, 8, "r1", reserve))
+        assert (await rig.remaining())["free-tokens"] == 1000 - (15 + 4 * 8), reserve
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "outcome", ["no_usage", "upstream_error", "client_error", "rate_limited", "incomplete"]
+)
+async def test_an_answer_charged_nothing_refunds_the_whole_reservation(outcome: str) -> None:
+    rig = Rig()
+    await rig.decide(admit("r1"))
+    verdict = await rig.decide(failed(outcome, "r1"))
+    assert not verdict.over_limit
+    assert verdict.outcomes == (("free", outcome),)
+    assert verdict.charges == ()  # nothing was charged
+    assert verdict.refunded == (("free", "llm/tiny", 50),)
+    assert await rig.remaining() == {"free-requests": 4, "free-tokens": 100}
+
+
+@pytest.mark.asyncio
+async def test_a_refund_is_applied_once() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1"))
+    await rig.decide(admit("r2"))
+    assert (await rig.remaining())["free-tokens"] == 0
+    assert (await rig.decide(failed("upstream_error", "r1"))).refunded != ()
+    again = await rig.decide(failed("upstream_error", "r1"))
+    assert again.refunded == ()
+    assert (await rig.remaining())["free-tokens"] == 50
+    # nor after a settlement of the same request id
+    await rig.decide(*usage(5, 5, "r2"))
+    assert (await rig.remaining())["free-tokens"] == 90
+    late = await rig.decide(failed("incomplete", "r2"))
+    assert late.refunded == ()
+    assert (await rig.remaining())["free-tokens"] == 90
+    repeated = await rig.decide(*usage(5, 5, "r2"))
+    assert [c.status for c in repeated.charges] == [ChargeStatus.DUPLICATE] * 2
+    assert repeated.refunded == ()
+    assert (await rig.remaining())["free-tokens"] == 90
+
+
+@pytest.mark.asyncio
+async def test_a_request_refused_at_admission_reserved_nothing_and_gets_no_refund() -> None:
+    rig = Rig()
+    await rig.admitted(5, desc())  # the requests limit is now empty
+    refused = await rig.decide(admit("r6"))
+    assert refused.over_limit
+    assert refused.reserved == ()
+    assert (await rig.remaining())["free-tokens"] == 100  # all or nothing: no reservation
+    # Envoy's after-response call for the 429: the outcome with the reservation entries
+    verdict = await rig.decide(failed("rate_limited", "r6"))
+    assert verdict.refunded == ()
+    assert (await rig.remaining())["free-tokens"] == 100
+    # spend some tokens: a refund would now show
+    await rig.decide(charge(60))
+    for call in (failed("rate_limited", "r6"), *usage(7, 20, "r6")):
+        verdict = await rig.decide(call)
+        assert verdict.refunded == ()
+        assert all(c.status is ChargeStatus.DENIED_REQUEST for c in verdict.charges)
+    assert (await rig.remaining())["free-tokens"] == 40
+
+
+@pytest.mark.asyncio
+async def test_a_request_refused_by_its_own_tokens_bucket_gets_no_refund() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1"))
+    await rig.decide(admit("r2"))  # 0 left
+    assert (await rig.decide(admit("r3"))).over_limit
+    await rig.decide(failed("rate_limited", "r3"))
+    assert (await rig.remaining())["free-tokens"] == 0
+
+
+@pytest.mark.asyncio
+async def test_without_a_request_id_an_answer_charged_nothing_is_not_refunded() -> None:
+    # nothing tells an admitted request from a refused one then: the reservation stays charged
+    rig = Rig()
+    await rig.decide(admit(None))
+    verdict = await rig.decide(failed("upstream_error", None))
+    assert verdict.refunded == ()
+    assert (await rig.remaining())["free-tokens"] == 50
+    # a charged answer is settled all the same (only admitted requests get an answer)
+    await rig.decide(*usage(7, 20, None))
+    assert (await rig.remaining())["free-tokens"] == 100 - 27
+
+
+@pytest.mark.asyncio
+async def test_a_charged_outcome_alone_refunds_nothing() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1"))
+    verdict = await rig.decide(desc(model="llm/tiny", request_id="r1", outcome="charged",
+                                    reserve=RESERVE))  # fmt: skip
+    assert verdict.refunded == ()
+    assert (await rig.remaining())["free-tokens"] == 50
+
+
+@pytest.mark.asyncio
+async def test_a_refund_never_raises_a_bucket_above_its_capacity() -> None:
+    rig = Rig()
+    await rig.decide(admit("r1"))
+    assert (await rig.remaining())["free-tokens"] == 50
+    rig.clock.advance(60)  # refilled meanwhile: full again
+    await rig.decide(failed("upstream_error", "r1"))
+    assert (await rig.remaining())["free-tokens"] == 100
+    # exactly full, not 150: one charge of 100 leaves nothing
+    await rig.decide(charge(100))
+    assert (await rig.decide(desc())).over_limit
+    # the same for a settlement below the reservation
+    rig = Rig()
+    await rig.decide(admit("r2"))
+    rig.clock.advance(30)  # 50 refilled: full
+    await rig.decide(*usage(1, 1, "r2"))
+    assert (await rig.remaining())["free-tokens"] == 100
+
+
+@pytest.mark.asyncio
+async def test_shadow_limits_reserve_nothing_and_are_charged_the_usage() -> None:
+    rig = Rig(SHADOW_TOKENS)
+    verdict = await rig.decide(admit("r1"))
+    assert {n: s.remaining for n, s in states(verdict).items()} == {
+        "free-tokens": 50,
+        "free-shadow": 100,
+    }
+    verdict = await rig.decide(*usage(7, 20, "r1"))
+    assert await rig.remaining() == {"free-tokens": 73, "free-shadow": 73}
+    assert verdict.refunded == (("free", "llm/tiny", 23),)
+    await rig.decide(admit("r2"))
+    await rig.decide(failed("no_usage", "r2"))
+    assert await rig.remaining() == {"free-tokens": 73, "free-shadow": 73}
+
+
+@pytest.mark.asyncio
+async def test_only_shadow_tokens_limits_reserve_and_refund_nothing() -> None:
+    only_shadow = """\
+limits:
+  - {name: free-shadow, tier: free, kind: tokens, limit: 100, window: 1m, shadow: true}
+"""
+    rig = Rig(only_shadow)
+    verdict = await rig.decide(admit("r1"))
+    assert verdict.reserved == ()
+    verdict = await rig.decide(failed("upstream_error", "r1"))
+    assert verdict.refunded == ()
+    assert len(rig.store) == 0  # no bucket touched by the refund call
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_without_tokens_limits_is_nothing() -> None:
+    rig = Rig(REQUESTS_ONLY)
+    verdict = await rig.decide(admit("r1"))
+    assert not verdict.over_limit
+    assert verdict.reserved == ()
+    verdict = await rig.decide(failed("upstream_error", "r1"))
+    assert verdict.refunded == ()
+    assert await rig.remaining() == {"free-requests": 4}
+
+
+@pytest.mark.asyncio
+async def test_reservations_bound_the_overshoot_of_concurrent_requests() -> None:
+    # The bound the docs state: with every request reserving at least what it uses, the bucket's
+    # usage admitted while it had credit never exceeds its credit plus one request's usage.
+    rig = Rig()
+    waves = 0
+    total_used = 0
+    while True:
+        batch = [f"w{waves}-{i}" for i in range(10)]
+        admitted = [rid for rid in batch if not (await rig.decide(admit(rid))).over_limit]
+        if not admitted:
+            break
+        for rid in admitted:
+            await rig.decide(*usage(7, 40, rid))  # 47 used of 50 reserved
+            total_used += 47
+        waves += 1
+    assert total_used <= 100 + 47
+    assert total_used == 3 * 47  # 2 admitted (100 -> 0), refunds leave 6, 1 more admitted
 
 
 # --- several matching limits --------------------------------------------------------------------

@@ -346,6 +346,55 @@ async def test_usage_responses_by_outcome() -> None:
 
 
 @pytest.mark.asyncio
+async def test_tokens_reserved_and_refunded_by_tier_and_model_before_weights() -> None:
+    rig = Rig(limits=WEIGHTED)  # completion tokens cost 4
+    reserve = {"reserve_prompt": "10", "reserve_completion": "40", "model": "llm/tiny"}
+
+    def reserved() -> float:
+        return rig.sample("maas_ratelimit_tokens_reserved_total", tier="free", model="llm/tiny")
+
+    def refunded() -> float:
+        return rig.sample("maas_ratelimit_tokens_refunded_total", tier="free", model="llm/tiny")
+
+    response = await rig.call(request(user_descriptor(request_id=REQUEST_ID, **reserve)))
+    assert response.overall_code == OK
+    # 10 + 4 x 40 = 170 weighted taken from 100: admitted (credit > 0), now in debt
+    assert response.statuses[0].current_limit.name == "free tier: 100 tokens per 1m"
+    assert response.statuses[0].limit_remaining == 0
+    assert reserved() == 50
+    # settled below the estimate: 7 + 20 used of 50 reserved
+    await rig.call(
+        request(
+            charge_descriptor(7, "prompt_tokens", request_id=REQUEST_ID, **reserve),
+            charge_descriptor(20, "completion_tokens", request_id=REQUEST_ID, **reserve),
+            outcome_descriptor("charged", request_id=REQUEST_ID, **reserve),
+        )
+    )
+    assert refunded() == 23
+    # the bucket holds what the usage left: 100 - (7 + 4 x 20)
+    peek = await rig.call(request(user_descriptor(0)))
+    assert peek.statuses[0].limit_remaining == 13
+    assert rig.charged("llm/tiny", "prompt_tokens") == 7
+    assert rig.charged("llm/tiny", "completion_tokens") == 20
+    # an answer charged nothing: all of its reservation, once
+    await rig.call(request(user_descriptor(request_id="r2", **reserve)))
+    assert reserved() == 100
+    for _ in range(2):
+        await rig.call(request(outcome_descriptor("upstream_error", request_id="r2", **reserve)))
+    assert refunded() == 23 + 50
+    # a refused request reserves nothing and gets nothing back
+    for _ in range(3):
+        await rig.call(request(user_descriptor()))
+    refused = await rig.call(request(user_descriptor(request_id="r6", **reserve)))
+    assert refused.overall_code == OVER_LIMIT
+    await rig.call(request(outcome_descriptor("rate_limited", request_id="r6", **reserve)))
+    assert (reserved(), refunded()) == (100, 73)
+    text = generate_latest(rig.registry).decode()
+    assert USER not in text
+    assert REQUEST_ID not in text
+
+
+@pytest.mark.asyncio
 async def test_an_outcome_is_answered_ok_even_over_the_limit() -> None:
     rig = Rig()
     for _ in range(5):

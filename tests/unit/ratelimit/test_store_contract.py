@@ -354,6 +354,57 @@ async def test_level_never_exceeds_capacity(store: BucketStore) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_reservation_is_taken_on_admission_possibly_into_debt(store: BucketStore) -> None:
+    # tokens-style admission with a reservation: needs a level above zero, takes the estimate
+    reserve = Admission("k", SPEC, need=1, take=4 * TOKEN)
+    assert await store.admit([reserve], T0, "r1") == AdmitResult(
+        True, (Outcome(True, FULL - 4 * TOKEN),)
+    )
+    # one token of credit left: still admitted, and the reservation drives the bucket into debt
+    assert await store.admit([reserve], T0, "r2") == AdmitResult(
+        True, (Outcome(True, FULL - 8 * TOKEN),)
+    )
+    # the next one sees both reservations in flight and is refused; nothing is taken
+    assert await store.admit([reserve], T0, "r3") == AdmitResult(
+        False, (Outcome(False, FULL - 8 * TOKEN),)
+    )
+    # ... and, refused, it is never charged (nor refunded) afterwards
+    refund = await store.charge([charge("k", -4 * TOKEN)], T0, "r3")
+    assert refund == ChargeResult(ChargeStatus.DENIED_REQUEST, ())
+    assert await level(store, "k", T0) == FULL - 8 * TOKEN
+
+
+@pytest.mark.asyncio
+async def test_a_negative_charge_is_a_refund_clamped_at_capacity(store: BucketStore) -> None:
+    assert (await store.admit([Admission("k", SPEC, need=1, take=3 * TOKEN)], T0, "r1")).admitted
+    # part of the reservation comes back
+    result = await store.charge([charge("k", -TOKEN)], T0, "r1")
+    assert result == ChargeResult(ChargeStatus.APPLIED, (FULL - 2 * TOKEN,))
+    # at most once per request id, like any charge
+    again = await store.charge([charge("k", -TOKEN)], T0, "r1")
+    assert again == ChargeResult(ChargeStatus.DUPLICATE, ())
+    # a refund larger than the room left stops at the capacity
+    result = await store.charge([charge("k", -5 * TOKEN)], T0, "r2")
+    assert result == ChargeResult(ChargeStatus.APPLIED, (FULL,))
+    assert await level(store, "k", T0) == FULL
+    # ... also when refill has filled the bucket meanwhile, and for a bucket never written
+    assert (await store.admit([Admission("k", SPEC, need=1, take=TOKEN)], T0, "r3")).admitted
+    result = await store.charge([charge("k", -TOKEN)], T0 + 24_000, "r3")
+    assert result == ChargeResult(ChargeStatus.APPLIED, (FULL,))
+    result = await store.charge([charge("new", -TOKEN)], T0, None)
+    assert result == ChargeResult(ChargeStatus.APPLIED, (FULL,))
+    # one after the other in one operation: a charge, then a refund bigger than it
+    both = await store.charge([charge("c", 2 * TOKEN), charge("c", -3 * TOKEN)], T0, None)
+    assert both == ChargeResult(ChargeStatus.APPLIED, (FULL - 2 * TOKEN, FULL))
+    # out of debt: a refund counts in full below the capacity
+    (debt,) = (await store.charge([charge("d", 7 * TOKEN)], T0, None)).levels
+    assert debt == -2 * TOKEN
+    result = await store.charge([charge("d", -3 * TOKEN)], T0, None)
+    assert result == ChargeResult(ChargeStatus.APPLIED, (TOKEN,))
+    assert await store.admit([tok("d")], T0, None) == AdmitResult(True, (Outcome(True, TOKEN),))
+
+
+@pytest.mark.asyncio
 async def test_empty_operations(store: BucketStore) -> None:
     assert await store.admit([], T0, "r") == AdmitResult(True, ())
     assert await store.charge([], T0, None) == ChargeResult(ChargeStatus.APPLIED, ())
@@ -397,16 +448,22 @@ async def test_random_operations_give_identical_results(
                     style = rng.random()
                     if style < 0.5:
                         need = take = rng.randint(1, 3) * spec.window_ms
-                    elif style < 0.8:
+                    elif style < 0.7:
                         need, take = 1, 0
+                    elif style < 0.8:  # a tokens limit's reservation, possibly into debt
+                        need, take = 1, rng.randint(0, 2 * spec.capacity)
                     else:
                         need, take = rng.randint(0, spec.capacity), 0
                     admissions.append(Admission(key, spec, need, take, rng.random() < 0.2))
                 a = await memory.admit(admissions, now, rid)
                 b = await redis_store.admit(admissions, now, rid)
             else:
+                # negative amounts are refunds (a settled reservation): clamped at the capacity
                 charges = [
-                    Charge(key, specs[key], rng.randint(0, 2 * specs[key].capacity)) for key in keys
+                    Charge(
+                        key, specs[key], rng.randint(-specs[key].capacity, 2 * specs[key].capacity)
+                    )
+                    for key in keys
                 ]
                 a = await memory.charge(charges, now, rid)
                 b = await redis_store.charge(charges, now, rid)

@@ -9,7 +9,9 @@
 --
 -- The fake Envoy handle implements just the API usage.lua uses, with Envoy's semantics where
 -- they matter: getBytes checks its bounds, setBytes also sets content-length (as Envoy's
--- BufferWrapper does), dynamicMetadata():get returns a copy, bodyChunks yields buffer objects.
+-- BufferWrapper does), dynamicMetadata():get returns a copy, bodyChunks yields buffer objects,
+-- and a headers object taken before body() is dead afterwards (Envoy 1.40 raises "object used
+-- outside of proper scope" when the script touches it; handle:headers() gives a live one).
 
 local usage_path = assert(arg[1], "usage: luajit lua_harness.lua path/to/usage.lua < code")
 
@@ -150,16 +152,25 @@ end
 
 -- --- a fake Envoy handle ------------------------------------------------------------------------
 
-local function fake_headers(map)
-  local store = {}
-  for key, value in pairs(map or {}) do
-    store[key:lower()] = value
+local function fake_headers(map, store)
+  if not store then
+    store = {}
+    for key, value in pairs(map or {}) do
+      store[key:lower()] = value
+    end
   end
-  local headers = { store = store }
+  local headers = { store = store, dead = false }
+  local function check(self)
+    if self.dead then
+      error("object used outside of proper scope")
+    end
+  end
   function headers:get(key)
+    check(self)
     return self.store[key:lower()]
   end
   function headers:replace(key, value)
+    check(self)
     self.store[key:lower()] = value
   end
   return headers
@@ -179,7 +190,7 @@ local function fake_buffer(data, headers)
   function buffer:setBytes(bytes)
     assert(type(bytes) == "string", "setBytes takes a string")
     self.data = bytes
-    headers:replace("content-length", tostring(#bytes))
+    headers.store["content-length"] = tostring(#bytes)
     return #bytes
   end
   return buffer
@@ -225,6 +236,9 @@ function on_request(stream, headers, body, without_length)
     return self.headers_
   end
   function handle:body()
+    -- Envoy waits for the body here; the headers object the script held is dead afterwards
+    self.headers_.dead = true
+    self.headers_ = fake_headers(nil, self.headers_.store)
     return self.body_
   end
   function handle:streamInfo()

@@ -9,6 +9,7 @@ string is its bytes (`raw()` turns it back into bytes).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -140,6 +141,7 @@ def test_the_chunk_defines_only_the_envoy_entry_points_and_returns_its_parts(lua
         "SseFilter:table",
         "USAGE_HEADERS:table",
         "counts:function",
+        "estimate:function",
         "inject:function",
         "outcome:function",
     ]
@@ -605,36 +607,126 @@ def test_outcome(lua: Any, status: int, usage: str, expected: str) -> None:
     assert lua(f"return M.outcome({status}, {usage})") == expected
 
 
+# --- estimate: the reservation -----------------------------------------------------------------
+
+
+def estimate(lua: Any, data: bytes, path: str = "/v1/chat/completions") -> dict[str, int]:
+    result = lua(f"return M.estimate({s(data)}, {s(path)})")
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("request_body", "completion"),
+    [
+        ({**CHAT_REQUEST, "max_tokens": 40}, 40),
+        ({"messages": [], "max_completion_tokens": 77}, 77),
+        # max_completion_tokens wins, as in vLLM (and the demo backend)
+        ({"max_tokens": 500, "max_completion_tokens": 12}, 12),
+        ({"max_completion_tokens": 12, "max_tokens": 500}, 12),
+        # neither: the documented default
+        ({"messages": [{"role": "user", "content": "hi"}]}, 256),
+        ({"max_tokens": None}, 256),
+        ({"max_tokens": "40"}, 256),
+        ({"max_tokens": -5}, 256),
+        # n choices of up to max_tokens each
+        ({"max_tokens": 10, "n": 3}, 30),
+        ({"max_tokens": 10, "n": 1}, 10),
+        ({"n": 2}, 512),
+        # absurd numbers are capped (1e9, Envoy's own cap on hits_addend), never an error
+        ({"max_tokens": 10**30}, 10**9),
+        ({"max_tokens": 10**8, "n": 10**8}, 10**9),
+    ],
+)
+def test_estimate_of_the_completion(
+    lua: Any, request_body: dict[str, object], completion: int
+) -> None:
+    data = body(request_body)
+    assert estimate(lua, data) == {"prompt": math.ceil(len(data) / 4), "completion": completion}
+
+
+@pytest.mark.parametrize(("size", "prompt"), [(1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
+def test_estimate_of_the_prompt_is_a_quarter_of_the_body_rounded_up(
+    lua: Any, size: int, prompt: int
+) -> None:
+    data = b"{" + b" " * (size - 2) + b"}" if size >= 2 else b"x"
+    assert len(data) == size
+    assert estimate(lua, data)["prompt"] == prompt
+
+
+def test_estimate_of_a_big_body(lua: Any) -> None:
+    data = body({**CHAT_REQUEST, "messages": [{"role": "user", "content": "word " * 40_000}]})
+    assert estimate(lua, data) == {"prompt": math.ceil(len(data) / 4), "completion": 3}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # a key inside a string: its quotes are escaped in JSON, so it is no key
+        body({"messages": [{"role": "user", "content": 'say "max_tokens": 9999'}]}),
+        # other keys that merely contain the name
+        b'{"xmax_tokens": 9999, "max_tokens_hint": 9999, "nn": 9}',
+    ],
+    ids=["quoted-in-content", "longer-keys"],
+)
+def test_estimate_reads_only_the_keys_themselves(lua: Any, data: bytes) -> None:
+    assert estimate(lua, data)["completion"] == 256
+
+
+def test_estimate_of_embeddings_has_no_completion(lua: Any) -> None:
+    data = body({"model": "tiny", "input": "four words right here"})
+    assert estimate(lua, data, "/llm/tiny/v1/embeddings") == {
+        "prompt": math.ceil(len(data) / 4),
+        "completion": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not json at all", b'{"max_tokens": ', b"\xff\xfe\x00{", b'{"n": 0}']
+)
+def test_estimate_of_odd_bodies_is_no_error(lua: Any, data: bytes) -> None:
+    result = estimate(lua, data)
+    assert result == {"prompt": math.ceil(len(data) / 4), "completion": 256}
+
+
 # --- the Envoy entry points, with a fake handle -------------------------------------------------
 
 
 def test_a_streaming_request_gets_include_usage(lua: Any) -> None:
     request = body(CHAT_REQUEST)
     result = lua(f"return on_request(fake_stream(), {t(JSON_HEADERS)}, {s(request)})")
-    assert result["metadata"] == {"injected": "true"}
+    # the reservation is estimated on the body as the client sent it
+    assert result["metadata"] == {"injected": "true", **reserved(request)}
     changed = raw(result["body"])
     assert json.loads(changed) == {**CHAT_REQUEST, "stream_options": {"include_usage": True}}
     assert result["headers"]["content-length"] == str(len(changed))
 
 
 @pytest.mark.parametrize(
-    ("headers", "data"),
+    ("headers", "data", "reserves"),
     [
-        (JSON_HEADERS, body({**CHAT_REQUEST, "stream": False})),
-        (JSON_HEADERS, body({**CHAT_REQUEST, "stream_options": {"include_usage": True}})),
-        ({**JSON_HEADERS, ":method": "GET"}, body(CHAT_REQUEST)),
-        ({**JSON_HEADERS, "content-type": "text/plain"}, body(CHAT_REQUEST)),
-        ({":method": "POST"}, body(CHAT_REQUEST)),
-        (JSON_HEADERS, b""),
-        (JSON_HEADERS, None),
+        (JSON_HEADERS, body({**CHAT_REQUEST, "stream": False}), True),
+        (JSON_HEADERS, body({**CHAT_REQUEST, "stream_options": {"include_usage": True}}), True),
+        ({**JSON_HEADERS, ":method": "GET"}, body(CHAT_REQUEST), False),
+        ({**JSON_HEADERS, "content-type": "text/plain"}, body(CHAT_REQUEST), False),
+        ({":method": "POST"}, body(CHAT_REQUEST), False),
+        (JSON_HEADERS, b"", False),
+        (JSON_HEADERS, None, False),
     ],
     ids=["not-streaming", "usage-asked", "get", "text", "no-content-type", "empty", "no-body"],
 )
-def test_requests_left_alone(lua: Any, headers: dict[str, str], data: bytes | None) -> None:
+def test_requests_left_alone(
+    lua: Any, headers: dict[str, str], data: bytes | None, reserves: bool
+) -> None:
     result = lua(
         f"return on_request(fake_stream(), {t(headers)}, {s(data) if data is not None else 'nil'})"
     )
-    assert "metadata" not in result
+    # unchanged; a buffered JSON body still gets its reservation estimated, nothing else does
+    if reserves:
+        assert data is not None
+        assert result["metadata"] == reserved(data)
+    else:
+        assert "metadata" not in result
     assert result.get("body") == (None if data is None else data.decode())
     expected_length = None if data is None else str(len(data))
     assert result["headers"].get("content-length") == expected_length
@@ -652,6 +744,54 @@ def test_a_request_without_content_length_is_not_buffered(lua: Any) -> None:
     request = body(CHAT_REQUEST)
     result = lua(f"return on_request(fake_stream(), {t(JSON_HEADERS)}, {s(request)}, true)")
     assert "metadata" not in result
+
+
+@pytest.mark.parametrize(
+    ("request_body", "completion"),
+    [
+        ({**CHAT_REQUEST, "stream": False, "max_tokens": 40}, "40"),
+        ({**CHAT_REQUEST, "stream": False, "max_completion_tokens": 7}, "7"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, "256"),
+    ],
+)
+def test_a_buffered_request_gets_a_reservation(
+    lua: Any, request_body: dict[str, object], completion: str
+) -> None:
+    request = body(request_body)
+    result = lua(f"return on_request(fake_stream(), {t(JSON_HEADERS)}, {s(request)})")
+    # strings of integers: they become rate limit descriptor entries, which are strings
+    assert result["metadata"] == {
+        "reserve_prompt": str(math.ceil(len(request) / 4)),
+        "reserve_completion": completion,
+    }
+    assert result["body"] == request.decode()
+
+
+def test_an_embeddings_request_reserves_no_completion(lua: Any) -> None:
+    request = body({"model": "tiny", "input": "four words right here"})
+    headers = {**JSON_HEADERS, ":path": "/llm/tiny/v1/embeddings"}
+    result = lua(f"return on_request(fake_stream(), {t(headers)}, {s(request)})")
+    assert result["metadata"] == reserved(request, completion=0)
+
+
+def test_a_failing_estimate_only_means_no_reservation(lua: Any) -> None:
+    # whatever goes wrong in the estimate, the request goes on, and injection still happens
+    request = body(CHAT_REQUEST)
+    result = lua(f"""
+        M.estimate = function() error("boom") end
+        return on_request(fake_stream(), {t(JSON_HEADERS)}, {s(request)})
+    """)
+    assert result["metadata"] == {"injected": "true"}
+    assert json.loads(raw(result["body"]))["stream_options"] == {"include_usage": True}
+
+
+def reserved(request: bytes, completion: int = 3) -> dict[str, str]:
+    """The reservation metadata of a buffered request: ceil(bytes / 4), and the completion
+    (by default CHAT_REQUEST's max_tokens)."""
+    return {
+        "reserve_prompt": str(math.ceil(len(request) / 4)),
+        "reserve_completion": str(completion),
+    }
 
 
 def full_exchange(
@@ -678,7 +818,11 @@ def charged(prompt: int, completion: int) -> dict[str, object]:
 def test_an_injected_stream_loses_its_usage_event_and_is_charged(lua: Any) -> None:
     result = lua(full_exchange(body(CHAT_REQUEST), SSE_RESPONSE, [STREAM[:300], STREAM[300:]]))
     assert raw(result["body"]) == STREAM_WITHOUT_USAGE
-    assert result["metadata"] == {"injected": "true", **charged(16, 3)}
+    assert result["metadata"] == {
+        "injected": "true",
+        **reserved(body(CHAT_REQUEST)),
+        **charged(16, 3),
+    }
 
 
 def test_an_injected_stream_at_every_split_point(lua: Any) -> None:
@@ -703,14 +847,14 @@ def test_a_stream_that_asked_for_usage_keeps_it(lua: Any) -> None:
     request = body({**CHAT_REQUEST, "stream_options": {"include_usage": True}})
     result = lua(full_exchange(request, SSE_RESPONSE, [STREAM]))
     assert raw(result["body"]) == STREAM
-    assert result["metadata"] == charged(16, 3)
+    assert result["metadata"] == {**reserved(request), **charged(16, 3)}
 
 
 def test_a_json_response_is_charged_and_passed_on(lua: Any) -> None:
     request = body({**CHAT_REQUEST, "stream": False})
     result = lua(full_exchange(request, JSON_RESPONSE, [CHAT_BODY[:50], CHAT_BODY[50:]]))
     assert raw(result["body"]) == CHAT_BODY
-    assert result["metadata"] == charged(15, 8)
+    assert result["metadata"] == {**reserved(request), **charged(15, 8)}
     assert result["read"] == 2
 
 
@@ -718,14 +862,18 @@ def test_an_injected_request_answered_without_a_stream_is_passed_on_whole(lua: A
     # a backend that ignores "stream": its JSON body has no event to remove, and no blank line
     result = lua(full_exchange(body(CHAT_REQUEST), JSON_RESPONSE, [CHAT_BODY]))
     assert raw(result["body"]) == CHAT_BODY
-    assert result["metadata"] == {"injected": "true", **charged(15, 8)}
+    assert result["metadata"] == {
+        "injected": "true",
+        **reserved(body(CHAT_REQUEST)),
+        **charged(15, 8),
+    }
 
 
 def test_a_stream_without_usage_is_not_charged(lua: Any) -> None:
     request = body({**CHAT_REQUEST, "stream_options": {"include_usage": True}})
     result = lua(full_exchange(request, SSE_RESPONSE, [STREAM_WITHOUT_USAGE]))
     assert raw(result["body"]) == STREAM_WITHOUT_USAGE
-    assert result["metadata"] == {"outcome": "no_usage"}
+    assert result["metadata"] == {**reserved(request), "outcome": "no_usage"}
 
 
 @pytest.mark.parametrize(
@@ -742,7 +890,12 @@ def test_a_stream_without_usage_is_not_charged(lua: Any) -> None:
 def test_error_responses_are_not_charged(lua: Any, status: str, outcome: str) -> None:
     error = b'{"error":{"message":"boom"},"usage":{"prompt_tokens":15,"completion_tokens":8}}'
     result = lua(full_exchange(body(CHAT_REQUEST), {**JSON_RESPONSE, ":status": status}, [error]))
-    assert result["metadata"] == {"injected": "true", "outcome": outcome}
+    # the reservation stays in the metadata: maas-ratelimit refunds it for such an outcome
+    assert result["metadata"] == {
+        "injected": "true",
+        **reserved(body(CHAT_REQUEST)),
+        "outcome": outcome,
+    }
     assert not CHARGED_KEYS & set(result["metadata"])
     assert raw(result["body"]) == error
     assert result["read"] == 0  # the body is passed on untouched, unread
@@ -750,8 +903,9 @@ def test_error_responses_are_not_charged(lua: Any, status: str, outcome: str) ->
 
 def test_usage_headers_win_over_the_body(lua: Any) -> None:
     headers = {**JSON_RESPONSE, "x-usage-prompt-tokens": "100", "x-usage-completion-tokens": "20"}
-    result = lua(full_exchange(body({**CHAT_REQUEST, "stream": False}), headers, [CHAT_BODY]))
-    assert result["metadata"] == charged(100, 20)
+    request = body({**CHAT_REQUEST, "stream": False})
+    result = lua(full_exchange(request, headers, [CHAT_BODY]))
+    assert result["metadata"] == {**reserved(request), **charged(100, 20)}
     assert raw(result["body"]) == CHAT_BODY
 
 
@@ -759,7 +913,11 @@ def test_usage_headers_on_an_injected_stream_still_remove_the_event(lua: Any) ->
     headers = {**SSE_RESPONSE, "x-usage-prompt-tokens": "100", "x-usage-completion-tokens": "20"}
     result = lua(full_exchange(body(CHAT_REQUEST), headers, [STREAM[:333], STREAM[333:]]))
     assert raw(result["body"]) == STREAM_WITHOUT_USAGE
-    assert result["metadata"] == {"injected": "true", **charged(100, 20)}
+    assert result["metadata"] == {
+        "injected": "true",
+        **reserved(body(CHAT_REQUEST)),
+        **charged(100, 20),
+    }
 
 
 @pytest.mark.parametrize(
@@ -779,7 +937,7 @@ def test_usage_headers_on_an_injected_stream_still_remove_the_event(lua: Any) ->
 def test_usage_headers(lua: Any, headers: dict[str, str], expected: dict[str, object]) -> None:
     request = body({**CHAT_REQUEST, "stream": False})
     result = lua(full_exchange(request, {**JSON_RESPONSE, **headers}, [CHAT_BODY]))
-    assert result["metadata"] == expected
+    assert result["metadata"] == {**reserved(request), **expected}
 
 
 def test_a_body_that_never_ends_is_incomplete(lua: Any) -> None:
@@ -789,7 +947,11 @@ def test_a_body_that_never_ends_is_incomplete(lua: Any) -> None:
         return on_response(stream, {t(SSE_RESPONSE)}, {{{s(STREAM[:200])}, RESET}})
     """)
     assert "stream reset" in result["error"]
-    assert result["metadata"] == {"injected": "true", "outcome": "incomplete"}
+    assert result["metadata"] == {
+        "injected": "true",
+        **reserved(body(CHAT_REQUEST)),
+        "outcome": "incomplete",
+    }
 
 
 def test_the_fake_handle_reports_errors_of_the_filter(lua: Any) -> None:
