@@ -100,7 +100,12 @@ class MemoryBucketStore:
                 del self._buckets[key]
             else:
                 self._buckets.move_to_end(key)
-        while self._request_ids:
+        # Request ids expire in insertion order; a few per operation keep up with the one an
+        # operation adds, and never stall the loop after an idle spell (expired ids left for
+        # later are ignored by _recall anyway).
+        for _ in range(count + 1):
+            if not self._request_ids:
+                break
             oldest, (_, expiry) = next(iter(self._request_ids.items()))
             if expiry > now_ms and len(self._request_ids) <= self._max_request_ids:
                 break
