@@ -203,10 +203,24 @@ local function is_usage_event(event)
 end
 
 -- Returns the bytes to pass on for this chunk.
+-- An event longer than this is no usage event (those are ~200 bytes): stop holding it back and
+-- pass it on as it comes, so a stream without blank lines cannot make the filter buffer it all.
+local MAX_PENDING = 64 * 1024
+
 function SseFilter:feed(chunk)
+  if self.passing then
+    -- inside an over-long event: pass bytes through until its end, then filter again
+    local s, e = chunk:find("\r?\n\r?\n")
+    if not s then
+      return chunk
+    end
+    self.passing = false
+    return chunk:sub(1, e) .. self:feed(chunk:sub(e + 1))
+  end
   local text = self.pending .. chunk
   local last = nil
-  local search = 1
+  -- the previous text had no event end; only its last 3 bytes can start one
+  local search = math.max(1, #self.pending - 3)
   while true do
     local s, e = text:find("\r?\n\r?\n", search)
     if not s then
@@ -216,6 +230,11 @@ function SseFilter:feed(chunk)
     search = e + 1
   end
   if not last then
+    if #text > MAX_PENDING then
+      self.pending = ""
+      self.passing = true
+      return text
+    end
     self.pending = text
     return ""
   end

@@ -962,3 +962,14 @@ def test_the_fake_handle_reports_errors_of_the_filter(lua: Any) -> None:
     """)
     assert "error" not in result
     assert result["metadata"] == charged(15, 8)
+
+
+@pytest.mark.parametrize("piece", [1000, 70_000])
+def test_an_over_long_event_is_passed_on_not_buffered(lua: Any, piece: int) -> None:
+    # a stream whose event never ends within 64 KiB (no blank line): passed on as it comes,
+    # and filtering resumes after its end, so the usage event after it is still removed
+    long_event = b"data: " + b"x" * 100_000 + b"\n\n"
+    stream = long_event + USAGE_EVENT + DONE
+    result = lua(f"return sse(pieces({s(stream)}, {piece}))")
+    assert raw(result["out"]) == long_event + DONE
+    assert result["pending"] == ""
