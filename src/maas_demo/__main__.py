@@ -54,6 +54,10 @@ Logs: {logs}.  Ctrl-C stops everything.
 """
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m maas_demo", description=__doc__)
     parser.add_argument(
@@ -64,15 +68,22 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true", help="do not echo the servers' logs")
     args = parser.parse_args()
 
-    stop = threading.Event()
+    # During start-up a signal interrupts at once (LocalStack.start stops what it started);
+    # afterwards it only asks the loop below to stop everything in order.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, _interrupt)
     stack = LocalStack(args.workdir, Ports(envoy=args.port), echo=not args.quiet)
     try:
         stack.start()
     except (StackError, FileNotFoundError) as exc:
         print(f"demo: could not start the stack: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted during start-up; stopped", file=sys.stderr)
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     p = stack.ports
     print(
         CURL_HELP.format(
