@@ -299,10 +299,28 @@ local function header_count(headers, name)
   return digits and tonumber(digits) or nil
 end
 
-local function header_usage(headers)
-  local prompt = header_count(headers, M.USAGE_HEADERS.prompt)
-  local completion = header_count(headers, M.USAGE_HEADERS.completion)
-  local total = header_count(headers, M.USAGE_HEADERS.total)
+-- The usage header names: the defaults above, or the route's filter metadata
+--   metadata: {filter_metadata: {envoy.filters.http.lua: {usage_headers: {prompt: ..., ...}}}}
+-- so that a backend (or middleware) with other names needs no change to this file.
+function M.usage_header_names(handle)
+  local ok, configured = pcall(function()
+    return handle:metadata():get("usage_headers")
+  end)
+  if not ok or type(configured) ~= "table" then
+    return M.USAGE_HEADERS
+  end
+  local names = {}
+  for kind, default in pairs(M.USAGE_HEADERS) do
+    local name = configured[kind]
+    names[kind] = type(name) == "string" and name ~= "" and name:lower() or default
+  end
+  return names
+end
+
+local function header_usage(headers, names)
+  local prompt = header_count(headers, names.prompt)
+  local completion = header_count(headers, names.completion)
+  local total = header_count(headers, names.total)
   if prompt or completion or total then
     return { prompt = prompt, completion = completion, total = total }
   end
@@ -348,7 +366,7 @@ function envoy_on_response(handle)
     and status < 300
     and (headers:get("content-type") or ""):find("text/event-stream", 1, true) ~= nil
   local sse = strip and SseFilter.new() or nil
-  local from_headers = header_usage(headers)
+  local from_headers = header_usage(headers, M.usage_header_names(handle))
   local scanner = nil
   if from_headers or status >= 300 then
     report(handle, from_headers, status)

@@ -151,6 +151,20 @@ def _model_for(request: web.Request) -> Model:
     return model
 
 
+def _usage_headers(request: web.Request, prompt: int, completion: int) -> dict[str, str]:
+    """Usage as response headers too, as some servers and middlewares send it, when the request
+    names a header prefix (``x-demo-usage-headers: x-usage-``). The header values are ten times
+    the body's, so a test can tell which of the two a reader used."""
+    prefix = request.headers.get("x-demo-usage-headers")
+    if not prefix:
+        return {}
+    return {
+        f"{prefix}prompt-tokens": str(prompt * 10),
+        f"{prefix}completion-tokens": str(completion * 10),
+        f"{prefix}total-tokens": str((prompt + completion) * 10),
+    }
+
+
 def _fail_hook(request: web.Request) -> web.StreamResponse | None:
     """Simulates upstream failures on demand (``x-demo-fail``); None means serve normally."""
     value = request.headers.get("x-demo-fail")
@@ -363,7 +377,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     }
                 ],
                 "usage": _usage(prompt_tokens, completion_tokens),
-            }
+            },
+            headers=_usage_headers(request, prompt_tokens, completion_tokens),
         )
 
     chunk_base = {**base, "object": "chat.completion.chunk"}

@@ -260,3 +260,16 @@ def test_embeddings_are_charged(gateway: Gateway) -> None:
     assert result.status == 200
     usage = result.json()["usage"]  # type: ignore[index]
     assert wait_for(lambda: charged(gateway) - before == usage["total_tokens"])
+
+
+def test_usage_headers_from_the_backend_win_over_the_body(gateway: Gateway) -> None:
+    # the demo backend, asked to, also reports usage in x-usage-* headers at 10x the body's
+    # values: what is charged shows which one the gateway trusted
+    before = charged(gateway)
+    result = settled(
+        gateway, CHAT, "sk-free-embed", chat(False, max_tokens=2), x_demo_usage_headers="x-usage-"
+    )
+    assert result.status == 200
+    body_usage = result.json()["usage"]  # type: ignore[index]
+    assert int(result.headers["x-usage-total-tokens"]) == 10 * body_usage["total_tokens"]
+    assert charged(gateway) - before == 10 * body_usage["total_tokens"]

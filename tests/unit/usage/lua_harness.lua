@@ -257,8 +257,12 @@ RESET = setmetatable({}, { __tostring = function() return "RESET" end })
 
 -- Runs envoy_on_response over `chunks` (strings, or RESET). Returns what the client gets, the
 -- metadata, how many chunks the filter read, and the error that ended it, if any.
-function on_response(stream, headers, chunks)
+function on_response(stream, headers, chunks, route_metadata)
   local handle = { stream = stream, read = 0 }
+  function handle:metadata() -- the route's metadata for this filter, as Envoy's handle gives it
+    local values = route_metadata or {}
+    return { get = function(_, key) return values[key] end }
+  end
   handle.headers_ = fake_headers(headers)
   handle.chunks = {}
   for i, data in ipairs(chunks) do

@@ -144,6 +144,7 @@ def test_the_chunk_defines_only_the_envoy_entry_points_and_returns_its_parts(lua
         "estimate:function",
         "inject:function",
         "outcome:function",
+        "usage_header_names:function",
     ]
 
 
@@ -973,3 +974,22 @@ def test_an_over_long_event_is_passed_on_not_buffered(lua: Any, piece: int) -> N
     result = lua(f"return sse(pieces({s(stream)}, {piece}))")
     assert raw(result["out"]) == long_event + DONE
     assert result["pending"] == ""
+
+
+def test_usage_header_names_come_from_the_routes_metadata(lua: Any) -> None:
+    names = {"prompt": "X-Prompt-Tokens", "completion": "x-completion-tokens"}  # total: default
+    headers = {**JSON_RESPONSE, "x-prompt-tokens": "11", "x-completion-tokens": "4",
+               "x-usage-prompt-tokens": "999"}  # fmt: skip
+    result = lua(
+        f"""
+        local stream = fake_stream()
+        return on_response(stream, {t(headers)}, {t([CHAT_BODY])},
+                           {{usage_headers = {t(names)}}})
+        """
+    )
+    assert result["metadata"] == charged(11, 4)
+    assert lua("return M.usage_header_names({metadata = function() error('none') end})") == {
+        "prompt": "x-usage-prompt-tokens",
+        "completion": "x-usage-completion-tokens",
+        "total": "x-usage-total-tokens",
+    }
