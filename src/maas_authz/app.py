@@ -222,10 +222,10 @@ async def build_app(
     servicer = service.AuthorizationService(
         pipeline, metrics, forward_authorization=config.response.forward_authorization
     )
-    app_holder: dict[str, AuthzApp] = {}
 
     async def purge(request: web.Request) -> web.Response:
-        return web.json_response(_purge(app_holder["app"], request.query.get("user")))
+        username = request.query.get("user")
+        return web.json_response(_purge(identity_cache, access_cache, username))
 
     runtime = ServerRuntime(
         name="maas-authz",
@@ -239,19 +239,21 @@ async def build_app(
         admin_addr=config.server.admin_addr,
         admin_routes=[web.post("/admin/purge", purge)],
     )
-    app = AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
-    app_holder["app"] = app
-    return app
+    return AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
 
 
-def _purge(app: AuthzApp, username: str | None) -> dict[str, int]:
+def _purge(
+    identities: CachedTokenReviewer | None,
+    access: CachedAccessReviewer | None,
+    username: str | None,
+) -> dict[str, int]:
     """Drop cached identities and access decisions (all, or one user's) for instant revocation."""
     counts = {"identities": 0, "access_decisions": 0}
-    if app.identity_cache is not None:
-        cache = app.identity_cache
-        counts["identities"] = cache.forget_user(username) if username else cache.cache.clear()
-    if app.access_cache is not None:
-        access = app.access_cache
+    if identities is not None:
+        counts["identities"] = (
+            identities.forget_user(username) if username else identities.cache.clear()
+        )
+    if access is not None:
         counts["access_decisions"] = (
             access.forget_user(username) if username else access.cache.clear()
         )
