@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
@@ -50,7 +51,11 @@ async def _start(
     tiers = tmp_path / "tiers.yaml"
     tiers.write_text(TIERS)
     raw = {
-        "server": {"grpc_addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0"},
+        "server": {
+            "grpc_addr": "127.0.0.1:0",
+            "http_addr": "127.0.0.1:0",
+            "admin_addr": "127.0.0.1:0",
+        },
         "identity": {
             "source": "kubernetes",
             "cache": {"ttl": "600s", "negative_ttl": "1s", **identity_cache},
@@ -230,3 +235,30 @@ async def test_apiserver_outage_gives_503_keeps_cached_decisions_and_recovers(
 
     after = await authz.client.check(MODEL_PATH, new_token)
     assert after.http_status == 200
+
+
+@pytest.mark.asyncio
+async def test_admin_purge_drops_a_users_cached_decisions_on_the_admin_port_only(
+    kube: Kube, authz: Running
+) -> None:
+    name = _name("judy")
+    username = kube.service_account(PREMIUM_NS, name)
+    token = kube.mint_token(PREMIUM_NS, name)
+    assert (await authz.client.check(MODEL_PATH, token)).http_status == 200
+
+    runtime = authz.app.runtime
+    async with aiohttp.ClientSession() as session:
+        on_metrics_port = await session.post(
+            f"http://127.0.0.1:{runtime.http_port}/admin/purge", params={"user": username}
+        )
+        assert on_metrics_port.status in (404, 405)  # not where metrics are scraped
+        purged = await session.post(
+            f"http://127.0.0.1:{runtime.admin_port}/admin/purge", params={"user": username}
+        )
+        assert purged.status == 200
+        assert await purged.json() == {"identities": 1, "access_decisions": 1}
+
+    count = "maas_authz_kubernetes_request_duration_seconds_count"
+    before = authz.sample(count, {"call": "tokenreview"})
+    assert (await authz.client.check(MODEL_PATH, token)).http_status == 200
+    assert authz.sample(count, {"call": "tokenreview"}) == before + 1  # asked the cluster again
