@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 
 import pytest
+import yaml
 
-from maas_demo.stack import LocalStack, Ports
+from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
 
 
 @dataclass
@@ -82,3 +85,85 @@ def start_stack(workdir: pathlib.Path, authz_config: pathlib.Path) -> LocalStack
     stack = LocalStack(workdir, Ports.free(), authz_config=authz_config)
     stack.start()
     return stack
+
+
+def stack_configs(
+    work: pathlib.Path,
+    users: dict[str, tuple[str, str]],
+    limits: dict[str, object] | None = None,
+) -> dict[str, pathlib.Path]:
+    """The demo configs with these API keys (key -> (username, group)) and, if given, these
+    limits; returns the LocalStack keyword arguments that use them."""
+    keys = [
+        {"sha256": hashlib.sha256(key.encode()).hexdigest(), "username": name, "groups": [group]}
+        for key, (name, group) in users.items()
+    ]
+    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
+    authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
+    authz["identity"]["static"]["keys_file"] = str(work / "keys.yaml")
+    authz["tiers"]["file"] = str(CONFIG_DIR / "tiers.yaml")
+    (work / "authz.yaml").write_text(yaml.safe_dump(authz))
+    configs = {"authz_config": work / "authz.yaml"}
+    if limits is not None:
+        (work / "limits.yaml").write_text(yaml.safe_dump(limits))
+        (work / "ratelimit.yaml").write_text(yaml.safe_dump({"limits": {"file": "limits.yaml"}}))
+        configs["ratelimit_config"] = work / "ratelimit.yaml"
+    return configs
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@dataclass
+class Metrics:
+    """maas-ratelimit's /metrics at one moment."""
+
+    text: str
+
+    def value(self, name: str, **labels: str) -> float:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.text.splitlines():
+            if line.startswith(f"{name}{{{wanted}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def total(self, name: str) -> float:
+        """The sum over every label set of `name`."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.text.splitlines()
+            if line.startswith(f"{name}{{")
+        )
+
+
+def metrics(gateway: Gateway) -> Metrics:
+    url = f"http://127.0.0.1:{gateway.stack.ports.ratelimit_http}/metrics"
+    return Metrics(http(url, method="GET").body.decode())
+
+
+def charged(gateway: Gateway, tier: str = "free", model: str = "llm/tiny") -> float:
+    """Prompt plus completion tokens maas-ratelimit has charged so far for `tier`."""
+    m = metrics(gateway)
+    return sum(
+        m.value("maas_ratelimit_tokens_charged_total", kind=kind, model=model, tier=tier)
+        for kind in ("prompt_tokens", "completion_tokens")
+    )
+
+
+def reported(gateway: Gateway) -> float:
+    """How many responses the usage reader has reported on so far (one per proxied request)."""
+    return metrics(gateway).total("maas_ratelimit_usage_responses_total")
+
+
+def settled(gateway: Gateway, path: str, key: str, body: object, **headers: str) -> HttpResult:
+    """A request, after whose return its after-response report has reached maas-ratelimit."""
+    before = reported(gateway)
+    result = gateway.request(path, key, body, **headers)
+    assert wait_for(lambda: reported(gateway) >= before + 1), "no after-response report"
+    return result

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from maas_demo.stack import CONFIG_DIR
-from tests.e2e.conftest import Gateway, http, start_stack
+from tests.e2e.conftest import Gateway, http, start_stack, wait_for
 
 pytestmark = pytest.mark.e2e
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -108,15 +108,6 @@ def _tier_seen(gateway: Gateway, key: str) -> str | None:
     return gateway.backend_saw()[-1]["headers"]["x-maas-tier"]  # type: ignore[index,no-any-return]
 
 
-def _eventually(predicate: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_tier_mapping_and_keys_reload_on_configmap_swap_without_failed_requests(
     mounted_config: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -136,7 +127,7 @@ def test_tier_mapping_and_keys_reload_on_configmap_swap_without_failed_requests(
             )
         )
         _swap_mount(mount, "..v2", {"tiers.yaml": tiers, "keys.yaml": keys})
-        assert _eventually(lambda: _tier_seen(gateway, "sk-demo-free") == "premium")
+        assert wait_for(lambda: _tier_seen(gateway, "sk-demo-free") == "premium", timeout=10.0)
 
         # a broken version is rejected and the previous one stays in force
         _swap_mount(mount, "..v3", {"tiers.yaml": "- name: [broken", "keys.yaml": keys})
@@ -153,7 +144,9 @@ def test_tier_mapping_and_keys_reload_on_configmap_swap_without_failed_requests(
             line for line in keys.splitlines() if "e47e4ba5" not in line
         ).replace("    username: demo-free\n    groups: [tier-free-users]\n", "")
         _swap_mount(mount, "..v4", {"tiers.yaml": tiers, "keys.yaml": without_free})
-        assert _eventually(lambda: gateway.request(CHAT, "sk-demo-free", BODY).status == 401)
+        assert wait_for(
+            lambda: gateway.request(CHAT, "sk-demo-free", BODY).status == 401, timeout=10.0
+        )
         assert gateway.request(CHAT, "sk-demo-premium", BODY).status == 200
     finally:
         stack.stop()

@@ -7,20 +7,26 @@ settles it against the real usage after the response. With the demo backend stre
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import yaml
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
-from tests.e2e.conftest import Gateway, HttpResult, http
+from maas_demo.stack import LocalStack, Ports
+from tests.e2e.conftest import (
+    Gateway,
+    HttpResult,
+    charged,
+    metrics,
+    reported,
+    stack_configs,
+    wait_for,
+)
 from tests.support.ratelimit_client import RateLimitClient, descriptor
 
 pytestmark = pytest.mark.e2e
@@ -40,15 +46,6 @@ USERS = {  # key -> (username, group)
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("reservations")
-    keys = [
-        {"sha256": hashlib.sha256(key.encode()).hexdigest(), "username": name, "groups": [group]}
-        for key, (name, group) in USERS.items()
-    ]
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
-    authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
-    authz["identity"]["static"]["keys_file"] = str(work / "keys.yaml")
-    authz["tiers"]["file"] = str(CONFIG_DIR / "tiers.yaml")
-    (work / "authz.yaml").write_text(yaml.safe_dump(authz))
     limits = {
         "domain": "maas",
         # the tokens limit alone, so that it is the limit every answer reports
@@ -57,14 +54,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
              "window": WINDOW},
         ],
     }  # fmt: skip
-    (work / "limits.yaml").write_text(yaml.safe_dump(limits))
-    (work / "ratelimit.yaml").write_text(yaml.safe_dump({"limits": {"file": "limits.yaml"}}))
     stack = LocalStack(
         work / "stack",
         Ports.free(),
-        authz_config=work / "authz.yaml",
-        ratelimit_config=work / "ratelimit.yaml",
         backend_args=("--token-delay-ms", str(TOKEN_DELAY_MS)),
+        **stack_configs(work, USERS, limits),
     )
     stack.start()
     yield Gateway(stack)
@@ -100,46 +94,10 @@ def stream_usage(result: HttpResult) -> dict[str, int]:
     raise AssertionError("no usage event in the stream")
 
 
-def samples(gateway: Gateway) -> dict[str, float]:
-    """maas-ratelimit's metrics: sample line (name and labels) -> value."""
-    url = f"http://127.0.0.1:{gateway.stack.ports.ratelimit_http}/metrics"
-    out = {}
-    for line in http(url, method="GET").body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def tokens_metric(gateway: Gateway, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted({**labels, "model": MODEL,
-                                                       "tier": "free"}.items()))  # fmt: skip
-    return samples(gateway).get(f"maas_ratelimit_tokens_{name}_total{{{wanted}}}", 0.0)
-
-
-def charged(gateway: Gateway) -> float:
-    return sum(
-        tokens_metric(gateway, "charged", kind=kind)
-        for kind in ("prompt_tokens", "completion_tokens")
+    return metrics(gateway).value(
+        f"maas_ratelimit_tokens_{name}_total", model=MODEL, tier="free", **labels
     )
-
-
-def reported(gateway: Gateway) -> float:
-    """After-response reports maas-ratelimit has counted (one per proxied request)."""
-    return sum(
-        value
-        for name, value in samples(gateway).items()
-        if name.startswith("maas_ratelimit_usage_responses_total{")
-    )
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def tokens_left(gateway: Gateway, user: str) -> int:

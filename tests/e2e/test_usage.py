@@ -3,17 +3,23 @@ it after the response, maas-ratelimit debits the token bucket. With the demo bac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-import yaml
 
-from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
-from tests.e2e.conftest import Gateway, HttpResult, http
+from maas_demo.stack import LocalStack, Ports
+from tests.e2e.conftest import (
+    Gateway,
+    HttpResult,
+    charged,
+    http,
+    metrics,
+    settled,
+    stack_configs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -34,15 +40,6 @@ USERS = {  # key -> (username, group)
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("usage")
-    keys = [
-        {"sha256": hashlib.sha256(key.encode()).hexdigest(), "username": name, "groups": [group]}
-        for key, (name, group) in USERS.items()
-    ]
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
-    authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
-    authz["identity"]["static"]["keys_file"] = str(work / "keys.yaml")
-    authz["tiers"]["file"] = str(CONFIG_DIR / "tiers.yaml")
-    (work / "authz.yaml").write_text(yaml.safe_dump(authz))
     limits = {
         "domain": "maas",
         "limits": [
@@ -54,14 +51,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
              "window": "1m"},
         ],
     }  # fmt: skip
-    (work / "limits.yaml").write_text(yaml.safe_dump(limits))
-    (work / "ratelimit.yaml").write_text(yaml.safe_dump({"limits": {"file": "limits.yaml"}}))
-    stack = LocalStack(
-        work / "stack",
-        Ports.free(),
-        authz_config=work / "authz.yaml",
-        ratelimit_config=work / "ratelimit.yaml",
-    )
+    stack = LocalStack(work / "stack", Ports.free(), **stack_configs(work, USERS, limits))
     stack.start()
     yield Gateway(stack)
     stack.stop()
@@ -93,57 +83,6 @@ def usage_of(result: HttpResult, stream: bool) -> dict[str, int] | None:
         if event != "[DONE]" and "usage" in json.loads(event):
             return json.loads(event)["usage"]  # type: ignore[no-any-return]
     return None
-
-
-@dataclass
-class Metrics:
-    text: str
-
-    def value(self, name: str, **labels: str) -> float:
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in self.text.splitlines():
-            if line.startswith(f"{name}{{{wanted}}} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-
-def metrics(gateway: Gateway) -> Metrics:
-    url = f"http://127.0.0.1:{gateway.stack.ports.ratelimit_http}/metrics"
-    return Metrics(http(url, method="GET").body.decode())
-
-
-def charged(gateway: Gateway) -> float:
-    m = metrics(gateway)
-    return sum(
-        m.value("maas_ratelimit_tokens_charged_total", kind=kind, model="llm/tiny", tier="free")
-        for kind in ("prompt_tokens", "completion_tokens")
-    )
-
-
-def reported(gateway: Gateway) -> float:
-    """How many responses the usage reader has reported on so far (one per proxied request)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics(gateway).text.splitlines()
-        if line.startswith("maas_ratelimit_usage_responses_total{")
-    )
-
-
-def settled(gateway: Gateway, path: str, key: str, body: object, **headers: str) -> HttpResult:
-    """A request, after whose return its after-response report has reached maas-ratelimit."""
-    before = reported(gateway)
-    result = gateway.request(path, key, body, **headers)
-    assert wait_for(lambda: reported(gateway) >= before + 1), "no after-response report"
-    return result
-
-
-def wait_for(predicate: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize(

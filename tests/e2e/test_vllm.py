@@ -3,16 +3,13 @@ vLLM itself counted, for JSON answers and streams with and without include_usage
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
-from maas_demo.stack import CONFIG_DIR, LocalStack, Ports, free_port
-from tests.e2e.conftest import Gateway, HttpResult, http
-from tests.e2e.test_usage import Metrics, metrics, settled
+from maas_demo.stack import LocalStack, Ports, free_port
+from tests.e2e.conftest import Gateway, HttpResult, Metrics, http, metrics, settled, stack_configs
 from tests.support.tiny_model import build_tiny_model
 from tests.support.vllm_server import VllmServer, default_cache_dir, find_vllm_python
 
@@ -39,18 +36,10 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
 @pytest.fixture(scope="module")
 def gateway(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("vllm-stack")
-    keys = [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "username": "vllm-user",
-             "groups": ["tier-premium-users"]}]  # fmt: skip
-    (work / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
-    authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
-    authz["identity"]["static"]["keys_file"] = str(work / "keys.yaml")
-    authz["tiers"]["file"] = str(CONFIG_DIR / "tiers.yaml")
-    (work / "authz.yaml").write_text(yaml.safe_dump(authz))
+    configs = stack_configs(work, {KEY: ("vllm-user", "tier-premium-users")})
     ports = Ports.free()
     ports.backend = vllm.port
-    stack = LocalStack(
-        work / "stack", ports, authz_config=work / "authz.yaml", external_backend=True
-    )
+    stack = LocalStack(work / "stack", ports, external_backend=True, **configs)
     stack.start()
     yield Gateway(stack)
     stack.stop()
@@ -68,7 +57,7 @@ def vllm_counts(vllm: VllmServer) -> tuple[float, float]:
     return prompt, generated
 
 
-def charged(m: Metrics) -> tuple[float, float]:
+def charged_by_kind(m: Metrics) -> tuple[float, float]:
     labels = {"model": "llm/tiny", "tier": "premium"}
     return (
         m.value("maas_ratelimit_tokens_charged_total", kind="prompt_tokens", **labels),
@@ -110,10 +99,10 @@ def test_tokens_charged_equal_what_vllm_counted(
     if include_usage is not None:
         body["stream_options"] = {"include_usage": include_usage}
 
-    charged_before, vllm_before = charged(metrics(gateway)), vllm_counts(vllm)
+    charged_before, vllm_before = charged_by_kind(metrics(gateway)), vllm_counts(vllm)
     result = settled(gateway, path, KEY, body)
     assert result.status == 200, result.body[:300]
-    charged_after, vllm_after = charged(metrics(gateway)), vllm_counts(vllm)
+    charged_after, vllm_after = charged_by_kind(metrics(gateway)), vllm_counts(vllm)
 
     prompt = charged_after[0] - charged_before[0]
     completion = charged_after[1] - charged_before[1]
