@@ -154,6 +154,16 @@ function M.estimate(body, path)
   }
 end
 
+-- How include_usage is turned on, tried in order; the first rule that matches is applied.
+local INJECTIONS = {
+  { '"include_usage"%s*:%s*false', '"include_usage":true' },
+  { '"stream_options"%s*:%s*{%s*}', '"stream_options":{"include_usage":true}' },
+  { '("stream_options"%s*:%s*{)', '%1"include_usage":true,' },
+  -- an explicit null: replaced, since a second "stream_options" key would lose to it (last wins)
+  { '"stream_options"%s*:%s*null', '"stream_options":{"include_usage":true}' },
+  { '^(%s*{)', '%1"stream_options":{"include_usage":true},' },
+}
+
 -- inject(body): the request body with stream_options.include_usage = true, or nil when it needs
 -- no change (not streaming, or the client asked for usage itself).
 function M.inject(body)
@@ -163,26 +173,11 @@ function M.inject(body)
   if body:find('"include_usage"%s*:%s*true') then
     return nil
   end
-  local out, n = body:gsub('"include_usage"%s*:%s*false', '"include_usage":true', 1)
-  if n > 0 then
-    return out
-  end
-  out, n = body:gsub('"stream_options"%s*:%s*{%s*}', '"stream_options":{"include_usage":true}', 1)
-  if n > 0 then
-    return out
-  end
-  out, n = body:gsub('("stream_options"%s*:%s*{)', '%1"include_usage":true,', 1)
-  if n > 0 then
-    return out
-  end
-  -- an explicit null: replaced, since a second "stream_options" key would lose to it (last wins)
-  out, n = body:gsub('"stream_options"%s*:%s*null', '"stream_options":{"include_usage":true}', 1)
-  if n > 0 then
-    return out
-  end
-  out, n = body:gsub('^(%s*{)', '%1"stream_options":{"include_usage":true},', 1)
-  if n > 0 then
-    return out
+  for _, rule in ipairs(INJECTIONS) do
+    local out, n = body:gsub(rule[1], rule[2], 1)
+    if n > 0 then
+      return out
+    end
   end
   return nil
 end
