@@ -3,12 +3,14 @@ PY := .venv/bin/python
 PORT ?= 8080
 
 .PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver \
-	test-packages vllm bench-usage clean
+	test-packages vllm bench bench-quick bench-usage clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
 	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
+	@echo "make bench [ARGS='--quick --only NAME'] - policy plane vs its do-nothing floor (README)"
+	@echo "make bench-quick - the same, small (under a minute)"
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
 	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e - one test tier"
 
@@ -47,6 +49,12 @@ test-integration: setup test-packages kube-apiserver
 
 test-e2e: setup test-packages vllm
 	$(PY) -m pytest tests/e2e
+
+bench: setup test-packages kube-apiserver
+	$(PY) -m bench $(ARGS)
+
+bench-quick: setup test-packages kube-apiserver
+	$(PY) -m bench --quick $(ARGS)
 
 bench-usage: setup
 	$(PY) bench/usage_mechanisms.py $(ARGS)

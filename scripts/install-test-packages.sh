@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the test suite runs for real: redis-server, and luajit (the Lua of Envoy, for
-# envoy/lua/usage.lua). Installs only what is missing.
+# Debian packages the test suite runs for real: redis-server, luajit (the Lua of Envoy, for
+# envoy/lua/usage.lua), and h2load (nghttp2-client, the load generator of `make bench`).
+# Installs only what is missing.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v luajit >/dev/null 2>&1 || missing+=(luajit)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 ((${#missing[@]})) || exit 0
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -1,0 +1,257 @@
+"""Scenarios 1 and 3: one gRPC server against its do-nothing floor, driven by h2load directly.
+
+For each pair the baseline and the subject alternate (`Sizes.rounds` times) so that drift on a
+shared machine hits both; each round measures throughput at saturation (and the server's CPU per
+call over that run) and latency at a fixed offered load. Medians over the rounds are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
+
+from bench.context import PYTHON, REPO, Context, median
+from bench.load import GRPC_HEADERS, Load, LoadResult, grpc_frame, run_h2load
+from bench.procs import Service, free_port, http_get
+from bench.report import Figure, Floor
+
+CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
+RLS_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+DEMO_CONFIG = REPO / "src" / "maas_demo" / "config"
+MODEL_PATH = "/llm/tiny/v1/chat/completions"
+
+
+def check_request(token: str, path: str = MODEL_PATH) -> external_auth_pb2.CheckRequest:
+    """A CheckRequest as Envoy sends it for a chat completion (headers of a typical SDK)."""
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method = "POST"
+    http.path = path
+    http.host = "maas.example.com"
+    http.scheme = "https"
+    http.protocol = "HTTP/1.1"
+    http.id = "8312519741238467201"
+    http.headers.update(
+        {
+            ":authority": "maas.example.com",
+            ":method": "POST",
+            ":path": path,
+            ":scheme": "https",
+            "authorization": f"Bearer {token}",
+            "content-type": "application/json",
+            "content-length": "161",
+            "accept": "application/json",
+            "user-agent": "OpenAI/Python 1.99.0",
+            "x-stainless-lang": "python",
+            "x-forwarded-proto": "https",
+            "x-request-id": "5c3b8e0e-6f0c-4a8e-9d57-3f7c2b7a1e41",
+        }
+    )
+    source = request.attributes.source.address.socket_address
+    source.address, source.port_value = "10.128.2.17", 51234
+    return request
+
+
+def admission_request(tier: str, user: str, model: str) -> rls_pb2.RateLimitRequest:
+    """What Envoy sends before a request: one descriptor from maas-authz's metadata."""
+    descriptor = ratelimit_pb2.RateLimitDescriptor()
+    for key, value in (("tier", tier), ("user", user), ("model", model)):
+        descriptor.entries.add(key=key, value=value)
+    return rls_pb2.RateLimitRequest(domain="maas", descriptors=[descriptor], hits_addend=1)
+
+
+@dataclass
+class Side:
+    """One server of a pair: the process, where to call, and a check that it answered right."""
+
+    name: str
+    service: Service
+    port: int
+    verify: Callable[[int], str | None] = lambda _sent: None  # error text, or None
+
+
+@dataclass
+class Runs:
+    saturation: list[LoadResult]
+    fixed: list[LoadResult]
+    cpu_us: list[float]
+
+    def rps(self) -> float:
+        return median([r.rps for r in self.saturation])
+
+    def cpu(self) -> float:
+        return median(self.cpu_us)
+
+    def p50(self) -> float:
+        return median([r.p50_ms for r in self.fixed])
+
+    def p99(self) -> float:
+        return median([r.p99_ms for r in self.fixed])
+
+    def loadgen(self) -> float:
+        return max(r.loadgen_cpu for r in self.saturation)
+
+    def sent(self) -> int:
+        return sum(r.requests for r in (*self.saturation, *self.fixed))
+
+
+def compare(
+    ctx: Context,
+    scenario: str,
+    baseline: Side,
+    subject: Side,
+    *,
+    method_path: str,
+    body: bytes,
+    throughput_floor: float | None,
+    cpu_floor: float | None = None,
+) -> list[Figure]:
+    sizes = ctx.sizes
+    runs = {side.name: Runs([], [], []) for side in (baseline, subject)}
+    warm = Load(sizes.warmup_requests)
+    saturate = Load(sizes.saturation_requests)
+    fixed = Load(round(sizes.fixed_rate * sizes.fixed_seconds), rate=sizes.fixed_rate)
+    warmed_up = 0
+    for side in (baseline, subject):
+        url = _url(side, method_path)
+        warmed_up = run_h2load(url, warm, body=body, headers=GRPC_HEADERS).requests
+    for _ in range(sizes.rounds):
+        for side in (baseline, subject):
+            url = _url(side, method_path)
+            before = side.service.cpu()
+            result = run_h2load(url, saturate, body=body, headers=GRPC_HEADERS)
+            cpu = side.service.cpu() - before
+            runs[side.name].saturation.append(result)
+            runs[side.name].cpu_us.append(cpu / result.succeeded * 1e6)
+            runs[side.name].fixed.append(run_h2load(url, fixed, body=body, headers=GRPC_HEADERS))
+    for side in (baseline, subject):
+        problem = side.verify(runs[side.name].sent() + warmed_up)
+        if problem:
+            raise RuntimeError(f"{scenario}: {side.name} did not answer as expected: {problem}")
+    ours, base = runs[subject.name], runs[baseline.name]
+    ctx.log(
+        f"{scenario}: {ours.rps():,.0f} vs {base.rps():,.0f} calls/s, "
+        f"{ours.cpu():.0f} vs {base.cpu():.0f} µs CPU/call"
+    )
+    note = f"h2load used at most {max(ours.loadgen(), base.loadgen()):.0%} of a core"
+    rate = f"at {sizes.fixed_rate:g}/s"
+    return [
+        Figure(scenario, "throughput at saturation", "calls/s", ours.rps(), base.rps(),
+               baseline.name, Floor(">=", throughput_floor) if throughput_floor else None,
+               note=note),
+        Figure(scenario, "server CPU per call", "µs", ours.cpu(), base.cpu(), baseline.name,
+               Floor("<=", cpu_floor) if cpu_floor else None),
+        Figure(scenario, f"p50 {rate}", "ms", ours.p50(), base.p50(), baseline.name),
+        Figure(scenario, f"p99 {rate}", "ms", ours.p99(), base.p99(), baseline.name),
+    ]  # fmt: skip
+
+
+def _url(side: Side, method_path: str) -> str:
+    return f"http://127.0.0.1:{side.port}{method_path}"
+
+
+def metric_total(http_port: int, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels` (from /metrics)."""
+    total = 0.0
+    for line in http_get(f"http://127.0.0.1:{http_port}/metrics").splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.split("{", 1)[0] != name:
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def _addrs(grpc_port: int, http_port: int) -> list[str]:
+    return ["--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}"]
+
+
+def _at_least(http_port: int, name: str, **labels: str) -> Callable[[int], str | None]:
+    def verify(sent: int) -> str | None:
+        got = metric_total(http_port, name, **labels)
+        return None if got >= sent else f"{name}{labels} = {got:g}, expected >= {sent}"
+
+    return verify
+
+
+def start_authz(ctx: Context, name: str, config: str, env: dict[str, str] | None = None) -> Side:
+    """maas-authz on free ports with `config` (a path), logs at warning level like production."""
+    grpc_port, http_port = free_port(), free_port()
+    argv = [PYTHON, "-m", "maas_authz", "--config", config, *_addrs(grpc_port, http_port)]
+    service = ctx.service(
+        name,
+        argv,
+        ready_url=f"http://127.0.0.1:{http_port}/readyz",
+        env={"MAAS_AUTHZ_LOG_LEVEL": "warning", **(env or {})},
+    )
+    verify = _at_least(http_port, "maas_authz_decisions_total", result="allowed")
+    return Side(name, service, grpc_port, verify)
+
+
+BENCH_LIMITS = """\
+# Limits high enough that every benchmark call is admitted and every bucket is really used.
+domain: maas
+limits:
+  - {name: requests, tier: enterprise, kind: requests, limit: 1000000000, window: 1s}
+  - {name: tokens, tier: enterprise, kind: tokens, limit: 1000000000, window: 1s}
+"""
+
+
+def start_ratelimit(ctx: Context, name: str, store: str) -> Side:
+    """maas-ratelimit on free ports with BENCH_LIMITS and `store` (`memory` or a Redis URL)."""
+    limits = ctx.path("ratelimit/limits.yaml")
+    limits.write_text(BENCH_LIMITS)
+    store_yaml = (
+        "store:\n  type: memory\n"
+        if store == "memory"
+        else f"store:\n  type: redis\n  redis:\n    url: {store}\n"
+    )
+    config = ctx.path(f"ratelimit/{name}.yaml")
+    config.write_text(f"limits:\n  file: limits.yaml\n{store_yaml}")
+    grpc_port, http_port = free_port(), free_port()
+    argv = [PYTHON, "-m", "maas_ratelimit", "--config", str(config), *_addrs(grpc_port, http_port)]
+    service = ctx.service(
+        name,
+        argv,
+        ready_url=f"http://127.0.0.1:{http_port}/readyz",
+        env={"MAAS_RATELIMIT_LOG_LEVEL": "warning"},
+    )
+    verify = _at_least(http_port, "maas_ratelimit_calls_total", answer="ok")
+    return Side(name, service, grpc_port, verify)
+
+
+def noop(ctx: Context, kind: str) -> Side:
+    service, port = ctx.noop_server(kind)
+    return Side(f"do-nothing {kind} server", service, port)
+
+
+def check_static_key(ctx: Context) -> list[Figure]:
+    """Scenario 1 (static keys): Check with a demo API key vs a do-nothing ext_authz server."""
+    with ctx.services():
+        baseline = noop(ctx, "authz")
+        subject = start_authz(ctx, "maas-authz (static keys)", str(DEMO_CONFIG / "authz.yaml"))
+        body = grpc_frame(check_request("sk-demo-enterprise"))
+        return compare(
+            ctx, "Check, static key", baseline, subject, method_path=CHECK_PATH, body=body,
+            throughput_floor=0.8, cpu_floor=1.25,
+        )  # fmt: skip
+
+
+def should_rate_limit(ctx: Context, redis_url: str | None) -> list[Figure]:
+    """Scenario 3: admission on the memory store (or Redis) vs a do-nothing RLS server."""
+    store = redis_url or "memory"
+    label = "Redis" if redis_url else "memory"
+    with ctx.services():
+        baseline = noop(ctx, "ratelimit")
+        subject = start_ratelimit(ctx, f"maas-ratelimit ({label})", store)
+        body = grpc_frame(admission_request("enterprise", "system:serviceaccount:a:b", "llm/tiny"))
+        return compare(
+            ctx, f"ShouldRateLimit, {label} store", baseline, subject, method_path=RLS_PATH,
+            body=body, throughput_floor=0.6 if redis_url else 0.8,
+        )  # fmt: skip
