@@ -56,7 +56,8 @@ class Load:
 @dataclass(frozen=True)
 class LoadResult:
     requests: int
-    succeeded: int
+    succeeded: int  # streams completed (for gRPC also a 200 with grpc-status != 0)
+    status_2xx: int
     failed: int
     seconds: float
     rps: float
@@ -74,6 +75,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+_STATUS_2XX = re.compile(r"status codes: (\d+) 2xx")
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
 _REQUESTS = re.compile(
     r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed"
@@ -137,6 +139,7 @@ def run_h2load(
         return LoadResult(
             requests=int(totals.group(1)),
             succeeded=succeeded,
+            status_2xx=int(m.group(1)) if (m := _STATUS_2XX.search(text)) else 0,
             failed=int(totals.group(3)),
             seconds=seconds,
             rps=float(finished.group(3)),
