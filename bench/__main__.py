@@ -61,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     figures: list[Figure] = []
     failed: list[str] = []
+    counts: dict[str, int] = {}
     for name in args.only or list(SCENARIOS):
         ctx.log(f"== {name}")
         try:
-            figures += SCENARIOS[name](ctx)
+            produced = SCENARIOS[name](ctx)
         except Exception as exc:  # one broken scenario must not hide the others' figures
             ctx.log(f"{name} FAILED: {exc}")
             failed.append(name)
+            continue
+        counts[name] = len(produced)
+        figures += produced
     elapsed = time.monotonic() - started
 
     print(table(figures))
@@ -78,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     json_path, png_path = out / "bench.json", out / "bench.png"
     mode = "quick" if args.quick else "full"
-    write_json(json_path, figures, {"mode": mode, "seconds": elapsed, "failed": failed})
+    write_json(
+        json_path,
+        figures,
+        {"mode": mode, "seconds": elapsed, "scenarios": counts, "failed": failed},
+    )
     write_chart(png_path, figures)
     print(f"wrote {json_path}\nwrote {png_path}")
     return 1 if failed else 0
