@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from maas_authz.model_path import PathTemplate, is_namespace_name
-from maas_common.config import Address, Duration, PositiveDuration, StrictModel
+from maas_common.config import Address, Duration, PositiveDuration, StrictModel, parse_address
 from maas_common.settings import ServerSection
+
+MAX_WORKERS = 64
 
 
 class AuthzServerSection(ServerSection):
@@ -18,6 +20,29 @@ class AuthzServerSection(ServerSection):
     # POST /admin/purge, off unless set; keep it on loopback (127.0.0.1:8091): kubectl
     # port-forward still reaches it, the network does not
     admin_addr: Address | None = None
+    # processes serving grpc_addr together (SO_REUSEPORT) under a supervisor that owns the HTTP
+    # and admin listeners; 1 = this process serves, as ever (README "Worker processes")
+    workers: int = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_is_a_number(cls, value: object) -> object:
+        if isinstance(value, bool):  # pydantic would take `true` for 1
+            raise ValueError(f"expected a whole number from 1 to {MAX_WORKERS}, got {value!r}")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_in_range(cls, value: int, info: ValidationInfo) -> int:
+        if not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"expected a whole number from 1 to {MAX_WORKERS}, got {value}")
+        grpc_addr = info.data.get("grpc_addr")
+        if value > 1 and grpc_addr is not None and parse_address(grpc_addr)[1] == 0:
+            raise ValueError(
+                f"more than 1 worker needs a fixed port in server.grpc_addr ({grpc_addr}): "
+                "each worker binds it, and port 0 would give each its own port"
+            )
+        return value
 
 
 class IdentityCacheSection(StrictModel):

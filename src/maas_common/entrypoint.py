@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,10 +31,15 @@ def run_server_main(
     check: Callable[[C, Path], str],
     serve: Callable[[C, Path], Coroutine[Any, Any, None]],
     argv: Sequence[str] | None = None,
+    extra_flags: Mapping[str, tuple[str, str]] | None = None,
 ) -> int:
     try:
         command_line = parse_command_line(
-            prog=prog, description=description, env_prefix=env_prefix, argv=argv
+            prog=prog,
+            description=description,
+            env_prefix=env_prefix,
+            argv=argv,
+            extra_flags=extra_flags,
         )
         config = load(command_line)
         base_dir = command_line.config.parent if command_line.config else Path.cwd()

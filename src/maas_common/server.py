@@ -86,6 +86,7 @@ class ServerRuntime:
         admin_addr: str | None = None,
         admin_routes: Sequence[web.RouteDef] = (),
         grpc_options: Sequence[tuple[str, Any]] = (),
+        reuse_port: bool = False,
     ) -> None:
         self.name = name
         self.readiness = Readiness()
@@ -104,7 +105,10 @@ class ServerRuntime:
         self._admin: web.AppRunner | None = None
         self.admin_port = 0
         # SO_REUSEPORT off: a second server on a busy port must fail loudly, not share it silently.
-        self._grpc_options = [("grpc.so_reuseport", 0), *grpc_options]
+        # Only the worker processes of one supervisor (maas_common.workers) turn it on, to share
+        # one port; the supervisor has checked that port was free first. Read at start().
+        self.reuse_port = reuse_port
+        self._grpc_options = list(grpc_options)
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._http: web.AppRunner | None = None
@@ -114,7 +118,8 @@ class ServerRuntime:
 
     async def start(self) -> None:
         self.readiness.set("startup", False, "starting")
-        server = grpc.aio.server(options=self._grpc_options)
+        options = [("grpc.so_reuseport", 1 if self.reuse_port else 0), *self._grpc_options]
+        server = grpc.aio.server(options=options)
         for service in self._services:
             service.register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -42,8 +42,16 @@ class CommandLine:
 
 
 def parse_command_line(
-    *, prog: str, description: str, env_prefix: str, argv: Sequence[str] | None = None
+    *,
+    prog: str,
+    description: str,
+    env_prefix: str,
+    argv: Sequence[str] | None = None,
+    extra_flags: Mapping[str, tuple[str, str]] | None = None,
 ) -> CommandLine:
+    """`extra_flags`: server settings only this server has, `{key: (flag, help)}`; like the
+    shared ones they override `server.<key>` and read `<env_prefix>_<KEY>` from the environment.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     env = os.environ
     parser.add_argument(
@@ -57,6 +65,7 @@ def parse_command_line(
         "http_addr": ("--http-addr", "HOST:PORT of /metrics, /healthz and /readyz"),
         "log_level": ("--log-level", "debug, info, warning or error"),
         "log_format": ("--log-format", "json or text"),
+        **(extra_flags or {}),
     }
     for key, (flag, help_text) in flags.items():
         env_name = f"{env_prefix}_{key.upper()}"
