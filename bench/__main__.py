@@ -19,7 +19,10 @@ from pathlib import Path
 
 from bench import servers
 from bench.context import REPO, Context, Sizes
+from bench.end_to_end import end_to_end
+from bench.kubernetes import check_kubernetes
 from bench.load import find_h2load
+from bench.memory import memory
 from bench.report import Figure, table, write_chart, write_json
 from tests.support.redis_server import RedisServer
 
@@ -37,8 +40,12 @@ def _ratelimit_redis(ctx: Context) -> list[Figure]:
 
 SCENARIOS: dict[str, Scenario] = {
     "check-static": servers.check_static_key,
+    "check-workers": servers.check_workers,
+    "kubernetes": check_kubernetes,
     "ratelimit-memory": _ratelimit_memory,
     "ratelimit-redis": _ratelimit_redis,
+    "end-to-end": end_to_end,
+    "memory": memory,
 }
 
 

@@ -51,6 +51,10 @@ class Load:
     clients: int = 4
     streams: int = 16  # concurrent streams per connection
     rate: float | None = None  # total requests per second, spread over the clients
+    # With `rate`: connect the clients one after another, 1/rate apart (to whole ms, h2load's
+    # resolution), so that their paced requests interleave; otherwise every client's pacing timer
+    # fires at once and requests arrive in bursts of `clients`.
+    stagger: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ def run_h2load(
         if load.rate:
             # --rps is per client; h2load paces each connection's request starts
             argv.append(f"--rps={load.rate / load.clients:.3f}")
+            if load.stagger:
+                argv += ["-r", "1", f"--rate-period={max(1, round(1000 / load.rate))}ms"]
         if h1:
             argv.append("--h1")
         if body is not None:

@@ -1,8 +1,13 @@
 """The floors: do-nothing ext_authz and rate limit servers on bare grpc.aio.
 
 Each answers every call with one response built at start-up, so what they cost is Python's gRPC
-transport and nothing else. Run as `python -m bench.noop_servers {authz,ratelimit} PORT`; prints
-`listening PORT` once it serves.
+transport and nothing else. Run as `python -m bench.noop_servers {authz,ratelimit} PORT
+[--metadata]`; prints `listening PORT` once it serves.
+
+`--metadata` (authz only): the OK response carries what maas-authz's does for an allowed chat
+completion (the x-maas-* headers, `authorization` removed, and dynamic metadata user, userid,
+tier, model, model_namespace, model_name, request_id), so that Envoy in front of it builds the
+same rate limit descriptors as with maas-authz; without metadata Envoy sends no rate limit call.
 """
 
 from __future__ import annotations
@@ -12,17 +17,51 @@ import signal
 import sys
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import code_pb2
 
 
+def _allowed_like_maas_authz() -> external_auth_pb2.CheckResponse:
+    """A fixed answer shaped like maas-authz's for sk-demo-enterprise on llm/tiny (one request_id
+    for every call: nothing downstream of a do-nothing server depends on it being unique)."""
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = code_pb2.OK
+    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    for key, value in (
+        ("x-maas-user", "demo-enterprise"),
+        ("x-maas-tier", "enterprise"),
+        ("x-maas-model", "llm/tiny"),
+    ):
+        response.ok_response.headers.add(
+            header=base_pb2.HeaderValue(key=key, value=value), append_action=overwrite
+        )
+    response.ok_response.headers_to_remove.append("authorization")
+    response.dynamic_metadata.update(
+        {
+            "request_id": "0123456789abcdef01234567",
+            "user": "demo-enterprise",
+            "userid": "demo-enterprise",
+            "tier": "enterprise",
+            "model": "llm/tiny",
+            "model_namespace": "llm",
+            "model_name": "tiny",
+        }
+    )
+    return response
+
+
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    _OK = external_auth_pb2.CheckResponse()
-    _OK.status.code = code_pb2.OK
+    def __init__(self, metadata: bool = False) -> None:
+        if metadata:
+            self._ok = _allowed_like_maas_authz()
+        else:
+            self._ok = external_auth_pb2.CheckResponse()
+            self._ok.status.code = code_pb2.OK
 
     async def Check(self, request: object, context: object) -> external_auth_pb2.CheckResponse:
-        return self._OK
+        return self._ok
 
 
 class NoopRateLimit(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -32,10 +71,14 @@ class NoopRateLimit(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc
         return self._OK
 
 
-async def serve(kind: str, port: int) -> None:
+KINDS = ("authz", "ratelimit")
+
+
+async def serve(kind: str, port: int, metadata: bool = False) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     if kind == "authz":
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
+        servicer = NoopAuthorization(metadata)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
     else:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(NoopRateLimit(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -50,6 +93,7 @@ async def serve(kind: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("authz", "ratelimit"):
-        sys.exit("usage: python -m bench.noop_servers {authz,ratelimit} PORT")
-    asyncio.run(serve(sys.argv[1], int(sys.argv[2])))
+    args = sys.argv[1:]
+    if args[2:] not in ([], ["--metadata"]) or len(args) < 2 or args[0] not in KINDS:
+        sys.exit("usage: python -m bench.noop_servers {authz,ratelimit} PORT [--metadata]")
+    asyncio.run(serve(args[0], int(args[1]), metadata=args[2:] == ["--metadata"]))

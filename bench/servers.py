@@ -7,6 +7,7 @@ call over that run) and latency at a fixed offered load. Medians over the rounds
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -180,10 +181,17 @@ def _at_least(http_port: int, name: str, **labels: str) -> Callable[[int], str |
     return verify
 
 
-def start_authz(ctx: Context, name: str, config: str, env: dict[str, str] | None = None) -> Side:
+def start_authz(
+    ctx: Context,
+    name: str,
+    config: str,
+    env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> Side:
     """maas-authz on free ports with `config` (a path), logs at warning level like production."""
     grpc_port, http_port = free_port(), free_port()
-    argv = [PYTHON, "-m", "maas_authz", "--config", config, *_addrs(grpc_port, http_port)]
+    argv = [PYTHON, "-m", "maas_authz", "--config", config, *_addrs(grpc_port, http_port),
+            *extra_args]  # fmt: skip
     service = ctx.service(
         name,
         argv,
@@ -255,3 +263,47 @@ def should_rate_limit(ctx: Context, redis_url: str | None) -> list[Figure]:
             ctx, f"ShouldRateLimit, {label} store", baseline, subject, method_path=RLS_PATH,
             body=body, throughput_floor=0.6 if redis_url else 0.8,
         )  # fmt: skip
+
+
+def check_workers(ctx: Context) -> list[Figure]:
+    """maas-authz --workers N (SO_REUSEPORT) against one process: how throughput scales.
+
+    N = 2, and the machine's core count when larger. h2load opens 8 connections, since the kernel
+    spreads connections (not calls) over the workers' sockets. On a 2-core machine h2load and the
+    workers share the cores, so this shows the mechanism works rather than the scaling a larger
+    node would see.
+    """
+    counts = sorted({2, os.cpu_count() or 2})
+    body = grpc_frame(check_request("sk-demo-enterprise"))
+    load = Load(ctx.sizes.saturation_requests, clients=8)
+    config = str(DEMO_CONFIG / "authz.yaml")
+    figures: list[Figure] = []
+    with ctx.services():
+        sides = [start_authz(ctx, "maas-authz (1 process)", config)] + [
+            start_authz(ctx, f"maas-authz ({n} workers)", config, extra_args=("--workers", str(n)))
+            for n in counts
+        ]
+        rps: dict[str, list[float]] = {side.name: [] for side in sides}
+        cpu: dict[str, list[float]] = {side.name: [] for side in sides}
+        loadgen = 0.0
+        for side in sides:
+            run_h2load(_url(side, CHECK_PATH), Load(ctx.sizes.warmup_requests, clients=8),
+                       body=body, headers=GRPC_HEADERS)  # fmt: skip
+        for _ in range(ctx.sizes.rounds):
+            for side in sides:
+                before = side.service.cpu()
+                result = run_h2load(_url(side, CHECK_PATH), load, body=body, headers=GRPC_HEADERS)
+                cpu[side.name].append((side.service.cpu() - before) / result.succeeded * 1e6)
+                rps[side.name].append(result.rps)
+                loadgen = max(loadgen, result.loadgen_cpu)
+        base = sides[0]
+        for side in sides[1:]:
+            figures += [
+                Figure("Check, static key, SO_REUSEPORT workers", f"throughput, {side.name}",
+                       "calls/s", median(rps[side.name]), median(rps[base.name]), base.name,
+                       note=f"{os.cpu_count()} cores shared with h2load "
+                       f"(at most {loadgen:.0%} of a core)"),
+                Figure("Check, static key, SO_REUSEPORT workers", f"CPU per call, {side.name}",
+                       "µs", median(cpu[side.name]), median(cpu[base.name]), base.name),
+            ]  # fmt: skip
+    return figures

@@ -1,0 +1,440 @@
+"""Scenario 4: end to end through the real Envoy, one layer of the policy plane at a time.
+
+Three gateways run side by side in front of the same fast upstream, and h2load (HTTP/1.1, like
+the OpenAI SDKs; one request in flight per connection) sends each the same chat completion:
+
+- plain Envoy: envoy/gateway.yaml with only the router left (same listener, route, cluster);
+- Envoy + do-nothing servers: envoy/gateway.yaml as it is (ext_authz, the Lua usage filter, rate
+  limit with the after-response charge and outcome calls, router) in front of the do-nothing
+  servers of bench/noop_servers.py; the ext_authz one answers with maas-authz's metadata
+  (`--metadata`), so Envoy makes the same rate limit calls as with our stack (without it Envoy
+  would skip them);
+- full stack: the same gateway in front of maas-authz (the demo's static keys) and
+  maas-ratelimit (memory store, BENCH_LIMITS: nothing refused, every bucket really used).
+
+The upstream is an Envoy answering every request with a fixed chat completion that reports its
+usage (12 prompt + 20 completion tokens), so the Lua filter finds it and the full stack charges
+it. Every Envoy runs with --concurrency 1 and each server as one process (its default), so the
+figures are per core of each; CPU per request counts every process on the request path (the
+gateway Envoy and its servers, not the upstream nor h2load) at saturation.
+
+The layers alternate (`Sizes.rounds` times) so that drift on a shared machine hits all three;
+each round measures throughput at saturation and latency at a fixed offered load, paced requests
+spread evenly over time (h2load's clients started 1/rate apart). Medians over the rounds are
+reported. The key figure is the latency each layer adds to plain Envoy: the full stack's added
+p99 against what the do-nothing servers add (issue 6: at most 1.3x). Afterwards the run is
+checked: every answer 2xx; Envoy's counters show each request authorized, admitted by the RLS
+and the RLS called again after the response, with rate limit errors (Envoy's 100 ms timeout) under
+1% of requests (their count is in a note); for the full stack, maas-ratelimit's metrics show
+tokens reserved on admission and the usage charged for every response.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from bench.context import PYTHON, Context, median
+from bench.load import Load, LoadResult, run_h2load
+from bench.procs import Service, free_port, http_get
+from bench.report import Figure, Floor
+from bench.servers import (
+    DEMO_CONFIG,
+    MODEL_PATH,
+    Runs,
+    metric_total,
+    start_authz,
+    start_ratelimit,
+)
+from maas_demo.envoy import USAGE_LUA, find_envoy, render_gateway
+
+SCENARIO_NOOP = "E2E, Envoy + do-nothing servers"
+SCENARIO_FULL = "E2E, Envoy + maas-authz + maas-ratelimit"
+PLAIN = "plain Envoy"
+NOOP = "Envoy + do-nothing servers"
+FULL = "Envoy + maas-authz + maas-ratelimit"
+
+SATURATION_CLIENTS = 8  # connections, one request in flight on each
+PACED_RPS_PER_CLIENT = 50.0  # at most, so that a slow answer seldom delays the next paced one
+
+MAX_TOKENS = 20
+# What an OpenAI SDK sends for a short chat completion; max_tokens makes the Lua filter reserve.
+REQUEST_BODY = json.dumps(
+    {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Say hello in five words."}],
+        "max_tokens": MAX_TOKENS,
+    },
+    separators=(",", ":"),
+).encode()
+REQUEST_HEADERS = (
+    "authorization: Bearer sk-demo-enterprise",
+    "content-type: application/json",
+    "accept: application/json",
+    "user-agent: OpenAI/Python 1.99.0",
+)
+USAGE = {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32}
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "tiny",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello there, how are you?"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": USAGE,
+    },
+    separators=(",", ":"),
+)
+
+Json = dict[str, Any]
+HCM = "envoy.filters.network.http_connection_manager"
+ROUTER = "envoy.filters.http.router"
+
+
+def upstream_config(port: int, admin_port: int) -> Json:
+    """An Envoy that answers every request with COMPLETION, after reading the whole request body
+    (the buffer filter: a direct_response sent before the body ends closes the connection)."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "upstream",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "upstream",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "direct_response": {
+                                "status": 200,
+                                "body": {"inline_string": COMPLETION},
+                            },
+                        }
+                    ],
+                    "response_headers_to_add": [
+                        {"header": {"key": "content-type", "value": "application/json"}}
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1 << 20,
+                },
+            },
+            {
+                "name": ROUTER,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    return {
+        "admin": _address(admin_port),
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "upstream",
+                    **_address(port),
+                    "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm}]}],
+                }
+            ]
+        },
+    }
+
+
+def _address(port: int) -> Json:
+    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+
+
+def gateway_config(port: int, admin_port: int, backend: int, authz: int, ratelimit: int) -> str:
+    """envoy/gateway.yaml as the local stack renders it."""
+    return render_gateway(
+        {
+            "ENVOY_HOST": "127.0.0.1",
+            "ENVOY_PORT": port,
+            "ENVOY_ADMIN_PORT": admin_port,
+            "AUTHZ_GRPC_PORT": authz,
+            "RATELIMIT_GRPC_PORT": ratelimit,
+            "USAGE_LUA": str(USAGE_LUA),
+            "BACKEND_PORT": backend,
+        }
+    )
+
+
+def plain_config(port: int, admin_port: int, backend: int) -> Json:
+    """envoy/gateway.yaml with only the router: the same listener, route and backend cluster."""
+    config: Json = yaml.safe_load(gateway_config(port, admin_port, backend, 1, 1))
+    resources = config["static_resources"]
+    for listener in resources["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] == HCM:
+                    hcm = network_filter["typed_config"]
+                    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] == ROUTER]
+    resources["clusters"] = [c for c in resources["clusters"] if c["name"] == "model_backend"]
+    return config
+
+
+def envoy_stats(admin_port: int) -> dict[str, int]:
+    """Envoy's counters and gauges (`/stats`, text), by name."""
+    stats: dict[str, int] = {}
+    for line in http_get(f"http://127.0.0.1:{admin_port}/stats").splitlines():
+        name, _, value = line.partition(": ")
+        if value.isdigit():
+            stats[name] = int(value)
+    return stats
+
+
+@dataclass
+class Layer:
+    name: str
+    envoy: Service
+    port: int
+    admin_port: int
+    servers: list[Service] = field(default_factory=list)
+    verify: list[Callable[[int], str | None]] = field(default_factory=list)
+    runs: Runs = field(default_factory=lambda: Runs([], [], []))
+    rls_errors: int = 0  # rate limit calls Envoy gave up on (timeouts), read by verify
+    cpu_parts: dict[str, list[float]] = field(default_factory=dict)  # µs per request, by process
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{MODEL_PATH}"
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds of each process on this layer's request path (Envoy and its servers)."""
+        return {service.name: service.cpu() for service in (self.envoy, *self.servers)}
+
+    def run(self, load: Load) -> LoadResult:
+        result = run_h2load(self.url, load, body=REQUEST_BODY, headers=REQUEST_HEADERS, h1=True)
+        if result.status_2xx != result.requests:
+            raise RuntimeError(
+                f"{self.name}: {result.status_2xx} of {result.requests} answers were 2xx "
+                f"(logs: {self.envoy.log.parent})"
+            )
+        return result
+
+
+def _run_envoy(
+    ctx: Context, name: str, build: Callable[[int, int], Json | str]
+) -> tuple[Service, int, int]:
+    """An Envoy on free ports with the config `build(port, admin_port)` (a dict is written as
+    JSON): the process, its listener port and its admin port."""
+    port, admin_port = free_port(), free_port()
+    config = build(port, admin_port)
+    suffix = "yaml" if isinstance(config, str) else "json"
+    path = ctx.path(f"envoy/{name}.{suffix}")
+    path.write_text(config if isinstance(config, str) else json.dumps(config, indent=1))
+    argv = [
+        str(find_envoy()), "-c", str(path), "--disable-hot-restart", "--log-level", "warn",
+        "--concurrency", "1",
+    ]  # fmt: skip
+    service = ctx.service(name, argv, ready_url=f"http://127.0.0.1:{admin_port}/ready")
+    return service, port, admin_port
+
+
+def _envoy(ctx: Context, name: str, service: str, build: Callable[[int, int], Json | str]) -> Layer:
+    return Layer(name, *_run_envoy(ctx, service, build))
+
+
+def _tolerance(sent: int) -> int:
+    """Requests whose rate limit call may fail (Envoy's 100 ms timeout, then it goes on without
+    an answer, as configured) before a run is refused: 1%, for a shared, busy machine."""
+    return math.ceil(sent / 100)
+
+
+def _gateway_checks(layer: Layer) -> Callable[[int], str | None]:
+    """Envoy's own counters: each request authorized and admitted by the RLS, the RLS called again
+    after each response (charge and outcome, one call), and rate limit errors (timeouts) rare."""
+
+    def verify(sent: int) -> str | None:
+        stats = envoy_stats(layer.admin_port)
+        layer.rls_errors = stats.get("cluster.model_backend.ratelimit.error", 0)
+        tolerance = _tolerance(sent)
+        problems = []
+        expected = {
+            "http.maas_gateway.ext_authz.ok": sent,
+            "cluster.model_backend.ratelimit.ok": sent - tolerance,
+            "cluster.maas_ratelimit.upstream_rq_total": 2 * sent,
+        }
+        for name, least in expected.items():
+            if stats.get(name, 0) < least:
+                problems.append(f"{name} = {stats.get(name, 0)}, expected >= {least}")
+        if stats.get("http.maas_gateway.ext_authz.error", 0):
+            problems.append(f"ext_authz errors: {stats['http.maas_gateway.ext_authz.error']}")
+        if layer.rls_errors > tolerance:
+            problems.append(f"rate limit errors: {layer.rls_errors} of {sent} requests")
+        return "; ".join(problems) or None
+
+    return verify
+
+
+def _charged(http_port: int) -> Callable[[int], str | None]:
+    """maas-ratelimit reserved tokens on admission and charged every response's usage (as the
+    upstream reported it)."""
+
+    def verify(sent: int) -> str | None:
+        problems = []
+        charged = metric_total(http_port, "maas_ratelimit_usage_responses_total", outcome="charged")
+        least = sent - _tolerance(sent)
+        if charged < least:
+            problems.append(f"usage responses charged = {charged:g}, expected >= {least}")
+        for metric, per_request in (
+            ("maas_ratelimit_tokens_charged_total", USAGE["total_tokens"]),
+            # the Lua filter's estimate: ceil(body bytes / 4) + max_tokens
+            ("maas_ratelimit_tokens_reserved_total", -(-len(REQUEST_BODY) // 4) + MAX_TOKENS),
+        ):
+            tokens = metric_total(http_port, metric)
+            if tokens < least * per_request:
+                problems.append(f"{metric} = {tokens:g}, expected >= {least * per_request}")
+        return "; ".join(problems) or None
+
+    return verify
+
+
+def _layers(ctx: Context) -> list[Layer]:
+    """Starts the upstream and the three gateways (all stopped when ctx.services() ends)."""
+    _, up_port, _ = _run_envoy(ctx, "envoy-upstream", upstream_config)
+
+    plain = _envoy(
+        ctx, PLAIN, "envoy-plain", lambda port, admin: plain_config(port, admin, up_port)
+    )
+
+    noop_authz_port, noop_rls_port = free_port(), free_port()
+    noop_servers = [
+        ctx.service(
+            f"noop-{kind}",
+            [PYTHON, "-m", "bench.noop_servers", kind, str(port), *extra],
+            port=port,
+        )
+        for kind, port, extra in (
+            ("authz", noop_authz_port, ["--metadata"]),
+            ("ratelimit", noop_rls_port, []),
+        )
+    ]
+    noop = _envoy(
+        ctx,
+        NOOP,
+        "envoy-noop",
+        lambda port, admin: gateway_config(port, admin, up_port, noop_authz_port, noop_rls_port),
+    )
+    noop.servers = noop_servers
+    noop.verify = [_gateway_checks(noop)]
+
+    authz = start_authz(ctx, "maas-authz", str(DEMO_CONFIG / "authz.yaml"))
+    ratelimit = start_ratelimit(ctx, "maas-ratelimit", "memory")
+    full = _envoy(
+        ctx,
+        FULL,
+        "envoy-full",
+        lambda port, admin: gateway_config(port, admin, up_port, authz.port, ratelimit.port),
+    )
+    full.servers = [authz.service, ratelimit.service]
+    ratelimit_http = _http_port(ratelimit.service)
+    full.verify = [_gateway_checks(full), authz.verify, ratelimit.verify, _charged(ratelimit_http)]
+    return [plain, noop, full]
+
+
+def _http_port(service: Service) -> int:
+    """The --http-addr port a server was started with."""
+    address = service.argv[service.argv.index("--http-addr") + 1]
+    return int(address.rsplit(":", 1)[1])
+
+
+def end_to_end(ctx: Context) -> list[Figure]:
+    """Scenario 4: plain Envoy, Envoy + do-nothing servers, Envoy + our stack."""
+    sizes = ctx.sizes
+    rate = sizes.e2e_fixed_rate
+    warm = Load(sizes.warmup_requests, clients=SATURATION_CLIENTS, streams=1)
+    saturate = Load(sizes.e2e_saturation_requests, clients=SATURATION_CLIENTS, streams=1)
+    paced_clients = max(1, math.ceil(rate / PACED_RPS_PER_CLIENT))
+    fixed = Load(
+        round(rate * sizes.e2e_fixed_seconds),
+        clients=paced_clients,
+        streams=1,
+        rate=rate,
+        stagger=True,
+    )
+    with ctx.services():
+        layers = _layers(ctx)
+        for layer in layers:
+            layer.run(warm)
+        for _ in range(sizes.rounds):
+            for layer in layers:
+                before = layer.cpu()
+                result = layer.run(saturate)
+                after = layer.cpu()
+                for name, seconds in after.items():
+                    us = (seconds - before[name]) / result.requests * 1e6
+                    layer.cpu_parts.setdefault(name, []).append(us)
+                total = sum(after.values()) - sum(before.values())
+                layer.runs.cpu_us.append(total / result.requests * 1e6)
+                layer.runs.saturation.append(result)
+                layer.runs.fixed.append(layer.run(fixed))
+        for layer in layers:
+            sent = layer.runs.sent() + warm.requests
+            for verify in layer.verify:
+                problem = verify(sent)
+                if problem:
+                    raise RuntimeError(
+                        f"end to end: {layer.name} did not work as expected: {problem}"
+                    )
+    plain, noop, full = (layer.runs for layer in layers)
+    timeouts = f"do-nothing {layers[1].rls_errors}, ours {layers[2].rls_errors}"
+    for layer in layers:
+        r = layer.runs
+        parts = ", ".join(f"{name} {median(us):.0f}" for name, us in layer.cpu_parts.items())
+        ctx.log(
+            f"end to end: {layer.name}: {r.rps():,.0f} req/s, {r.cpu():.0f} µs CPU/req "
+            f"({parts}); at {rate:g}/s p50 {r.p50():.2f} ms, p99 {r.p99():.2f} ms"
+        )
+    at = f"at {rate:g}/s"
+    loadgen = max(r.loadgen() for r in (plain, noop, full))
+    note_load = (
+        f"h2load --h1, {SATURATION_CLIENTS} connections, one request in flight on each; it used "
+        f"at most {loadgen:.0%} of a core"
+    )
+    note_cpu = (
+        "CPU time of the gateway Envoy and its servers per request, at saturation "
+        "(upstream and h2load excluded)"
+    )
+    note_added = (
+        f"latency added to plain Envoy ({plain.p50():.2f} ms p50, {plain.p99():.2f} ms p99); "
+        f"paced over {paced_clients} connections, {rate * sizes.e2e_fixed_seconds:.0f} requests "
+        f"per round, median of {sizes.rounds}; rate limit calls Envoy gave up on (100 ms "
+        f"timeout, then it goes on): {timeouts}"
+    )
+    return [
+        Figure(SCENARIO_NOOP, "throughput at saturation", "req/s", noop.rps(), plain.rps(), PLAIN,
+               note=note_load),
+        Figure(SCENARIO_NOOP, f"p50 {at}", "ms", noop.p50(), plain.p50(), PLAIN),
+        Figure(SCENARIO_NOOP, f"p99 {at}", "ms", noop.p99(), plain.p99(), PLAIN),
+        Figure(SCENARIO_NOOP, "CPU per request, request path", "µs", noop.cpu(), plain.cpu(),
+               PLAIN, note=note_cpu),
+        Figure(SCENARIO_FULL, "throughput at saturation", "req/s", full.rps(), plain.rps(), PLAIN),
+        Figure(SCENARIO_FULL, f"p50 {at}", "ms", full.p50(), plain.p50(), PLAIN),
+        Figure(SCENARIO_FULL, f"p99 {at}", "ms", full.p99(), plain.p99(), PLAIN),
+        Figure(SCENARIO_FULL, f"added p50 {at}", "ms", full.p50() - plain.p50(),
+               noop.p50() - plain.p50(), f"{NOOP}, added", note=note_added),
+        Figure(SCENARIO_FULL, f"added p99 {at}", "ms", full.p99() - plain.p99(),
+               noop.p99() - plain.p99(), f"{NOOP}, added", Floor("<=", 1.3)),
+        Figure(SCENARIO_FULL, "CPU per request, request path", "µs", full.cpu(), noop.cpu(),
+               NOOP),
+    ]  # fmt: skip
