@@ -38,6 +38,11 @@ class CachedTokenReviewer:
 
     async def review(self, token: str) -> Identity | None:
         key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        # A hit, the usual case, without building the loader below; on a miss get_or_load looks
+        # again (counting nothing twice: get() counts hits only) and loads.
+        found, cached = self.cache.get(key)
+        if found:
+            return cached
 
         async def load() -> tuple[Identity | None, float]:
             identity = await self._inner.review(token)
@@ -77,6 +82,9 @@ class CachedAccessReviewer:
 
     async def allowed(self, identity: Identity, model: ModelRef) -> bool:
         key = (identity.username, identity.uid, identity.groups, model.namespace, model.name)
+        found, cached = self.cache.get(key)
+        if found:
+            return bool(cached)
 
         async def load() -> tuple[bool, float]:
             allowed = await self._inner.allowed(identity, model)

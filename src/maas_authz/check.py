@@ -14,12 +14,15 @@ from maas_authz.access import AccessReviewer
 from maas_authz.credentials import BadCredentials, bearer_token
 from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity, TokenReviewer
-from maas_authz.model_path import BadPath, OpenPath, PathRouting
+from maas_authz.model_path import BadPath, ModelRef, OpenPath, PathRouting
 from maas_authz.tiers import Tier, TierMapping
 from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
+
+_MAX_CACHED_ROUTES = 4096
+_MAX_CACHED_PATH = 512  # longer paths are classified every time, never kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +48,24 @@ class CheckPipeline:
         self._access = access
         self._limits = limits or CheckLimits()
         self._unavailable_log = _Throttle(clock or SystemClock(), seconds=5.0)
+        # path (without its query) -> what the routing made of it; the routing never changes,
+        # and the same few paths come again and again
+        self._routes: dict[str, ModelRef | OpenPath | BadPath] = {}
+
+    def _route(self, raw_path: str) -> ModelRef | OpenPath | BadPath:
+        path = raw_path.partition("?")[0]  # classify() ignores the query; so may the cache key
+        target = self._routes.get(path)
+        if target is None:
+            target = self._routing.classify(path)
+            if len(path) <= _MAX_CACHED_PATH:
+                if len(self._routes) >= _MAX_CACHED_ROUTES:
+                    del self._routes[next(iter(self._routes))]  # the oldest
+                self._routes[path] = target
+        return target
 
     async def decide(self, path: str, authorization: str | None) -> Decision:
         # 1. route: refuse what cannot be a valid request before any Kubernetes call
-        target = self._routing.classify(path)
+        target = self._route(path)
         if isinstance(target, BadPath):
             return Deny(target.status, target.code, target.message)
         if isinstance(target, OpenPath) and not target.authenticate:

@@ -32,31 +32,56 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._forward_authorization = forward_authorization
 
     def register(self, server: grpc.aio.Server) -> None:
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self, server)
+        # As add_AuthorizationServicer_to_server, but the method returns its response already
+        # serialized (responses.py assembles it from cached bytes): no message is built only to
+        # be serialized again.
+        handlers = {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self.check_serialized,
+                request_deserializer=external_auth_pb2.CheckRequest.FromString,
+                response_serializer=_as_is,
+            )
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
+        """The answer as a message; the gRPC method sends check_serialized's bytes."""
+        return external_auth_pb2.CheckResponse.FromString(
+            await self.check_serialized(request, context)
+        )
+
+    async def check_serialized(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
         started = time.perf_counter()
         http = request.attributes.request.http
         headers = http.headers
         try:
             decision = await self._pipeline.decide(http.path, headers.get("authorization"))
             if isinstance(decision, Allow):
-                response = responses.allowed(
-                    decision, headers.keys(), forward_authorization=self._forward_authorization
+                response = responses.allowed_serialized(
+                    decision, headers, forward_authorization=self._forward_authorization
                 )
                 tier = decision.tier.name if decision.tier else ""
                 self._metrics.decision("allowed", "ok", tier)
             else:
-                response = responses.denied(decision)
+                response = responses.denied_serialized(decision)
                 self._metrics.decision("denied", decision.code, decision.tier)
         except Exception:
             log.exception(
                 "Check failed unexpectedly; denying",
                 extra={"path": http.path.split("?", 1)[0][:200]},
             )
-            response = responses.denied(_INTERNAL)
+            response = responses.denied_serialized(_INTERNAL)
             self._metrics.decision("denied", _INTERNAL.code, "")
         self._metrics.check_seconds.observe(time.perf_counter() - started)
         return response
+
+
+def _as_is(response: bytes) -> bytes:
+    return response

@@ -303,3 +303,40 @@ async def test_highest_tier_is_used_for_the_decision(setup: Setup) -> None:
     decision = await setup.decide(CHAT, "Bearer both")
     assert isinstance(decision, Allow)
     assert decision.tier is not None and decision.tier.name == "enterprise"
+
+
+# --- the routing cache --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_routing_is_remembered_per_path_without_its_query() -> None:
+    setup = Setup()
+    bearer = f"Bearer {ALICE_TOKEN}"
+    for path in (CHAT, CHAT + "?stream=true", CHAT + "?x=1", "/llm/../x", "/llm/../x?a"):
+        first = await setup.decide(path, bearer)
+        assert await setup.decide(path, bearer) == first  # the cached answer is the same
+    routes = setup.pipeline._routes
+    assert set(routes) == {CHAT, "/llm/../x"}
+    assert routes[CHAT] == TINY
+
+
+@pytest.mark.asyncio
+async def test_the_routing_cache_is_bounded() -> None:
+    setup = Setup()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("maas_authz.check._MAX_CACHED_ROUTES", 3)
+    try:
+        for i in range(10):
+            decision = await setup.decide(f"/llm/m{i}/v1/chat", f"Bearer {ALICE_TOKEN}")
+            assert isinstance(decision, Deny) and decision.code == "model_access_denied"
+        assert list(setup.pipeline._routes) == [
+            "/llm/m7/v1/chat",
+            "/llm/m8/v1/chat",
+            "/llm/m9/v1/chat",
+        ]
+        # a long path is classified as ever, but never kept
+        long_path = "/llm/tiny/" + "x" * 600
+        assert isinstance(await setup.decide(long_path, f"Bearer {ALICE_TOKEN}"), Allow)
+        assert long_path not in setup.pipeline._routes
+    finally:
+        monkey.undo()

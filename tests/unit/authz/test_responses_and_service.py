@@ -434,3 +434,47 @@ async def test_the_service_keeps_working_after_an_exception() -> None:
     assert svc.decisions("denied", "internal_error", "") == 1.0
     assert svc.decisions("allowed", "ok", "premium") == 1.0
     assert svc.checks_observed() == 2.0
+
+
+# --- cached response parts ----------------------------------------------------------------------
+
+
+def test_allowed_responses_built_from_one_cached_entry_are_independent() -> None:
+    allow = Allow(ALICE, PREMIUM, TINY)
+    first = responses.allowed(allow, ["x-maas-group"], forward_authorization=False)
+    first.ok_response.headers_to_remove.append("changed")
+    first.dynamic_metadata.fields["tier"].string_value = "changed"
+    second = responses.allowed(allow, [], forward_authorization=False)
+    assert list(second.ok_response.headers_to_remove) == ["authorization"]
+    assert metadata(second)["tier"] == "premium"
+    assert metadata(first)["tier"] == "changed"  # (and first still has its own request id)
+
+
+def test_the_clients_identity_headers_come_before_authorization() -> None:
+    response = responses.allowed(
+        Allow(ALICE, PREMIUM, TINY), ["x-maas-b", "host", "x-maas-a"], forward_authorization=False
+    )
+    assert list(response.ok_response.headers_to_remove) == ["x-maas-b", "x-maas-a", "authorization"]
+
+
+def test_the_response_caches_are_bounded() -> None:
+    cache = responses._Responses(max_entries=2)
+    built: list[str] = []
+
+    def build(name: str) -> responses._Entry:
+        built.append(name)
+        return responses._Entry(name.encode())
+
+    for name in ("a", "b", "a", "c", "a", "b"):
+        assert cache.get(name, lambda name=name: build(name)).data == name.encode()
+    # "a" was built, kept, then pushed out by "c" (the oldest goes first); "b" likewise
+    assert built == ["a", "b", "c", "a", "b"]
+
+
+def test_denied_responses_are_cached_and_independent() -> None:
+    deny = Deny(401, "invalid_token", "not valid", token_presented=True)
+    first = responses.denied(deny)
+    first.denied_response.body = "changed"
+    second = responses.denied(deny)
+    assert body_of(second)["code"] == "invalid_token"
+    assert second == responses.denied(Deny(401, "invalid_token", "not valid", token_presented=True))
