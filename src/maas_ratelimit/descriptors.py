@@ -31,8 +31,8 @@ CHARGE_KINDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _MAX_RESERVE_DIGITS = 18  # far above any estimate (the Lua caps each at 1e9); the limiter caps it
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+@dataclass(slots=True)  # not frozen, though never changed: one per descriptor per call, and a
+class Descriptor:  # frozen dataclass's __init__ costs four times as much
     entries: dict[str, str]
     hits: int  # how many to count: per-descriptor hits_addend, else the request's, else 1
     check_only: bool  # a per-descriptor hits_addend of 0: check, consume nothing

@@ -18,7 +18,7 @@ operation): if any enforced limit is short, nothing is taken anywhere.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from maas_common.clock import Clock
@@ -29,12 +29,18 @@ from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, O
 
 Result = Literal["allowed", "limited", "shadow_limited"]
 
+_MAX_APPLICABLE = 4096  # (tier, model) pairs whose applicable limits are remembered
+
+# _PER_CALL: the values a call builds (LimitState, DescriptorVerdict, ChargeReport, Verdict) are
+# plain slotted dataclasses, not frozen ones, though nothing ever changes them: a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs four times as much, per object.
+
 
 class UnknownDomain(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: see _PER_CALL
 class LimitState:
     limit: Limit
     sufficient: bool
@@ -49,14 +55,14 @@ class LimitState:
         return "shadow_limited" if self.limit.shadow else "limited"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: see _PER_CALL
 class DescriptorVerdict:
     over_limit: bool
     reported: LimitState | None  # the most restrictive limit, or None when none applied
     limits: tuple[LimitState, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per call: see _PER_CALL
 class ChargeReport:
     tier: str
     model: str
@@ -65,12 +71,12 @@ class ChargeReport:
     status: ChargeStatus
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per call: see _PER_CALL
 class Verdict:
     over_limit: bool
     descriptors: tuple[DescriptorVerdict, ...]
     charges: tuple[ChargeReport, ...] = ()
-    ignored: tuple[str, ...] = field(default=())  # reasons descriptors were skipped
+    ignored: tuple[str, ...] = ()  # reasons descriptors were skipped
     outcomes: tuple[tuple[str, str], ...] = ()  # (tier, outcome) reported after responses
     # (tier, model, tokens) as estimated, before weights: reservations taken by admitted requests
     reserved: tuple[tuple[str, str, int], ...] = ()
@@ -121,6 +127,17 @@ class _Settlement:
         self.requests: dict[tuple[str, str, str], _Request] = {}  # (tier, user, model)
         self.reported: list[tuple[str, str, str, int]] = []  # (tier, model, kind, tokens)
 
+    def charge_descriptor(self, limits: Sequence[Limit], descriptor: Descriptor) -> str | None:
+        """A charge descriptor under the limits of its tier: None, or why it was ignored."""
+        kind = descriptor.charge_kind or ""
+        if kind not in CHARGE_KINDS:
+            return "unknown_charge"
+        tokens = [limit for limit in limits if limit.kind == "tokens"]
+        if not tokens:
+            return "no_tokens_limit"
+        self.charge(tokens, descriptor, kind)
+        return None
+
     def charge(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str) -> None:
         """A charge descriptor: its hits are `kind` tokens used."""
         self.add(limits, descriptor, kind, descriptor.hits)
@@ -167,6 +184,21 @@ class RateLimiter:
         self._limits = limits  # a callable: a reloaded table applies to the next call
         self._store = store
         self._clock = clock
+        # (tier, model) -> the limits that apply, for the table they were read from
+        self._table: LimitTable | None = None
+        self._applicable: dict[tuple[str, str | None], Sequence[Limit]] = {}
+
+    def _limits_for(self, table: LimitTable, tier: str, model: str | None) -> Sequence[Limit]:
+        if table is not self._table:  # a reload: start afresh
+            self._table, self._applicable = table, {}
+        key = (tier, model)
+        limits = self._applicable.get(key)
+        if limits is None:
+            limits = tuple(table.for_tier(tier, model))
+            if len(self._applicable) >= _MAX_APPLICABLE:  # models are whatever Envoy sends
+                self._applicable.clear()
+            self._applicable[key] = limits
+        return limits
 
     async def decide(self, domain: str, descriptors: Sequence[Descriptor]) -> Verdict:
         table = self._limits()
@@ -188,35 +220,30 @@ class RateLimiter:
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
                 continue
-            limits = table.for_tier(tier, descriptor.model)
-            tokens = [limit for limit in limits if limit.kind == "tokens"]
-            if descriptor.outcome is not None:
-                usage_outcomes.append((tier, descriptor.outcome))
+            model = descriptor.model
+            limits = self._limits_for(table, tier, model)
+            outcome = descriptor.outcome
+            if outcome is not None:
+                usage_outcomes.append((tier, outcome))
                 # Nothing is charged for this answer: its reservation comes back whole. Only
                 # with a request id: the store then refunds it once, and never for a request it
                 # refused at admission (which reserved nothing).
-                if descriptor.outcome != "charged" and descriptor.reservation and request_id:
-                    settlement.add(
-                        [t for t in tokens if not t.shadow], descriptor, "total_tokens", 0
-                    )
+                if outcome != "charged" and descriptor.reservation and request_id:
+                    enforced = [t for t in limits if t.kind == "tokens" and not t.shadow]
+                    settlement.add(enforced, descriptor, "total_tokens", 0)
                 continue
             if descriptor.is_charge:
-                kind = descriptor.charge_kind or ""
-                if kind not in CHARGE_KINDS:
-                    ignored.append("unknown_charge")
-                    continue
-                if not tokens:
-                    ignored.append("no_tokens_limit")
-                    continue
-                settlement.charge(tokens, descriptor, kind)
+                unusable = settlement.charge_descriptor(limits, descriptor)
+                if unusable:
+                    ignored.append(unusable)
                 continue
-            for limit in limits:
-                admissions.append(_admission(limit, descriptor))
-                owners.append((index, limit))
+            # admission: the reservation is read once, for every limit of the descriptor
             reservation = descriptor.reservation
-            reserves = any(limit.kind == "tokens" and not limit.shadow for limit in limits)
-            if reservation is not None and not descriptor.check_only and reserves:
-                reserving.append((tier, descriptor.model or "", sum(reservation)))
+            for limit in limits:
+                admissions.append(_admission(limit, descriptor, user, model, reservation))
+                owners.append((index, limit))
+            if reservation is not None and not descriptor.check_only and _reserves(limits):
+                reserving.append((tier, model or "", reservation[0] + reservation[1]))
 
         outcomes: Sequence[Outcome] = ()
         admitted = True
@@ -251,25 +278,30 @@ def _verdicts(
     per_descriptor: list[list[LimitState]] = [[] for _ in range(count)]
     for admission, outcome, (index, limit) in zip(admissions, outcomes, owners, strict=True):
         spec = limit.spec
+        level, sufficient = outcome.level, outcome.sufficient
         per_descriptor[index].append(
             LimitState(
-                limit=limit,
-                sufficient=outcome.sufficient,
-                remaining=remaining_tokens(outcome.level, spec),
-                reset_ms=ms_until_full(outcome.level, spec),
-                retry_after_ms=(
-                    0 if outcome.sufficient else ms_until(outcome.level, admission.need, spec)
-                ),
+                limit,
+                sufficient,
+                remaining_tokens(level, spec),
+                ms_until_full(level, spec),
+                0 if sufficient else ms_until(level, admission.need, spec),
             )
         )
-    return tuple(
-        DescriptorVerdict(
-            over_limit=any(not s.sufficient and not s.limit.shadow for s in states),
-            reported=_most_restrictive(states),
-            limits=tuple(states),
-        )
-        for states in per_descriptor
-    )
+    verdicts = []
+    for states in per_descriptor:
+        over_limit = False
+        for state in states:
+            if not state.sufficient and not state.limit.shadow:
+                over_limit = True
+                break
+        verdicts.append(DescriptorVerdict(over_limit, _most_restrictive(states), tuple(states)))
+    return tuple(verdicts)
+
+
+def _reserves(limits: Sequence[Limit]) -> bool:
+    """Whether an admission under `limits` takes its reservation (an enforced tokens limit)."""
+    return any(limit.kind == "tokens" and not limit.shadow for limit in limits)
 
 
 def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
@@ -282,27 +314,32 @@ def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
     return min(weighted, DEBT_WINDOWS * limit.spec.limit)
 
 
-def _admission(limit: Limit, descriptor: Descriptor) -> Admission:
-    assert descriptor.user is not None
-    key = limit.counter_key(descriptor.user, descriptor.model)
-    window = limit.spec.window_ms
+def _admission(
+    limit: Limit,
+    descriptor: Descriptor,
+    user: str,
+    model: str | None,
+    reservation: tuple[int, int] | None,
+) -> Admission:
+    """What `descriptor` (for `user` and `model`, carrying `reservation`) asks of `limit`."""
+    key = limit.counter_key(user, model)
+    spec = limit.spec
+    window = spec.window_ms
     if limit.kind == "tokens":
         # admission only needs some credit left; a reservation, when the descriptor carries one,
         # is taken now (possibly into debt) and settled against the real usage afterwards
-        reservation = descriptor.reservation
         take = 0
         if reservation is not None and not limit.shadow and not descriptor.check_only:
             take = _reserved(limit, reservation) * window
-        return Admission(key, limit.spec, need=1, take=take, shadow=limit.shadow)
+        return Admission(key, spec, 1, take, limit.shadow)
     hits = 0 if descriptor.check_only else descriptor.hits
-    return Admission(key, limit.spec, need=max(hits, 1) * window, take=hits * window,
-                     shadow=limit.shadow)  # fmt: skip
+    return Admission(key, spec, max(hits, 1) * window, hits * window, limit.shadow)
 
 
 def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
     """Refusing limits first (longest wait), then the enforced limit with the least room left."""
-    if not states:
-        return None
+    if len(states) <= 1:
+        return states[0] if states else None
     refused = [s for s in states if not s.sufficient and not s.limit.shadow]
     if refused:
         return max(refused, key=lambda s: s.retry_after_ms)

@@ -17,7 +17,6 @@ limits:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,9 +110,18 @@ def format_window(window_ms: int) -> str:
     return f"{window_ms}ms"
 
 
+_RATIOS: dict[float, tuple[int, int]] = {}  # weight -> (numerator, denominator); from config
+
+
 def _weighted(count: int, weight: float) -> int:
     # exact: the weight as written (1.1, not 1.100000000000000088...), so 100 x 1.1 is 110, not 111
-    return math.ceil(count * Fraction(repr(weight)))
+    if weight == 1.0:
+        return count
+    ratio = _RATIOS.get(weight)
+    if ratio is None:
+        exact = Fraction(repr(weight))
+        ratio = _RATIOS[weight] = (exact.numerator, exact.denominator)
+    return -(-count * ratio[0] // ratio[1])  # ceil(count x weight), in integers
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,10 +52,19 @@ class MemoryBucketStore:
     async def admit(
         self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
     ) -> AdmitResult:
-        levels = [self.level(a.key, a.spec, now_ms) for a in admissions]
+        buckets = self._buckets
+        states = []
+        levels = []
+        for admission in admissions:
+            entry = buckets.get(admission.key)
+            state = entry[0] if entry else None
+            states.append(state)
+            levels.append(current_level(state, admission.spec, now_ms))
         admitted, outcomes = apply_admission(levels, admissions)
-        for admission, outcome in zip(admissions, outcomes, strict=True):
-            self._write(admission.key, admission.spec, outcome.level, now_ms)
+        # every level was read before anything is written; a key named twice still ends up
+        # with the same `updated` as if written one after the other
+        for admission, outcome, state in zip(admissions, outcomes, states, strict=True):
+            self._put(admission.key, admission.spec, outcome.level, next_updated(state, now_ms))
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
         self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(admissions)))
@@ -88,7 +97,9 @@ class MemoryBucketStore:
 
     def _write(self, key: str, spec: BucketSpec, level: int, now_ms: int) -> None:
         entry = self._buckets.get(key)
-        updated = next_updated(entry[0] if entry else None, now_ms)
+        self._put(key, spec, level, next_updated(entry[0] if entry else None, now_ms))
+
+    def _put(self, key: str, spec: BucketSpec, level: int, updated: int) -> None:
         full_at = updated + ms_until_full(level, spec)
         self._buckets[key] = (BucketState(level, updated, spec.window_ms), full_at)
         self._buckets.move_to_end(key)

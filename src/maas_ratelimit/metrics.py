@@ -88,7 +88,15 @@ class RateLimitMetrics:
             "Live buckets held in memory (memory store)",
             registry=registry,
         )
+        # children cached by label values: what the hot path counts with (see LabelledCounter)
         self._decisions = LabelledCounter(self.decisions)
+        self.answers = LabelledCounter(self.calls)
+        self.charged = LabelledCounter(self.tokens_charged)
+        self.reserved = LabelledCounter(self.tokens_reserved)
+        self.refunded = LabelledCounter(self.tokens_refunded)
+        self.reported = LabelledCounter(self.responses)
+        self.skipped = LabelledCounter(self.charges_skipped)
+        self.ignored = LabelledCounter(self.descriptors_ignored)
 
     def decision(self, result: str, tier: str, limit: str) -> None:
         self._decisions.inc(result, tier, limit)

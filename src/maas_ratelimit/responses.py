@@ -3,25 +3,49 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 
 from maas_ratelimit.bucket import ceil_div
 from maas_ratelimit.limiter import LimitState, Verdict
+from maas_ratelimit.limits import Limit
 
 OK = RateLimitResponse.OK
 OVER_LIMIT = RateLimitResponse.OVER_LIMIT
 LIMIT_HEADER = "x-maas-ratelimit-limit"
 
 
+RateLimit = RateLimitResponse.RateLimit
+# Limit name -> (that Limit, its RateLimit message): built once per limit (and again after a
+# reload replaces it), copied into each status. The cached messages are never modified.
+_RATE_LIMITS: dict[str, tuple[Limit, Any]] = {}
+_MAX_RATE_LIMITS = 4096
+
+
+def _rate_limit(limit: Limit) -> Any:  # a RateLimitResponse.RateLimit
+    cached = _RATE_LIMITS.get(limit.name)
+    if cached is not None and cached[0] is limit:
+        return cached[1]
+    message = RateLimit(
+        name=limit.description,
+        requests_per_unit=limit.spec.limit,
+        unit=RateLimit.Unit.Value(limit.unit),
+    )
+    if len(_RATE_LIMITS) >= _MAX_RATE_LIMITS:
+        _RATE_LIMITS.clear()
+    _RATE_LIMITS[limit.name] = (limit, message)
+    return message
+
+
 def _set_status(status: RateLimitResponse.DescriptorStatus, state: LimitState) -> None:
-    limit = state.limit
-    status.current_limit.name = limit.description
-    status.current_limit.requests_per_unit = limit.spec.limit
-    status.current_limit.unit = RateLimitResponse.RateLimit.Unit.Value(limit.unit)
+    status.current_limit.CopyFrom(_rate_limit(state.limit))
     status.limit_remaining = state.remaining
-    status.duration_until_reset.FromMilliseconds(state.reset_ms)
+    reset = status.duration_until_reset  # as Duration.FromMilliseconds, without its overhead
+    seconds, millis = divmod(state.reset_ms, 1000)
+    reset.seconds = seconds
+    reset.nanos = millis * 1_000_000
 
 
 def retry_after_seconds(state: LimitState) -> int:
@@ -44,8 +68,8 @@ def build(verdict: Verdict) -> RateLimitResponse:
         status.code = OVER_LIMIT if descriptor.over_limit else OK
         if descriptor.reported is not None:
             _set_status(status, descriptor.reported)
-    binding = verdict.binding
-    if verdict.over_limit and binding is not None:
+    binding = verdict.binding if verdict.over_limit else None
+    if binding is not None:
         response.response_headers_to_add.extend(
             [
                 HeaderValue(key="retry-after", value=str(retry_after_seconds(binding))),

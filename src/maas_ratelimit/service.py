@@ -59,14 +59,14 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self._record(verdict)
             return responses.build(verdict)
         except UnknownDomain as exc:
-            self._metrics.calls.labels("error").inc()
+            self._metrics.answers.inc("error")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # abort() raises; this says so to the reader and the type checker
         except BackendUnavailable as exc:
             return await self._store_failed(exc, request, context)
         except Exception:
             log.exception("ShouldRateLimit failed unexpectedly")
-            self._metrics.calls.labels("error").inc()
+            self._metrics.answers.inc("error")
             await context.abort(grpc.StatusCode.INTERNAL, "rate limit decision failed")
             raise
         finally:
@@ -83,31 +83,30 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self._last_failure_log = now
             log.warning("rate limit store failed, failing %s: %s", self._failure_mode, exc)
         if any(CHARGE in (e.key for e in d.entries) for d in request.descriptors):
-            self._metrics.charges_skipped.labels("store_unavailable").inc()
+            self._metrics.skipped.inc("store_unavailable")
         if self._failure_mode == "open":
-            self._metrics.calls.labels("failure_open").inc()
+            self._metrics.answers.inc("failure_open")
             return responses.allow_all(len(request.descriptors))
-        self._metrics.calls.labels("unavailable").inc()
+        self._metrics.answers.inc("unavailable")
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store unavailable: {exc}")
         raise AssertionError("unreachable")  # abort() raises
 
     def _record(self, verdict: Verdict) -> None:
-        self._metrics.calls.labels("over_limit" if verdict.over_limit else "ok").inc()
+        metrics = self._metrics
+        metrics.answers.inc("over_limit" if verdict.over_limit else "ok")
         for descriptor in verdict.descriptors:
             for state in descriptor.limits:
-                self._metrics.decision(state.result, state.limit.tier, state.limit.name)
+                metrics.decision(state.result, state.limit.tier, state.limit.name)
         for charge in verdict.charges:
             if charge.status is ChargeStatus.APPLIED:
-                self._metrics.tokens_charged.labels(charge.tier, charge.model, charge.kind).inc(
-                    charge.tokens
-                )
+                metrics.charged.inc(charge.tier, charge.model, charge.kind, amount=charge.tokens)
             else:
-                self._metrics.charges_skipped.labels(charge.status.value).inc()
+                metrics.skipped.inc(charge.status.value)
         for tier, outcome in verdict.outcomes:
-            self._metrics.responses.labels(tier, outcome).inc()
+            metrics.reported.inc(tier, outcome)
         for tier, model, tokens in verdict.reserved:
-            self._metrics.tokens_reserved.labels(tier, model).inc(tokens)
+            metrics.reserved.inc(tier, model, amount=tokens)
         for tier, model, tokens in verdict.refunded:
-            self._metrics.tokens_refunded.labels(tier, model).inc(tokens)
+            metrics.refunded.inc(tier, model, amount=tokens)
         for reason in verdict.ignored:
-            self._metrics.descriptors_ignored.labels(reason).inc()
+            metrics.ignored.inc(reason)

@@ -48,7 +48,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 async def _redis_store(
-    server: RedisServer, *, request_id_ttl_ms: int = 600_000
+    server: RedisServer, *, request_id_ttl_ms: int = 600_000, pipelined: bool = True
 ) -> RedisBucketStore:
     store = RedisBucketStore.from_url(
         server.url,
@@ -56,18 +56,23 @@ async def _redis_store(
         connect_timeout=5.0,
         max_connections=8,
         request_id_ttl_ms=request_id_ttl_ms,
+        pipelined=pipelined,
     )
+    assert store.pipelined == pipelined
     await store.client.flushdb()
     return store
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
+# "redis": the scripts over the store's pipelined connection; "redis-pool": through redis-py's
+# pooled client, as for the connections the pipeline does not speak (TLS)
+@pytest_asyncio.fixture(params=["memory", "redis", "redis-pool"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[BucketStore]:
     s: BucketStore
     if request.param == "memory":
         s = MemoryBucketStore()
     else:
-        s = await _redis_store(request.getfixturevalue("redis_server"))
+        server = request.getfixturevalue("redis_server")
+        s = await _redis_store(server, pipelined=request.param == "redis")
     yield s
     await s.close()
 
