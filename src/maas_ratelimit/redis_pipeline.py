@@ -4,7 +4,7 @@ redis-py's asyncio client spends ~150 µs of CPU per EVALSHA (pool checkout, thr
 timeouts, command packing, a readline per reply element); the rate limiter sends one script per
 call, so that was most of its cost. Here every command is written as it comes (all the commands
 of one event-loop turn in one write) on a single connection, and the replies, which Redis sends
-in order, are parsed from the received bytes and handed to the waiting callers in order. Redis
+in order, are parsed from the received bytes (by hiredis) and handed to the waiting callers in order. Redis
 runs commands one at a time anyway, so one connection loses nothing.
 
 Only what the store needs: RESP2 over TCP or a Unix socket, AUTH and SELECT on connect. A
@@ -23,8 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
 
-CRLF = b"\r\n"
-
+import hiredis
 
 class ReplyError(Exception):
     """An error reply (`-ERR ...`); the connection stays usable."""
@@ -82,44 +81,15 @@ def _pack_bytes(args: tuple[str | int | bytes, ...]) -> bytes:
     return b"".join(out)
 
 
-def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int] | None:
-    """(reply, position after it) for the reply at `pos`, or None when it is not complete yet.
+def reader() -> hiredis.Reader:
+    """A RESP2 reply parser (hiredis, the C parser redis-py uses when it is installed).
 
-    Integers are ints, simple and bulk strings bytes, nil None, arrays lists, errors ReplyError
-    (returned, not raised).
+    `feed(bytes)` it what arrives; `gets()` then returns the next complete reply, or False while
+    none is complete. Integers are ints, simple and bulk strings bytes, nil None, arrays lists,
+    error replies ReplyError instances (returned, not raised); bytes that are not RESP raise
+    ProtocolError.
     """
-    end = buffer.find(CRLF, pos)
-    if end < 0:
-        return None
-    kind = buffer[pos]
-    if kind == 58:  # ':'
-        return int(buffer[pos + 1 : end]), end + 2
-    if kind == 42:  # '*'
-        count = int(buffer[pos + 1 : end])
-        pos = end + 2
-        if count < 0:
-            return None, pos
-        items = []
-        for _ in range(count):
-            parsed = parse(buffer, pos)
-            if parsed is None:
-                return None
-            item, pos = parsed
-            items.append(item)
-        return items, pos
-    if kind == 36:  # '$'
-        length = int(buffer[pos + 1 : end])
-        if length < 0:
-            return None, end + 2
-        start = end + 2
-        if len(buffer) < start + length + 2:
-            return None
-        return bytes(buffer[start : start + length]), start + length + 2
-    if kind == 43:  # '+'
-        return bytes(buffer[pos + 1 : end]), end + 2
-    if kind == 45:  # '-'
-        return ReplyError(buffer[pos + 1 : end].decode("utf-8", "replace")), end + 2
-    raise ProtocolError(f"unexpected reply type {bytes([kind])!r}")
+    return hiredis.Reader(protocolError=ProtocolError, replyError=ReplyError)
 
 
 class _Protocol(asyncio.Protocol):
@@ -127,7 +97,7 @@ class _Protocol(asyncio.Protocol):
         self._loop = loop
         self._stall_timeout = stall_timeout
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._reader = reader()
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()  # (reply, sent at)
         # (deadline, reply) in the order sent, and one timer for the first: cheaper than a
         # timer per command (asyncio.timeout), as the deadlines come nearly in order
@@ -141,28 +111,21 @@ class _Protocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
+        replies = self._reader
         waiting = self._waiting
-        pos = 0
         try:
-            while pos < len(buffer):
-                parsed = parse(buffer, pos)
-                if parsed is None:
-                    break
+            replies.feed(data)
+            while (reply := replies.gets()) is not False:
                 if not waiting:
                     raise ProtocolError("a reply nobody asked for")
-                reply, pos = parsed
                 future = waiting.popleft()[0]
                 if not future.done():  # else its caller gave up (timed out, cancelled)
                     if isinstance(reply, ReplyError):
                         future.set_exception(reply)
                     else:
                         future.set_result(reply)
-        except (ProtocolError, ValueError) as exc:
+        except ProtocolError as exc:
             self.close(ConnectionClosed(f"bad reply from Redis: {exc}", kind="error"))
-            return
-        del buffer[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {exc}" if exc else "connection closed by Redis"

@@ -22,7 +22,7 @@ from maas_ratelimit.redis_pipeline import (
     ProtocolError,
     ReplyError,
     pack,
-    parse,
+    reader,
 )
 
 # --- pack / parse -------------------------------------------------------------------------------
@@ -71,28 +71,35 @@ def test_pack_is_resp2_arrays_of_bulk_strings(args: tuple[str | int | bytes, ...
     ],
 )
 def test_parse_complete_replies(data: bytes, expected: object) -> None:
-    assert parse(data + b":9\r\n", 0) == (expected, len(data))
+    replies = reader()
+    replies.feed(data + b":9\r\n")
+    assert replies.gets() == expected
+    assert replies.gets() == 9
+    assert replies.gets() is False
 
 
 def test_parse_error_replies_are_returned_not_raised() -> None:
-    parsed = parse(b"-NOSCRIPT No matching script\r\n", 0)
-    assert parsed is not None
-    error, end = parsed
+    replies = reader()
+    replies.feed(b"-NOSCRIPT No matching script\r\n")
+    error = replies.gets()
     assert isinstance(error, ReplyError)
     assert str(error) == "NOSCRIPT No matching script"
-    assert end == 30
 
 
 @pytest.mark.parametrize(
     "data", [b"", b":1", b"$5\r\nhel", b"$5\r\nhello", b"*2\r\n:1\r\n", b"*2\r\n:1\r\n$3\r\nab"]
 )
 def test_parse_incomplete_replies_wait_for_more(data: bytes) -> None:
-    assert parse(data, 0) is None
+    replies = reader()
+    replies.feed(data)
+    assert replies.gets() is False
 
 
 def test_parse_refuses_what_is_not_resp2() -> None:
+    replies = reader()
+    replies.feed(b"!oops\r\n")
     with pytest.raises(ProtocolError):
-        parse(b"!oops\r\n", 0)
+        replies.gets()
 
 
 # --- the connection, against a fake server ------------------------------------------------------
