@@ -4,8 +4,8 @@ redis-py's asyncio client spends ~150 µs of CPU per EVALSHA (pool checkout, thr
 timeouts, command packing, a readline per reply element); the rate limiter sends one script per
 call, so that was most of its cost. Here every command is written as it comes (all the commands
 of one event-loop turn in one write) on a single connection, and the replies, which Redis sends
-in order, are parsed from the received bytes (by hiredis) and handed to the waiting callers in order. Redis
-runs commands one at a time anyway, so one connection loses nothing.
+in order, are parsed by hiredis from the received bytes and handed to the waiting callers in
+order. Redis runs commands one at a time anyway, so one connection loses nothing.
 
 Only what the store needs: RESP2 over TCP or a Unix socket, AUTH and SELECT on connect. A
 caller that stops waiting (its timeout, a cancelled call) leaves its command in the line: the
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
+
 
 class ReplyError(Exception):
     """An error reply (`-ERR ...`); the connection stays usable."""
