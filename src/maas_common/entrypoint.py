@@ -6,13 +6,13 @@ stderr naming file, key and expectation), 1 for anything unexpected.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from maas_common import event_loop
 from maas_common.errors import ConfigError
 from maas_common.logs import setup_logging
 from maas_common.settings import CommandLine, ServerSection, parse_command_line
@@ -48,7 +48,7 @@ def run_server_main(
         if command_line.check_only:
             print(check(config, base_dir))
             return 0
-        asyncio.run(serve(config, base_dir))
+        event_loop.run(serve(config, base_dir), server.event_loop)
     except ConfigError as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from maas_common.config import (
     validate,
 )
 from maas_common.errors import ConfigError
+from maas_common.event_loop import EventLoop
 
 M = TypeVar("M", bound=StrictModel)
 
@@ -31,6 +32,7 @@ class ServerSection(StrictModel):
     drain_timeout: Duration = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    event_loop: EventLoop = "uvloop"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def parse_command_line(
         "http_addr": ("--http-addr", "HOST:PORT of /metrics, /healthz and /readyz"),
         "log_level": ("--log-level", "debug, info, warning or error"),
         "log_format": ("--log-format", "json or text"),
+        "event_loop": ("--event-loop", "uvloop (default) or asyncio"),
         **(extra_flags or {}),
     }
     for key, (flag, help_text) in flags.items():

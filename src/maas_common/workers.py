@@ -54,6 +54,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from maas_common import event_loop
 from maas_common.config import parse_address
 from maas_common.errors import ConfigError
 from maas_common.logs import setup_logging
@@ -148,7 +149,7 @@ def run_worker_main(
         server = server_section(config)
         setup_logging(server.log_level, server.log_format)
         _tag_log_records(worker.index)
-        asyncio.run(_serve_worker(worker, build, config, base_dir))
+        event_loop.run(_serve_worker(worker, build, config, base_dir), server.event_loop)
     except ConfigError as exc:
         if not worker.report_config_error(exc):
             print(f"{prog}: configuration error: {exc}", file=sys.stderr)
