@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[EVENT_LOOP_ENV] = args.noop_event_loop  # the do-nothing servers read it
 
     find_h2load()  # fail before starting anything
-    out: Path = args.out
+    out: Path = args.out.resolve()  # scenarios hand paths to processes in other directories
     shutil.rmtree(out / "work", ignore_errors=True)
     (out / "work").mkdir(parents=True, exist_ok=True)
     ctx = Context(
