@@ -75,9 +75,10 @@ class Context:
             yield
         self._stack = ExitStack()
 
-    def noop_server(self, kind: str) -> tuple[Service, int]:
+    def noop_server(self, kind: str, *extra: str) -> tuple[Service, int]:
+        """A do-nothing server (bench/noop_servers.py; `extra`: its options) on a free port."""
         port = free_port()
-        argv = [PYTHON, "-m", "bench.noop_servers", kind, str(port)]
+        argv = [PYTHON, "-m", "bench.noop_servers", kind, str(port), *extra]
         return self.service(f"noop-{kind}", argv, port=port), port
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from bench.context import PYTHON, Context, median
+from bench.context import Context, median
 from bench.load import Load, LoadResult, run_h2load
 from bench.procs import Service, free_port, http_get
 from bench.report import Figure, Floor
@@ -51,7 +51,12 @@ from bench.servers import (
     start_authz,
     start_ratelimit,
 )
-from maas_demo.envoy import USAGE_LUA, find_envoy, render_gateway
+from bench.servers import (
+    noop as start_noop,
+)
+from maas_demo.envoy import find_envoy
+from maas_demo.stack import Ports
+from maas_demo.stack import gateway_config as stack_gateway_config
 
 SCENARIO_NOOP = "E2E, Envoy + do-nothing servers"
 SCENARIO_FULL = "E2E, Envoy + maas-authz + maas-ratelimit"
@@ -165,17 +170,11 @@ def _address(port: int) -> Json:
 
 def gateway_config(port: int, admin_port: int, backend: int, authz: int, ratelimit: int) -> str:
     """envoy/gateway.yaml as the local stack renders it."""
-    return render_gateway(
-        {
-            "ENVOY_HOST": "127.0.0.1",
-            "ENVOY_PORT": port,
-            "ENVOY_ADMIN_PORT": admin_port,
-            "AUTHZ_GRPC_PORT": authz,
-            "RATELIMIT_GRPC_PORT": ratelimit,
-            "USAGE_LUA": str(USAGE_LUA),
-            "BACKEND_PORT": backend,
-        }
-    )
+    ports = Ports(
+        envoy=port, envoy_admin=admin_port, authz_grpc=authz, ratelimit_grpc=ratelimit,
+        backend=backend,
+    )  # fmt: skip
+    return stack_gateway_config(ports)
 
 
 def plain_config(port: int, admin_port: int, backend: int) -> Json:
@@ -317,26 +316,16 @@ def _layers(ctx: Context) -> list[Layer]:
         ctx, PLAIN, "envoy-plain", lambda port, admin: plain_config(port, admin, up_port)
     )
 
-    noop_authz_port, noop_rls_port = free_port(), free_port()
-    noop_servers = [
-        ctx.service(
-            f"noop-{kind}",
-            [PYTHON, "-m", "bench.noop_servers", kind, str(port), *extra],
-            port=port,
-        )
-        for kind, port, extra in (
-            ("authz", noop_authz_port, ["--metadata"]),
-            ("ratelimit", noop_rls_port, []),
-        )
-    ]
-    noop = _envoy(
+    noop_authz = start_noop(ctx, "authz", "--metadata")
+    noop_rls = start_noop(ctx, "ratelimit")
+    noop_layer = _envoy(
         ctx,
         NOOP,
         "envoy-noop",
-        lambda port, admin: gateway_config(port, admin, up_port, noop_authz_port, noop_rls_port),
+        lambda port, admin: gateway_config(port, admin, up_port, noop_authz.port, noop_rls.port),
     )
-    noop.servers = noop_servers
-    noop.verify = [_gateway_checks(noop)]
+    noop_layer.servers = [noop_authz.service, noop_rls.service]
+    noop_layer.verify = [_gateway_checks(noop_layer)]
 
     authz = start_authz(ctx, "maas-authz", str(DEMO_CONFIG / "authz.yaml"))
     ratelimit = start_ratelimit(ctx, "maas-ratelimit", "memory")
@@ -347,15 +336,10 @@ def _layers(ctx: Context) -> list[Layer]:
         lambda port, admin: gateway_config(port, admin, up_port, authz.port, ratelimit.port),
     )
     full.servers = [authz.service, ratelimit.service]
-    ratelimit_http = _http_port(ratelimit.service)
-    full.verify = [_gateway_checks(full), authz.verify, ratelimit.verify, _charged(ratelimit_http)]
-    return [plain, noop, full]
-
-
-def _http_port(service: Service) -> int:
-    """The --http-addr port a server was started with."""
-    address = service.argv[service.argv.index("--http-addr") + 1]
-    return int(address.rsplit(":", 1)[1])
+    full.verify = [
+        _gateway_checks(full), authz.verify, ratelimit.verify, _charged(ratelimit.http_port),
+    ]  # fmt: skip
+    return [plain, noop_layer, full]
 
 
 def end_to_end(ctx: Context) -> list[Figure]:

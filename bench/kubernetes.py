@@ -33,7 +33,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -105,21 +104,11 @@ class Admin:
     def reviews(self) -> dict[str, float]:
         """TokenReviews and SubjectAccessReviews kube-apiserver has answered, by maas-authz call."""
         text = self.request("GET", "/metrics").decode()
+        total = servers.samples_total
         return {
-            call: _samples_total(text, "apiserver_request_total", resource=resource, verb="POST")
+            call: total(text, "apiserver_request_total", resource=resource, verb="POST")
             for call, resource in CALLS.items()
         }
-
-
-def _samples_total(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.split("{", 1)[0] != name:
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def _platform(admin: Admin, ctx: Context) -> Path:
@@ -183,14 +172,6 @@ def _authz_config(ctx: Context, kubeconfig: Path) -> Path:
         "  timeout: 5s  # a loaded 2-core machine must not turn a slow review into a 503\n"
     )
     return config
-
-
-def _http_port(side: servers.Side) -> int:
-    ready_url = side.service.ready_url
-    port = urlsplit(ready_url).port if ready_url else None
-    if port is None:
-        raise RuntimeError(f"{side.name}: no HTTP port to read /metrics from")
-    return port
 
 
 def _kube_calls(http_port: int) -> dict[str, float]:
@@ -304,7 +285,7 @@ async def _check_once(grpc_port: int, token: str) -> bool:
 def _cache_hit(ctx: Context, admin: Admin, subject: servers.Side) -> list[Figure]:
     """Scenario 1, Kubernetes identities: every Check after the first is a hit in both caches."""
     scenario = "Check, cache hit (Kubernetes)"
-    http_port = _http_port(subject)
+    http_port = subject.http_port
     admin.service_account(PREMIUM_NS, "bench-cached")
     token = admin.token(PREMIUM_NS, "bench-cached")
     if not asyncio.run(_check_once(subject.port, token)):  # fills both caches
@@ -357,7 +338,7 @@ class ColdResults:
 async def _cold(
     ctx: Context, admin: Admin, subject: servers.Side, kubeconfig: Path, tokens: ColdTokens
 ) -> ColdResults:
-    http_port = _http_port(subject)
+    http_port = subject.http_port
     concurrent = ctx.sizes.concurrent_new_token
     results = ColdResults({c: [] for c in CALLS}, {c: [] for c in CALLS}, {c: [] for c in CALLS},
                           [], [], [], {})  # fmt: skip

@@ -54,9 +54,8 @@ import redis.asyncio as aioredis
 from envoy.service.ratelimit.v3 import rls_pb2
 
 from bench.context import PYTHON, REPO, Context
-from bench.procs import Service, free_port
 from bench.report import Figure, Floor
-from bench.servers import DEMO_CONFIG, RLS_PATH, metric_total, start_authz
+from bench.servers import DEMO_CONFIG, RLS_PATH, metric_total, start_authz, start_ratelimit
 from maas_ratelimit.app import build_app as build_ratelimit
 from maas_ratelimit.config import RateLimitConfig
 from maas_ratelimit.descriptors import Descriptor
@@ -182,27 +181,11 @@ def _figures(
     ]  # fmt: skip
 
 
-def _start_ratelimit(ctx: Context) -> tuple[Service, int, int]:
-    """maas-ratelimit, memory store, MEMORY_LIMITS: (service, gRPC port, HTTP port)."""
-    ctx.path("memory/limits.yaml").write_text(MEMORY_LIMITS)
-    config = ctx.path("memory/ratelimit.yaml")
-    config.write_text("limits:\n  file: limits.yaml\nstore:\n  type: memory\n")
-    grpc_port, http_port = free_port(), free_port()
-    addrs = ["--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}"]
-    argv = [PYTHON, "-m", "maas_ratelimit", "--config", str(config), *addrs]
-    service = ctx.service(
-        "maas-ratelimit (memory, buckets)",
-        argv,
-        ready_url=f"http://127.0.0.1:{http_port}/readyz",
-        env={"MAAS_RATELIMIT_LOG_LEVEL": "warning"},
-    )
-    return service, grpc_port, http_port
-
-
 def buckets(ctx: Context) -> list[Figure]:
     users = ctx.sizes.buckets
     with ctx.services():
-        server, grpc_port, http_port = _start_ratelimit(ctx)
+        side = start_ratelimit(ctx, "maas-ratelimit (memory, buckets)", "memory", MEMORY_LIMITS)
+        server, grpc_port, http_port = side.service, side.port, side.http_port
         _admit(grpc_port, "free", (f"warm-up-{n}" for n in range(500)))  # no limits: no buckets
         held = metric_total(http_port, "maas_ratelimit_buckets")
         if held != 0:

@@ -7,6 +7,7 @@ call over that run) and latency at a fixed offered load. Medians over the rounds
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ class Side:
 
     name: str
     service: Service
-    port: int
+    port: int  # gRPC
+    http_port: int = 0  # /metrics; 0: none (the do-nothing servers)
     verify: Callable[[int], str | None] = lambda _sent: None  # error text, or None
 
 
@@ -156,10 +158,15 @@ def _url(side: Side, method_path: str) -> str:
 
 
 def metric_total(http_port: int, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels` (from /metrics)."""
+    """The sum of a metric's samples whose labels include `labels` (from a server's /metrics)."""
+    return samples_total(http_get(f"http://127.0.0.1:{http_port}/metrics"), name, **labels)
+
+
+def samples_total(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`, in Prometheus text."""
     total = 0.0
-    for line in http_get(f"http://127.0.0.1:{http_port}/metrics").splitlines():
-        if not line.startswith(name) or line.startswith("#"):
+    for line in text.splitlines():
+        if not line.startswith(name):  # also skips # HELP / # TYPE lines
             continue
         series, _, value = line.rpartition(" ")
         if series.split("{", 1)[0] != name:
@@ -199,7 +206,7 @@ def start_authz(
         env={"MAAS_AUTHZ_LOG_LEVEL": "warning", **(env or {})},
     )
     verify = _at_least(http_port, "maas_authz_decisions_total", result="allowed")
-    return Side(name, service, grpc_port, verify)
+    return Side(name, service, grpc_port, http_port, verify)
 
 
 BENCH_LIMITS = """\
@@ -211,17 +218,19 @@ limits:
 """
 
 
-def start_ratelimit(ctx: Context, name: str, store: str) -> Side:
-    """maas-ratelimit on free ports with BENCH_LIMITS and `store` (`memory` or a Redis URL)."""
-    limits = ctx.path("ratelimit/limits.yaml")
-    limits.write_text(BENCH_LIMITS)
+def start_ratelimit(ctx: Context, name: str, store: str, limits: str = BENCH_LIMITS) -> Side:
+    """maas-ratelimit on free ports with the limits file `limits` (default BENCH_LIMITS) and
+    `store` (`memory` or a Redis URL)."""
+    limits_file = ctx.path(f"ratelimit/{name}.limits.yaml")
+    limits_file.write_text(limits)
     store_yaml = (
         "store:\n  type: memory\n"
         if store == "memory"
         else f"store:\n  type: redis\n  redis:\n    url: {store}\n"
     )
     config = ctx.path(f"ratelimit/{name}.yaml")
-    config.write_text(f"limits:\n  file: limits.yaml\n{store_yaml}")
+    # a JSON string is a YAML string: the file name may hold spaces and parentheses
+    config.write_text(f"limits:\n  file: {json.dumps(str(limits_file))}\n{store_yaml}")
     grpc_port, http_port = free_port(), free_port()
     argv = [PYTHON, "-m", "maas_ratelimit", "--config", str(config), *_addrs(grpc_port, http_port)]
     service = ctx.service(
@@ -231,11 +240,11 @@ def start_ratelimit(ctx: Context, name: str, store: str) -> Side:
         env={"MAAS_RATELIMIT_LOG_LEVEL": "warning"},
     )
     verify = _at_least(http_port, "maas_ratelimit_calls_total", answer="ok")
-    return Side(name, service, grpc_port, verify)
+    return Side(name, service, grpc_port, http_port, verify)
 
 
-def noop(ctx: Context, kind: str) -> Side:
-    service, port = ctx.noop_server(kind)
+def noop(ctx: Context, kind: str, *extra: str) -> Side:
+    service, port = ctx.noop_server(kind, *extra)
     return Side(f"do-nothing {kind} server", service, port)
 
 

@@ -118,6 +118,21 @@ class Child:
             return ""
 
 
+def gateway_config(ports: Ports) -> str:
+    """envoy/gateway.yaml rendered for these ports (Envoy, maas-authz, maas-ratelimit, model)."""
+    return render_gateway(
+        {
+            "ENVOY_HOST": ports.envoy_host,
+            "ENVOY_PORT": ports.envoy,
+            "ENVOY_ADMIN_PORT": ports.envoy_admin,
+            "AUTHZ_GRPC_PORT": ports.authz_grpc,
+            "RATELIMIT_GRPC_PORT": ports.ratelimit_grpc,
+            "USAGE_LUA": str(USAGE_LUA),
+            "BACKEND_PORT": ports.backend,
+        }
+    )
+
+
 def wait_until_ready(child: Child, url: str, timeout: float) -> None:
     """Poll `url` until it answers 200; fail early, with the log tail, if the child exits."""
     deadline = time.monotonic() + timeout
@@ -168,19 +183,7 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         p = self.ports
         envoy_config = self.workdir / "envoy.yaml"
-        envoy_config.write_text(
-            render_gateway(
-                {
-                    "ENVOY_HOST": p.envoy_host,
-                    "ENVOY_PORT": p.envoy,
-                    "ENVOY_ADMIN_PORT": p.envoy_admin,
-                    "AUTHZ_GRPC_PORT": p.authz_grpc,
-                    "RATELIMIT_GRPC_PORT": p.ratelimit_grpc,
-                    "USAGE_LUA": str(USAGE_LUA),
-                    "BACKEND_PORT": p.backend,
-                }
-            )
-        )
+        envoy_config.write_text(gateway_config(p))
         python = sys.executable
         plan = [
             (
