@@ -1,10 +1,11 @@
 """Scenarios 1 (Kubernetes half) and 2: maas-authz against a real kube-apiserver.
 
 One etcd + kube-apiserver (tests/support/kube_cluster.py) serves both, holding what the platform
-makes: the premium tier's namespace, a model namespace with an LLMInferenceService-style grant
-(verb `post` on llm/tiny for the premium tier's group) and maas-authz's own ServiceAccount bound to
-system:auth-delegator. maas-authz runs with identity source `kubernetes` (TokenReview, with the
-audience maas-api mints tokens for) and access by SubjectAccessReview, both cached for an hour.
+makes (tests/support/kube_platform.py, as for the integration tests): the tier namespaces, a model
+namespace with an LLMInferenceService-style grant (verb `post` on llm/tiny for the premium tier's
+group) and maas-authz's own ServiceAccount bound to system:auth-delegator. maas-authz runs with
+identity source `kubernetes` (TokenReview, with the audience maas-api mints tokens for) and access
+by SubjectAccessReview, both cached for an hour.
 
 - Check, cache hit: one premium token, Checked once to fill both caches, then driven by h2load
   against the do-nothing ext_authz server (servers.compare). The Kubernetes calls counted on
@@ -26,10 +27,8 @@ import asyncio
 import json
 import math
 import secrets
-import ssl
 import statistics
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,10 @@ from bench import servers
 from bench.context import Context
 from bench.load import grpc_frame
 from bench.report import Figure, Floor
-from tests.support.kube_cluster import SA_AUDIENCE, KubeCluster, find_apiserver_binary
+from tests.support import kube_platform
+from tests.support.kube_cluster import KubeCluster, find_apiserver_binary
+from tests.support.kube_platform import AUDIENCE, MODEL, MODEL_NS, PREMIUM_NS, Kube
 
-PREMIUM_NS = "maas-default-gateway-tier-premium"  # its ServiceAccounts' group is the premium tier
-SYSTEM_NS = "maas-system"
-MODEL_NS, MODEL = servers.MODEL_PATH.split("/")[1:3]  # llm, tiny
 CACHE_TTL = "3600s"  # both caches, and the tokens' lifetime: far longer than a full run
 CHANNELS = 4  # gRPC connections that concurrent Checks are spread over
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"  # noqa: S105 - a path
@@ -55,105 +53,32 @@ ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 KUBE_CALLS = "maas_authz_kubernetes_request_duration_seconds_count"
 # maas-authz's `call` label -> kube-apiserver's `resource` label
 CALLS = {"tokenreview": "tokenreviews", "subjectaccessreview": "subjectaccessreviews"}
-RBAC = "/apis/rbac.authorization.k8s.io/v1"
 
 
-class Admin:
-    """The platform's side of the cluster, as cluster-admin over HTTPS: objects, tokens, metrics."""
-
-    def __init__(self, cluster: KubeCluster) -> None:
-        self.cluster = cluster
-        self._tls = ssl.create_default_context(cafile=str(cluster.ca_file))
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
-        request = urllib.request.Request(  # noqa: S310 - https to the cluster started here
-            self.cluster.url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={
-                "Authorization": f"Bearer {self.cluster.admin_token}",
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(request, timeout=10, context=self._tls) as response:  # noqa: S310
-            return bytes(response.read())
-
-    def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        answer: dict[str, Any] = json.loads(self.request("POST", path, body))
-        return answer
-
-    def service_account(self, namespace: str, name: str) -> None:
-        self.create(f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": name}})
-
-    def token(self, namespace: str, name: str, seconds: int = 3600) -> str:
-        """A token the way maas-api mints one: TokenRequest with the audience and a lifetime."""
-        request = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"audiences": [SA_AUDIENCE], "expirationSeconds": seconds},
-        }
-        path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
-        return str(self.create(path, request)["status"]["token"])
-
-    def new_user_token(self, prefix: str) -> str:
-        """The token of a new premium ServiceAccount: no cache knows the token or the user."""
-        name = f"{prefix}-{secrets.token_hex(4)}"
-        self.service_account(PREMIUM_NS, name)
-        return self.token(PREMIUM_NS, name)
-
-    def reviews(self) -> dict[str, float]:
-        """TokenReviews and SubjectAccessReviews kube-apiserver has answered, by maas-authz call."""
-        text = self.request("GET", "/metrics").decode()
-        total = servers.samples_total
-        return {
-            call: total(text, "apiserver_request_total", resource=resource, verb="POST")
-            for call, resource in CALLS.items()
-        }
+def new_user_token(kube: Kube, prefix: str) -> str:
+    """The token of a new premium ServiceAccount: no cache knows the token or the user."""
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    kube.service_account(PREMIUM_NS, name)
+    return kube.mint_token(PREMIUM_NS, name)
 
 
-def _platform(admin: Admin, ctx: Context) -> Path:
+def apiserver_reviews(kube: Kube) -> dict[str, float]:
+    """TokenReviews and SubjectAccessReviews kube-apiserver has answered, by maas-authz call."""
+    method, url, headers, _, _ = kube.api.param_serialize(
+        "GET", "/metrics", auth_settings=["BearerToken"]
+    )
+    text = kube.api.call_api(method, url, header_params=headers).response.data.decode()
+    total = servers.samples_total
+    return {
+        call: total(text, "apiserver_request_total", resource=resource, verb="POST")
+        for call, resource in CALLS.items()
+    }
+
+
+def _platform(kube: Kube, ctx: Context) -> Path:
     """What the platform creates; returns maas-authz's kubeconfig (system:auth-delegator only)."""
-    for namespace in (PREMIUM_NS, MODEL_NS, SYSTEM_NS):
-        admin.create("/api/v1/namespaces", {"metadata": {"name": namespace}})
-    role = f"{MODEL}-post"
-    admin.create(
-        f"{RBAC}/namespaces/{MODEL_NS}/roles",
-        {
-            "metadata": {"name": role},
-            "rules": [
-                {
-                    "apiGroups": ["serving.kserve.io"],
-                    "resources": ["llminferenceservices"],
-                    "resourceNames": [MODEL],
-                    "verbs": ["post"],
-                }
-            ],
-        },
-    )
-    group = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group"}
-    admin.create(
-        f"{RBAC}/namespaces/{MODEL_NS}/rolebindings",
-        {
-            "metadata": {"name": f"{role}-premium"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
-            "subjects": [{**group, "name": f"system:serviceaccounts:{PREMIUM_NS}"}],
-        },
-    )
-    admin.service_account(SYSTEM_NS, "maas-authz")
-    admin.create(
-        f"{RBAC}/clusterrolebindings",
-        {
-            "metadata": {"name": "maas-authz-auth-delegator"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:auth-delegator",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "maas-authz", "namespace": SYSTEM_NS}],
-        },
-    )
-    token = admin.token(SYSTEM_NS, "maas-authz", seconds=86400)
-    return admin.cluster.write_kubeconfig(ctx.path("kube/maas-authz.kubeconfig"), token)
+    kube_platform.create_platform(kube)
+    return kube_platform.authz_kubeconfig(kube, ctx.path("kube/maas-authz.kubeconfig"))
 
 
 def _authz_config(ctx: Context, kubeconfig: Path) -> Path:
@@ -162,7 +87,7 @@ def _authz_config(ctx: Context, kubeconfig: Path) -> Path:
         "# maas-authz against the benchmark's kube-apiserver; default (platform) tiers\n"
         "identity:\n"
         "  source: kubernetes\n"
-        f"  audiences: [{SA_AUDIENCE}]\n"
+        f"  audiences: [{AUDIENCE}]\n"
         f"  cache: {{ttl: {CACHE_TTL}}}\n"
         "access:\n"
         "  source: kubernetes\n"
@@ -243,7 +168,7 @@ class DirectReviews:
             {
                 "apiVersion": "authentication.k8s.io/v1",
                 "kind": "TokenReview",
-                "spec": {"token": token, "audiences": [SA_AUDIENCE]},
+                "spec": {"token": token, "audiences": [AUDIENCE]},
             },
         )
         if not review.get("authenticated"):
@@ -282,12 +207,12 @@ async def _check_once(grpc_port: int, token: str) -> bool:
         await checker.close()
 
 
-def _cache_hit(ctx: Context, admin: Admin, subject: servers.Side) -> list[Figure]:
+def _cache_hit(ctx: Context, kube: Kube, subject: servers.Side) -> list[Figure]:
     """Scenario 1, Kubernetes identities: every Check after the first is a hit in both caches."""
     scenario = "Check, cache hit (Kubernetes)"
     http_port = subject.http_port
-    admin.service_account(PREMIUM_NS, "bench-cached")
-    token = admin.token(PREMIUM_NS, "bench-cached")
+    kube.service_account(PREMIUM_NS, "bench-cached")
+    token = kube.mint_token(PREMIUM_NS, "bench-cached")
     if not asyncio.run(_check_once(subject.port, token)):  # fills both caches
         raise RuntimeError(f"{scenario}: the premium token was not allowed on {MODEL_NS}/{MODEL}")
     baseline = servers.noop(ctx, "authz")
@@ -336,7 +261,7 @@ class ColdResults:
 
 
 async def _cold(
-    ctx: Context, admin: Admin, subject: servers.Side, kubeconfig: Path, tokens: ColdTokens
+    ctx: Context, kube: Kube, subject: servers.Side, kubeconfig: Path, tokens: ColdTokens
 ) -> ColdResults:
     http_port = subject.http_port
     concurrent = ctx.sizes.concurrent_new_token
@@ -347,7 +272,7 @@ async def _cold(
     try:
         await asyncio.gather(*(checker.check(tokens.checks[-1], n) for n in range(CHANNELS)))
         for token in tokens.concurrent:
-            ours_before, witness_before = _kube_calls(http_port), admin.reviews()
+            ours_before, witness_before = _kube_calls(http_port), apiserver_reviews(kube)
             started = time.perf_counter()
             answers = await asyncio.gather(*(checker.check(token, n) for n in range(concurrent)))
             results.burst_ms.append((time.perf_counter() - started) * 1e3)
@@ -355,7 +280,7 @@ async def _cold(
                 denied = answers.count(False)
                 raise RuntimeError(f"{denied} of {concurrent} Checks with a new token not allowed")
             await asyncio.sleep(0.2)  # kube-apiserver counts a request as its handler returns
-            ours_after, witness_after = _kube_calls(http_port), admin.reviews()
+            ours_after, witness_after = _kube_calls(http_port), apiserver_reviews(kube)
             for call in CALLS:
                 ours = ours_after[call] - ours_before[call]
                 witness = witness_after[call] - witness_before[call]
@@ -391,17 +316,17 @@ def _tail(values: list[float]) -> tuple[str, float]:
     return "max", ordered[-1]
 
 
-def _cold_path(ctx: Context, admin: Admin, subject: servers.Side, kubeconfig: Path) -> list[Figure]:
+def _cold_path(ctx: Context, kube: Kube, subject: servers.Side, kubeconfig: Path) -> list[Figure]:
     """Scenario 2: coalescing of concurrent misses, and the latency of a cold Check."""
     scenario = "Check, cold path (Kubernetes)"
     bursts = 2 if ctx.quick else 5
     cold = ctx.sizes.cold_checks
     tokens = ColdTokens(
-        concurrent=[admin.new_user_token("bench-burst") for _ in range(bursts)],
-        checks=[admin.new_user_token("bench-cold") for _ in range(cold + 1)],
-        direct=[admin.new_user_token("bench-direct") for _ in range(cold + 1)],
+        concurrent=[new_user_token(kube, "bench-burst") for _ in range(bursts)],
+        checks=[new_user_token(kube, "bench-cold") for _ in range(cold + 1)],
+        direct=[new_user_token(kube, "bench-direct") for _ in range(cold + 1)],
     )
-    results = asyncio.run(_cold(ctx, admin, subject, kubeconfig, tokens))
+    results = asyncio.run(_cold(ctx, kube, subject, kubeconfig, tokens))
     if any(results.cold_calls[call] < cold for call in CALLS):
         raise RuntimeError(
             f"{scenario}: {cold} Checks with new tokens made only {results.cold_calls} "
@@ -452,10 +377,13 @@ def check_kubernetes(ctx: Context) -> list[Figure]:
     cluster.etcd_log = cluster.log_dir / "etcd.log"
     cluster.apiserver_log = cluster.log_dir / "kube-apiserver.log"
     with cluster, ctx.services():
-        admin = Admin(cluster)
-        kubeconfig = _platform(admin, ctx)
-        config = _authz_config(ctx, kubeconfig)
-        subject = servers.start_authz(ctx, "maas-authz (Kubernetes)", str(config))
-        figures = _cache_hit(ctx, admin, subject)
-        figures += _cold_path(ctx, admin, subject, kubeconfig)
+        kube = Kube.connect(cluster)
+        try:
+            kubeconfig = _platform(kube, ctx)
+            config = _authz_config(ctx, kubeconfig)
+            subject = servers.start_authz(ctx, "maas-authz (Kubernetes)", str(config))
+            figures = _cache_hit(ctx, kube, subject)
+            figures += _cold_path(ctx, kube, subject, kubeconfig)
+        finally:
+            kube.close()
     return figures

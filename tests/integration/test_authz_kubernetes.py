@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 from maas_authz.app import AuthzApp, build_app
 from maas_authz.config import AuthzConfig
 from maas_common.config import validate
-from tests.integration.conftest import FREE_NS, MODEL, MODEL_NS, PREMIUM_NS, Kube
 from tests.support.authz_client import AuthzClient
+from tests.support.kube_platform import FREE_NS, MODEL, MODEL_NS, PREMIUM_NS, Kube
 
 pytestmark = pytest.mark.integration
 MODEL_PATH = f"/{MODEL_NS}/{MODEL}/v1/chat/completions"

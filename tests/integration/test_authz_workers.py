@@ -24,8 +24,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from maas_demo.stack import CONFIG_DIR, Child, free_port
-from tests.integration.conftest import MODEL, MODEL_NS, PREMIUM_NS, Kube
 from tests.support.authz_client import CheckResult, check_request, result_of
+from tests.support.kube_platform import MODEL, MODEL_NS, PREMIUM_NS, Kube
 
 pytestmark = pytest.mark.integration
 MODEL_PATH = "/llm/tiny/v1/chat/completions"
