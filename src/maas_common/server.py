@@ -53,7 +53,27 @@ class Readiness:
         }
 
 
-async def _serve_http(
+ReadinessReport = Callable[[], tuple[bool, dict[str, object]]]  # (ready, the /readyz JSON)
+
+
+def probe_routes(registry: CollectorRegistry, readiness: ReadinessReport) -> list[web.RouteDef]:
+    """/metrics (the registry, as Prometheus text), /healthz and /readyz (200 or 503)."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready, body = readiness()
+        return web.json_response(body, status=200 if ready else 503)
+
+    return [web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)]
+
+
+async def serve_http(
     addr: str, routes: Sequence[web.RouteDef], setting: str
 ) -> tuple[web.AppRunner, int]:
     """An aiohttp site for `routes` on `addr`; the port it got (useful with port 0)."""
@@ -143,16 +163,11 @@ class ServerRuntime:
         await server.start()
         self._grpc = server
 
-        routes = [
-            web.get("/metrics", self._metrics),
-            web.get("/healthz", self._healthz),
-            web.get("/readyz", self._readyz),
-            *self._http_routes,
-        ]
+        routes = [*probe_routes(self._registry, self._readiness_report), *self._http_routes]
         try:
-            self._http, self.http_port = await _serve_http(self._http_addr, routes, "--http-addr")
+            self._http, self.http_port = await serve_http(self._http_addr, routes, "--http-addr")
             if self._admin_addr and self._admin_routes:
-                self._admin, self.admin_port = await _serve_http(
+                self._admin, self.admin_port = await serve_http(
                     self._admin_addr, self._admin_routes, "server.admin_addr"
                 )
         except ConfigError:
@@ -228,15 +243,6 @@ class ServerRuntime:
         finally:
             await self.stop()
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(generate_latest, self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    def _readiness_report(self) -> tuple[bool, dict[str, object]]:
         ready = self.readiness.ready
-        return web.json_response(
-            {"ready": ready, "components": self.readiness.snapshot()}, status=200 if ready else 503
-        )
+        return ready, {"ready": ready, "components": self.readiness.snapshot()}

@@ -45,12 +45,10 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -58,7 +56,7 @@ from maas_common import event_loop
 from maas_common.config import parse_address
 from maas_common.errors import ConfigError
 from maas_common.logs import setup_logging
-from maas_common.server import Readiness, ServerRuntime, _serve_http
+from maas_common.server import Readiness, ServerRuntime, probe_routes, serve_http
 from maas_common.settings import ServerSection
 
 C = TypeVar("C")
@@ -397,15 +395,13 @@ class Supervisor:
             (self.run_dir / PAYLOAD_FILE).write_text(s.payload, encoding="utf-8")
             MultiProcessCollector(self.registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
             self._session = aiohttp.ClientSession()
-            routes = [
-                web.get("/metrics", self._metrics),
-                web.get("/healthz", self._healthz),
-                web.get("/readyz", self._readyz),
-            ]
-            self._http, self.http_port = await _serve_http(s.http_addr, routes, "--http-addr")
+            routes = probe_routes(
+                self.registry, lambda: aggregate_readiness(self.readiness, self.workers)
+            )
+            self._http, self.http_port = await serve_http(s.http_addr, routes, "--http-addr")
             if s.admin_addr and s.admin_fanout:
                 admin_routes = [web.post(path, self._fan_out) for path in s.admin_fanout]
-                self._admin, self.admin_port = await _serve_http(
+                self._admin, self.admin_port = await serve_http(
                     s.admin_addr, admin_routes, "server.admin_addr"
                 )
         except BaseException:
@@ -582,17 +578,6 @@ class Supervisor:
             state.ready, state.detail = ok, detail
 
     # --- HTTP side
-
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, _request: web.Request) -> web.Response:
-        ready, body = aggregate_readiness(self.readiness, self.workers)
-        return web.json_response(body, status=200 if ready else 503)
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(generate_latest, self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _fan_out(self, request: web.Request) -> web.Response:
         assert self._session is not None
