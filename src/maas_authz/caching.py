@@ -38,23 +38,17 @@ class CachedTokenReviewer:
 
     async def review(self, token: str) -> Identity | None:
         key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        # A hit, the usual case, without building the loader below; on a miss get_or_load looks
-        # again (counting nothing twice: get() counts hits only) and loads.
-        found, cached = self.cache.get(key)
-        if found:
-            return cached
+        return await self.cache.get_or_load(key, self._load, token)
 
-        async def load() -> tuple[Identity | None, float]:
-            identity = await self._inner.review(token)
-            if identity is None:
-                return None, self._negative_ttl
-            ttl = self._ttl
-            expiry = jwt_expiry(token)
-            if expiry is not None:
-                ttl = min(ttl, expiry - self._clock.wall())
-            return identity, ttl
-
-        return await self.cache.get_or_load(key, load)
+    async def _load(self, token: str) -> tuple[Identity | None, float]:
+        identity = await self._inner.review(token)
+        if identity is None:
+            return None, self._negative_ttl
+        ttl = self._ttl
+        expiry = jwt_expiry(token)
+        if expiry is not None:
+            ttl = min(ttl, expiry - self._clock.wall())
+        return identity, ttl
 
     def forget_user(self, username: str) -> int:
         return self.cache.invalidate(lambda _k, v: v is not None and v.username == username)
@@ -82,15 +76,11 @@ class CachedAccessReviewer:
 
     async def allowed(self, identity: Identity, model: ModelRef) -> bool:
         key = (identity.username, identity.uid, identity.groups, model.namespace, model.name)
-        found, cached = self.cache.get(key)
-        if found:
-            return bool(cached)
+        return await self.cache.get_or_load(key, self._load, identity, model)
 
-        async def load() -> tuple[bool, float]:
-            allowed = await self._inner.allowed(identity, model)
-            return allowed, self._ttl if allowed else self._negative_ttl
-
-        return await self.cache.get_or_load(key, load)
+    async def _load(self, identity: Identity, model: ModelRef) -> tuple[bool, float]:
+        allowed = await self._inner.allowed(identity, model)
+        return allowed, self._ttl if allowed else self._negative_ttl
 
     def forget_user(self, username: str) -> int:
         return self.cache.invalidate(lambda k, _v: k[0] == username)

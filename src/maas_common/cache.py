@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar, TypeVarTuple
 
 from maas_common.clock import Clock
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+Ts = TypeVarTuple("Ts")
 
 CacheEvent = Literal["hit", "miss", "coalesced", "expired", "evicted"]
 
@@ -67,15 +68,19 @@ class TtlCache(Generic[K, V]):
             self._entries.popitem(last=False)
             self._on_event("evicted")
 
-    async def get_or_load(self, key: K, load: Callable[[], Awaitable[tuple[V, float]]]) -> V:
-        """The cached value, or the result of `load()` (value, ttl) shared by concurrent callers."""
+    async def get_or_load(
+        self, key: K, load: Callable[[*Ts], Awaitable[tuple[V, float]]], *args: *Ts
+    ) -> V:
+        """The cached value, or the result of `load(*args)` (value, ttl) shared by concurrent
+        callers. `load` with its arguments rather than a closure: a hit, the usual case, then
+        builds nothing."""
         found, value = self.get(key)
         if found:
             return value  # type: ignore[return-value]
         task = self._inflight.get(key)
         if task is None:
             self._on_event("miss")
-            task = asyncio.ensure_future(self._load(key, load, self._generation))
+            task = asyncio.ensure_future(self._load(key, load(*args), self._generation))
             self._inflight[key] = task
             # The load must finish even if its first caller goes away, and its error must not be
             # reported as "never retrieved" when nobody waits any more.
@@ -84,11 +89,9 @@ class TtlCache(Generic[K, V]):
             self._on_event("coalesced")
         return await asyncio.shield(task)
 
-    async def _load(
-        self, key: K, load: Callable[[], Awaitable[tuple[V, float]]], generation: int
-    ) -> V:
+    async def _load(self, key: K, load: Awaitable[tuple[V, float]], generation: int) -> V:
         try:
-            value, ttl = await load()
+            value, ttl = await load
             if generation == self._generation:
                 self.put(key, value, ttl)
             return value
