@@ -101,6 +101,13 @@ class Runs:
     def sent(self) -> int:
         return sum(r.requests for r in (*self.saturation, *self.fixed))
 
+    def saturate(self, side: Side, url: str, load: Load, body: bytes) -> None:
+        """One saturation run against `side`: its throughput, and its server's CPU per call."""
+        before = side.service.cpu()
+        result = run_h2load(url, load, body=body, headers=GRPC_HEADERS)
+        self.cpu_us.append((side.service.cpu() - before) / result.succeeded * 1e6)
+        self.saturation.append(result)
+
 
 def compare(
     ctx: Context,
@@ -125,11 +132,7 @@ def compare(
     for _ in range(sizes.rounds):
         for side in (baseline, subject):
             url = _url(side, method_path)
-            before = side.service.cpu()
-            result = run_h2load(url, saturate, body=body, headers=GRPC_HEADERS)
-            cpu = side.service.cpu() - before
-            runs[side.name].saturation.append(result)
-            runs[side.name].cpu_us.append(cpu / result.succeeded * 1e6)
+            runs[side.name].saturate(side, url, saturate, body)
             runs[side.name].fixed.append(run_h2load(url, fixed, body=body, headers=GRPC_HEADERS))
     for side in (baseline, subject):
         problem = side.verify(runs[side.name].sent() + warmed_up)
@@ -292,27 +295,23 @@ def check_workers(ctx: Context) -> list[Figure]:
             start_authz(ctx, f"maas-authz ({n} workers)", config, extra_args=("--workers", str(n)))
             for n in counts
         ]
-        rps: dict[str, list[float]] = {side.name: [] for side in sides}
-        cpu: dict[str, list[float]] = {side.name: [] for side in sides}
-        loadgen = 0.0
+        runs = {side.name: Runs([], [], []) for side in sides}
         for side in sides:
             run_h2load(_url(side, CHECK_PATH), Load(ctx.sizes.warmup_requests, clients=8),
                        body=body, headers=GRPC_HEADERS)  # fmt: skip
         for _ in range(ctx.sizes.rounds):
             for side in sides:
-                before = side.service.cpu()
-                result = run_h2load(_url(side, CHECK_PATH), load, body=body, headers=GRPC_HEADERS)
-                cpu[side.name].append((side.service.cpu() - before) / result.succeeded * 1e6)
-                rps[side.name].append(result.rps)
-                loadgen = max(loadgen, result.loadgen_cpu)
-        base = sides[0]
+                runs[side.name].saturate(side, _url(side, CHECK_PATH), load, body)
+        base = runs[sides[0].name]
+        loadgen = max(r.loadgen() for r in runs.values())
         for side in sides[1:]:
+            ours = runs[side.name]
             figures += [
                 Figure("Check, static key, SO_REUSEPORT workers", f"throughput, {side.name}",
-                       "calls/s", median(rps[side.name]), median(rps[base.name]), base.name,
+                       "calls/s", ours.rps(), base.rps(), sides[0].name,
                        note=f"{os.cpu_count()} cores shared with h2load "
                        f"(at most {loadgen:.0%} of a core)"),
                 Figure("Check, static key, SO_REUSEPORT workers", f"CPU per call, {side.name}",
-                       "µs", median(cpu[side.name]), median(cpu[base.name]), base.name),
+                       "µs", ours.cpu(), base.cpu(), sides[0].name),
             ]  # fmt: skip
     return figures
