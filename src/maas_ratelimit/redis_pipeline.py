@@ -1,6 +1,6 @@
 """One pipelined connection to Redis, for the store's hot path: a few µs per command.
 
-redis-py's asyncio client spends ~150 µs of CPU per EVALSHA (pool checkout, three nested
+redis-py's asyncio client spends 100-150 µs of CPU per EVALSHA (pool checkout, three nested
 timeouts, command packing, a readline per reply element); the rate limiter sends one script per
 call, so that was most of its cost. Here every command is written as it comes (all the commands
 of one event-loop turn in one write) on a single connection, and the replies, which Redis sends

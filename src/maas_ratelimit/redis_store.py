@@ -4,9 +4,10 @@ Each operation is a single EVALSHA (EVAL with the text on NOSCRIPT), so it is at
 server and costs one round trip. `now_ms` comes from the caller's clock, never from Redis TIME,
 so both stores give the same answers for the same calls.
 
-The scripts go over one pipelined connection of our own (redis_pipeline.py: ~15 µs of CPU per
-call, where redis-py's asyncio client spends ~150 µs); redis-py serves the rest (readiness
-PINGs) and, for what the pipeline does not speak (TLS, credential providers), the scripts too.
+The scripts go over one pipelined connection of our own (redis_pipeline.py: ~11 µs of CPU per
+call under concurrency, where redis-py's asyncio client spends ~100 µs); redis-py serves the
+rest (readiness PINGs) and, for what the pipeline does not speak (TLS, credential providers), the
+scripts too.
 
 Layout, under a prefix (default "maas:rl:"):
 - prefix + bucket key: a hash {v: level, t: updated_ms, s: scale}, as BucketState. Each write
