@@ -1,8 +1,10 @@
-"""Metric pieces both servers use: the registry, latency buckets, reload counts, label caching."""
+"""Metric pieces both servers use: the registry, latency buckets, reload counts, label caching,
+and lock-free counters and histograms for a single process's hot path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -11,6 +13,9 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from maas_common.reload import ReloadResult
 
@@ -57,3 +62,106 @@ class LabelledCounter:
         if child is None:
             child = self._children[labels] = self._counter.labels(*labels)
         child.inc(amount)
+
+
+# --- Hot-path metrics for one process -------------------------------------------------------------
+# prometheus_client takes a lock per increment and walks a Python loop per histogram observation:
+# about 0.6 µs a count and 0.7 µs an observation, several per call. These keep plain numbers that
+# the event loop updates (one dict or list update) and turn them into metric families only when
+# scraped. They do not work in prometheus_client's multiprocess mode (maas-authz's workers), which
+# needs its own value files; maas-ratelimit runs as one process.
+
+
+class FastCounter(Collector):
+    """A labelled counter: `inc(*labels)` is one dict update; exported on scrape."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        values = self._values
+        values[labels] = values.get(labels, 0.0) + amount
+
+    def value(self, *labels: str) -> float:
+        return self._values.get(labels, 0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        # dict(...) copies in C without releasing the GIL: safe against the loop's updates
+        # while /metrics renders in a worker thread
+        for labels, value in dict(self._values).items():
+            family.add_metric(list(labels), value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+
+class FastHistogram(Collector):
+    """A histogram with optional labels: `child(*labels).observe(seconds)` is a bisect and two
+    list updates; exported on scrape like prometheus_client's Histogram."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        registry: CollectorRegistry,
+        *,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
+        self._bounds = tuple(buckets)
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
+
+    def child(self, *labels: str) -> HistogramChild:
+        if len(labels) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, got {labels}")
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = HistogramChild(self._bounds)
+        return child
+
+    def observe(self, seconds: float) -> None:
+        """For an unlabelled histogram."""
+        self.child().observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for labels, child in list(self._children.items()):
+            counts, total = child.snapshot()
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self._bounds, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append((_bound_text(bound), cumulative))
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+
+class HistogramChild:
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect_left(self._bounds, seconds)] += 1  # le: a value on a bound counts in
+        self._sum += seconds
+
+    def snapshot(self) -> tuple[list[int], float]:
+        return list(self._counts), self._sum
+
+
+def _bound_text(bound: float) -> str:
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]  # as prometheus_client writes `le`
+    return text

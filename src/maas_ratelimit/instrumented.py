@@ -14,8 +14,8 @@ class InstrumentedStore:
     def __init__(self, inner: BucketStore, metrics: RateLimitMetrics) -> None:
         self.name = inner.name
         self._inner = inner
-        self._admit_seconds = metrics.store_seconds.labels(inner.name, "admit")
-        self._charge_seconds = metrics.store_seconds.labels(inner.name, "charge")
+        self._admit_seconds = metrics.store_seconds.child(inner.name, "admit")
+        self._charge_seconds = metrics.store_seconds.child(inner.name, "charge")
         self._errors = metrics.store_errors
 
     async def admit(
@@ -25,7 +25,7 @@ class InstrumentedStore:
         try:
             return await self._inner.admit(admissions, now_ms, request_id)
         except BackendUnavailable as exc:
-            self._errors.labels(self.name, exc.kind).inc()
+            self._errors.inc(self.name, exc.kind)
             raise
         finally:
             self._admit_seconds.observe(time.perf_counter() - started)
@@ -37,7 +37,7 @@ class InstrumentedStore:
         try:
             return await self._inner.charge(charges, now_ms, request_id)
         except BackendUnavailable as exc:
-            self._errors.labels(self.name, exc.kind).inc()
+            self._errors.inc(self.name, exc.kind)
             raise
         finally:
             self._charge_seconds.observe(time.perf_counter() - started)

@@ -45,6 +45,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._metrics = metrics
         self._failure_mode = failure_mode
         self._last_failure_log = 0.0
+        self._call_seconds = metrics.call_seconds.child()
 
     def register(self, server: grpc.aio.Server) -> None:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self, server)
@@ -70,7 +71,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             await context.abort(grpc.StatusCode.INTERNAL, "rate limit decision failed")
             raise
         finally:
-            self._metrics.call_seconds.observe(time.perf_counter() - started)
+            self._call_seconds.observe(time.perf_counter() - started)
 
     async def _store_failed(
         self,
@@ -94,9 +95,10 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     def _record(self, verdict: Verdict) -> None:
         metrics = self._metrics
         metrics.answers.inc("over_limit" if verdict.over_limit else "ok")
+        decisions = metrics.decisions
         for descriptor in verdict.descriptors:
             for state in descriptor.limits:
-                metrics.decision(state.result, state.limit.tier, state.limit.name)
+                decisions.inc(state.result, state.limit.tier, state.limit.name)
         for charge in verdict.charges:
             if charge.status is ChargeStatus.APPLIED:
                 metrics.charged.inc(charge.tier, charge.model, charge.kind, amount=charge.tokens)
