@@ -14,7 +14,7 @@ tests hold both to the same results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Lua numbers are doubles: every scaled value must stay an exact integer there too.
 MAX_EXACT = 2**53
@@ -27,10 +27,11 @@ DEBT_WINDOWS = 64
 class BucketSpec:
     limit: int  # tokens per window
     window_ms: int
+    # limit x window, computed once: every decision reads it
+    capacity: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def capacity(self) -> int:
-        return self.limit * self.window_ms
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "capacity", self.limit * self.window_ms)
 
     @property
     def floor(self) -> int:
@@ -49,10 +50,17 @@ def current_level(state: BucketState | None, spec: BucketSpec, now_ms: int) -> i
     """The scaled level at `now_ms`: refilled since the last update, at most the capacity."""
     if state is None:
         return spec.capacity  # a bucket nobody has touched (or that expired) is full
-    level = state.level
-    if state.scale != spec.window_ms:
-        level = level * spec.window_ms // state.scale  # same number of tokens, new scale
-    elapsed = max(0, now_ms - state.updated_ms)  # a clock step backwards refills nothing
+    return level_at(state.level, state.updated_ms, state.scale, spec, now_ms)
+
+
+def level_at(level: int, updated_ms: int, scale: int, spec: BucketSpec, now_ms: int) -> int:
+    """current_level of a stored bucket given as its three fields (no BucketState to build)."""
+    window = spec.window_ms
+    if scale != window:
+        level = level * window // scale  # same number of tokens, new scale
+    elapsed = now_ms - updated_ms
+    if elapsed <= 0:  # a clock step backwards refills nothing
+        return min(spec.capacity, level)
     return min(spec.capacity, level + elapsed * spec.limit)
 
 
@@ -73,7 +81,9 @@ def remaining_tokens(level: int, spec: BucketSpec) -> int:
 
 def ms_until(level: int, target: int, spec: BucketSpec) -> int:
     """Milliseconds of refill until the level reaches `target` (0 if it already has)."""
-    return max(0, ceil_div(target - level, spec.limit))
+    if level >= target:
+        return 0
+    return -((level - target) // spec.limit)  # ceil_div(target - level, limit), inlined: hot
 
 
 def ms_until_full(level: int, spec: BucketSpec) -> int:

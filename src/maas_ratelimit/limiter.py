@@ -177,6 +177,21 @@ class _Settlement:
         )
 
 
+@dataclass(slots=True)
+class _Applicable:
+    """The limits that apply to one (tier, model), with what every call would derive from them."""
+
+    limits: tuple[Limit, ...]
+    # enforced tokens limits: they take an admission's reservation and refund a failed answer's
+    enforced_tokens: tuple[Limit, ...]
+    reserves: bool  # whether there are any
+
+    @classmethod
+    def of(cls, limits: Sequence[Limit]) -> _Applicable:
+        enforced = tuple(limit for limit in limits if limit.kind == "tokens" and not limit.shadow)
+        return cls(tuple(limits), enforced, bool(enforced))
+
+
 class RateLimiter:
     def __init__(
         self, *, limits: Callable[[], LimitTable], store: BucketStore, clock: Clock
@@ -186,19 +201,19 @@ class RateLimiter:
         self._clock = clock
         # (tier, model) -> the limits that apply, for the table they were read from
         self._table: LimitTable | None = None
-        self._applicable: dict[tuple[str, str | None], Sequence[Limit]] = {}
+        self._applicable: dict[tuple[str, str | None], _Applicable] = {}
 
-    def _limits_for(self, table: LimitTable, tier: str, model: str | None) -> Sequence[Limit]:
+    def _limits_for(self, table: LimitTable, tier: str, model: str | None) -> _Applicable:
         if table is not self._table:  # a reload: start afresh
             self._table, self._applicable = table, {}
         key = (tier, model)
-        limits = self._applicable.get(key)
-        if limits is None:
-            limits = tuple(table.for_tier(tier, model))
+        applicable = self._applicable.get(key)
+        if applicable is None:
+            applicable = _Applicable.of(table.for_tier(tier, model))
             if len(self._applicable) >= _MAX_APPLICABLE:  # models are whatever Envoy sends
                 self._applicable.clear()
-            self._applicable[key] = limits
-        return limits
+            self._applicable[key] = applicable
+        return applicable
 
     async def decide(self, domain: str, descriptors: Sequence[Descriptor]) -> Verdict:
         table = self._limits()
@@ -212,16 +227,16 @@ class RateLimiter:
         admissions: list[Admission] = []
         owners: list[tuple[int, Limit]] = []  # admission index -> (descriptor index, limit)
         reserving: list[tuple[str, str, int]] = []  # reservations taken if admitted
-        settlement = _Settlement()
+        settlement: _Settlement | None = None  # only calls after a response settle anything
         usage_outcomes: list[tuple[str, str]] = []
-        request_id = next((d.request_id for d in descriptors if d.request_id), None)
+        request_id = _request_id(descriptors)
         for index, descriptor in enumerate(descriptors):
             tier, user = descriptor.tier, descriptor.user
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
                 continue
             model = descriptor.model
-            limits = self._limits_for(table, tier, model)
+            applicable = self._limits_for(table, tier, model)
             outcome = descriptor.outcome
             if outcome is not None:
                 usage_outcomes.append((tier, outcome))
@@ -229,20 +244,21 @@ class RateLimiter:
                 # with a request id: the store then refunds it once, and never for a request it
                 # refused at admission (which reserved nothing).
                 if outcome != "charged" and descriptor.reservation and request_id:
-                    enforced = [t for t in limits if t.kind == "tokens" and not t.shadow]
-                    settlement.add(enforced, descriptor, "total_tokens", 0)
+                    settlement = settlement or _Settlement()
+                    settlement.add(applicable.enforced_tokens, descriptor, "total_tokens", 0)
                 continue
             if descriptor.is_charge:
-                unusable = settlement.charge_descriptor(limits, descriptor)
+                settlement = settlement or _Settlement()
+                unusable = settlement.charge_descriptor(applicable.limits, descriptor)
                 if unusable:
                     ignored.append(unusable)
                 continue
             # admission: the reservation is read once, for every limit of the descriptor
             reservation = descriptor.reservation
-            for limit in limits:
+            for limit in applicable.limits:
                 admissions.append(_admission(limit, descriptor, user, model, reservation))
                 owners.append((index, limit))
-            if reservation is not None and not descriptor.check_only and _reserves(limits):
+            if reservation is not None and applicable.reserves and not descriptor.check_only:
                 reserving.append((tier, model or "", reservation[0] + reservation[1]))
 
         outcomes: Sequence[Outcome] = ()
@@ -252,7 +268,7 @@ class RateLimiter:
             admitted, outcomes = result.admitted, result.outcomes
         reports: tuple[ChargeReport, ...] = ()
         refunded: tuple[tuple[str, str, int], ...] = ()
-        if settlement.shares:
+        if settlement is not None and settlement.shares:
             status = (await self._store.charge(settlement.charges(), now_ms, request_id)).status
             reports = settlement.reports(status)
             if status is ChargeStatus.APPLIED:
@@ -299,9 +315,13 @@ def _verdicts(
     return tuple(verdicts)
 
 
-def _reserves(limits: Sequence[Limit]) -> bool:
-    """Whether an admission under `limits` takes its reservation (an enforced tokens limit)."""
-    return any(limit.kind == "tokens" and not limit.shadow for limit in limits)
+def _request_id(descriptors: Sequence[Descriptor]) -> str | None:
+    """The call's request id: the first descriptor's that has one."""
+    for descriptor in descriptors:
+        request_id = descriptor.request_id
+        if request_id:
+            return request_id
+    return None
 
 
 def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
@@ -340,8 +360,22 @@ def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
     """Refusing limits first (longest wait), then the enforced limit with the least room left."""
     if len(states) <= 1:
         return states[0] if states else None
-    refused = [s for s in states if not s.sufficient and not s.limit.shadow]
-    if refused:
-        return max(refused, key=lambda s: s.retry_after_ms)
-    enforced = [s for s in states if not s.limit.shadow] or list(states)
-    return min(enforced, key=lambda s: s.remaining / s.limit.spec.limit)
+    refusing: LimitState | None = None  # the enforced refusal with the longest wait
+    tightest: LimitState | None = None  # the enforced limit with the least room (a fraction)
+    for state in states:
+        if state.limit.shadow:
+            continue
+        if not state.sufficient:
+            if refusing is None or state.retry_after_ms > refusing.retry_after_ms:
+                refusing = state
+        elif refusing is None and (
+            tightest is None
+            or state.remaining * tightest.limit.spec.limit
+            < tightest.remaining * state.limit.spec.limit
+        ):
+            tightest = state
+    if refusing is not None:
+        return refusing
+    if tightest is not None:
+        return tightest
+    return min(states, key=lambda s: s.remaining / s.limit.spec.limit)  # all shadow

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
@@ -32,6 +32,7 @@ from maas_ratelimit.bucket import DEBT_WINDOWS, MAX_EXACT, BucketSpec
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 Kind = Literal["requests", "tokens"]
 Per = Literal["user", "model"]
+_KEY_SEPARATOR = "\x1f"
 _UNITS = {1_000: "SECOND", 60_000: "MINUTE", 3_600_000: "HOUR", 86_400_000: "DAY"}
 
 
@@ -135,6 +136,10 @@ class Limit:
     shadow: bool
     prompt_weight: float = 1.0
     completion_weight: float = 1.0
+    _key_prefix: str = field(init=False, repr=False, compare=False)  # see counter_key
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_key_prefix", self.name + _KEY_SEPARATOR)
 
     def tokens_to_charge(self, kind: str, count: int) -> int:
         """Weighted tokens for `count` tokens of `kind` (rounded up: never under-charge)."""
@@ -160,10 +165,9 @@ class Limit:
 
     def counter_key(self, user: str, model: str | None) -> str:
         # \x1f (unit separator) cannot occur in names, users are opaque: no ambiguity
-        parts = [self.name, user]
         if self.per_model:
-            parts.append(model or "")
-        return "\x1f".join(parts)
+            return f"{self._key_prefix}{user}{_KEY_SEPARATOR}{model or ''}"
+        return self._key_prefix + user
 
 
 @dataclass(frozen=True)

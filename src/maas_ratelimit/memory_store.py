@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import islice
 
-from maas_ratelimit.bucket import (
-    BucketSpec,
-    BucketState,
-    current_level,
-    ms_until_full,
-    next_updated,
-)
+from maas_ratelimit.bucket import BucketSpec, level_at, ms_until_full
 from maas_ratelimit.store import (
     Admission,
     AdmitResult,
@@ -29,6 +24,10 @@ from maas_ratelimit.store import (
 
 _SWEEP_PER_WRITE = 2  # > 1 so that removal keeps up with creation
 
+# A stored bucket, as one flat tuple (built on every write, so no object per field group):
+# (scaled level, updated_ms, the window_ms the level is scaled by, the time it is full again)
+_Entry = tuple[int, int, int, int]
+
 
 class MemoryBucketStore:
     name = "memory"
@@ -36,8 +35,7 @@ class MemoryBucketStore:
     def __init__(
         self, *, request_id_ttl_ms: int = 600_000, max_request_ids: int = 1_000_000
     ) -> None:
-        # key -> (state, the time it will be full again)
-        self._buckets: OrderedDict[str, tuple[BucketState, int]] = OrderedDict()
+        self._buckets: OrderedDict[str, _Entry] = OrderedDict()  # least recently written first
         self._request_ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (mark, expiry)
         self._request_id_ttl_ms = request_id_ttl_ms
         self._max_request_ids = max_request_ids
@@ -47,24 +45,29 @@ class MemoryBucketStore:
 
     def level(self, key: str, spec: BucketSpec, now_ms: int) -> int:
         entry = self._buckets.get(key)
-        return current_level(entry[0] if entry else None, spec, now_ms)
+        if entry is None:
+            return spec.capacity  # never written, or dropped once full
+        return level_at(entry[0], entry[1], entry[2], spec, now_ms)
 
     async def admit(
         self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
     ) -> AdmitResult:
         buckets = self._buckets
-        states = []
         levels = []
+        updated = []  # a bucket's time only moves forward (see bucket.next_updated)
         for admission in admissions:
             entry = buckets.get(admission.key)
-            state = entry[0] if entry else None
-            states.append(state)
-            levels.append(current_level(state, admission.spec, now_ms))
+            if entry is None:
+                levels.append(admission.spec.capacity)
+                updated.append(now_ms)
+            else:
+                levels.append(level_at(entry[0], entry[1], entry[2], admission.spec, now_ms))
+                updated.append(entry[1] if entry[1] > now_ms else now_ms)
         admitted, outcomes = apply_admission(levels, admissions)
         # every level was read before anything is written; a key named twice still ends up
         # with the same `updated` as if written one after the other
-        for admission, outcome, state in zip(admissions, outcomes, states, strict=True):
-            self._put(admission.key, admission.spec, outcome.level, next_updated(state, now_ms))
+        for admission, outcome, at in zip(admissions, outcomes, updated, strict=True):
+            self._put(admission.key, admission.spec, outcome.level, at)
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
         self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(admissions)))
@@ -80,13 +83,19 @@ class MemoryBucketStore:
             if mark == "charged":
                 return ChargeResult(ChargeStatus.DUPLICATE, ())
             self._mark(request_id, "charged", now_ms)
+        buckets = self._buckets
         levels = []
         for charge in charges:
             spec = charge.spec
-            level = self.level(charge.key, spec, now_ms) - charge.amount
+            entry = buckets.get(charge.key)
+            if entry is None:
+                level, updated = spec.capacity, now_ms
+            else:
+                level = level_at(entry[0], entry[1], entry[2], spec, now_ms)
+                updated = entry[1] if entry[1] > now_ms else now_ms
             # a negative amount is a refund: never above the capacity, never below the floor
-            level = min(spec.capacity, max(spec.floor, level))
-            self._write(charge.key, spec, level, now_ms)
+            level = min(spec.capacity, max(spec.floor, level - charge.amount))
+            self._put(charge.key, spec, level, updated)
             levels.append(level)
         self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(charges)))
         return ChargeResult(ChargeStatus.APPLIED, tuple(levels))
@@ -95,32 +104,29 @@ class MemoryBucketStore:
         self._buckets.clear()
         self._request_ids.clear()
 
-    def _write(self, key: str, spec: BucketSpec, level: int, now_ms: int) -> None:
-        entry = self._buckets.get(key)
-        self._put(key, spec, level, next_updated(entry[0] if entry else None, now_ms))
-
     def _put(self, key: str, spec: BucketSpec, level: int, updated: int) -> None:
-        full_at = updated + ms_until_full(level, spec)
-        self._buckets[key] = (BucketState(level, updated, spec.window_ms), full_at)
-        self._buckets.move_to_end(key)
+        buckets = self._buckets
+        buckets[key] = (level, updated, spec.window_ms, updated + ms_until_full(level, spec))
+        buckets.move_to_end(key)
 
     def _sweep(self, now_ms: int, count: int) -> None:
-        for _ in range(min(count, len(self._buckets))):
-            key, (_, full_at) = next(iter(self._buckets.items()))
-            if full_at <= now_ms:
-                del self._buckets[key]
+        buckets = self._buckets
+        for key, entry in list(islice(buckets.items(), count)):
+            if entry[3] <= now_ms:  # full again: the same as no bucket
+                del buckets[key]
             else:
-                self._buckets.move_to_end(key)
+                buckets.move_to_end(key)
         # Request ids expire in insertion order; a few per operation keep up with the one an
         # operation adds, and never stall the loop after an idle spell (expired ids left for
         # later are ignored by _recall anyway).
+        request_ids = self._request_ids
         for _ in range(count + 1):
-            if not self._request_ids:
+            if not request_ids:
                 break
-            oldest, (_, expiry) = next(iter(self._request_ids.items()))
-            if expiry > now_ms and len(self._request_ids) <= self._max_request_ids:
+            oldest, (_, expiry) = next(iter(request_ids.items()))
+            if expiry > now_ms and len(request_ids) <= self._max_request_ids:
                 break
-            del self._request_ids[oldest]
+            del request_ids[oldest]
 
     def _mark(self, request_id: str, mark: str, now_ms: int) -> None:
         self._request_ids[request_id] = (mark, now_ms + self._request_id_ttl_ms)

@@ -84,10 +84,15 @@ def apply_admission(
     levels: Sequence[int], admissions: Sequence[Admission]
 ) -> tuple[bool, list[Outcome]]:
     """The admission rule on current levels; returns (admitted, outcomes with levels after)."""
-    sufficient = [level >= a.need for level, a in zip(levels, admissions, strict=True)]
-    admitted = all(ok or a.shadow for ok, a in zip(sufficient, admissions, strict=True))
+    admitted = True
+    for level, admission in zip(levels, admissions, strict=True):
+        if level < admission.need and not admission.shadow:
+            admitted = False
+            break
     outcomes = []
-    for level, ok, admission in zip(levels, sufficient, admissions, strict=True):
-        after = level - admission.take if admitted and ok else level
-        outcomes.append(Outcome(ok, after))
+    for level, admission in zip(levels, admissions, strict=True):
+        if level >= admission.need:
+            outcomes.append(Outcome(True, level - admission.take if admitted else level))
+        else:
+            outcomes.append(Outcome(False, level))
     return admitted, outcomes
