@@ -59,9 +59,19 @@ def check_request(token: str, path: str = MODEL_PATH) -> external_auth_pb2.Check
 
 
 def admission_request(tier: str, user: str, model: str) -> rls_pb2.RateLimitRequest:
-    """What Envoy sends before a request: one descriptor from maas-authz's metadata."""
+    """What Envoy sends before a request (envoy/gateway.yaml): one descriptor from maas-authz's
+    metadata and the usage reader's reservation. h2load sends the same bytes every time, so every
+    call carries one request id; the stores only remember ids of refused or charged requests, and
+    these calls are all admitted."""
     descriptor = ratelimit_pb2.RateLimitDescriptor()
-    for key, value in (("tier", tier), ("user", user), ("model", model)):
+    for key, value in (
+        ("tier", tier),
+        ("user", user),
+        ("model", model),
+        ("request_id", "6f1c2a9e4b7d8c0e5a3f2b1d"),
+        ("reserve_prompt", "42"),
+        ("reserve_completion", "256"),
+    ):
         descriptor.entries.add(key=key, value=value)
     return rls_pb2.RateLimitRequest(domain="maas", descriptors=[descriptor], hits_addend=1)
 

@@ -73,15 +73,22 @@ class Descriptor:  # frozen dataclass's __init__ costs four times as much
         makes the whole reservation absent, on admission and on settlement alike (both read the
         same entries, so what is taken is what is given back).
         """
-        prompt, completion = self.entries.get(RESERVE_PROMPT), self.entries.get(RESERVE_COMPLETION)
-        if prompt is None and completion is None:
-            return None
-        counts = []
-        for value in ("0" if prompt is None else prompt, "0" if completion is None else completion):
-            if not (value.isascii() and value.isdigit() and len(value) <= _MAX_RESERVE_DIGITS):
+        entries = self.entries
+        prompt, completion = entries.get(RESERVE_PROMPT), entries.get(RESERVE_COMPLETION)
+        if prompt is None:
+            if completion is None:
                 return None
-            counts.append(int(value))
-        return counts[0], counts[1]
+            prompt = "0"
+        elif completion is None:
+            completion = "0"
+        if _is_count(prompt) and _is_count(completion):
+            return int(prompt), int(completion)
+        return None
+
+
+def _is_count(value: str) -> bool:
+    """A plain decimal integer of at most _MAX_RESERVE_DIGITS digits (no sign, no spaces)."""
+    return value.isdigit() and value.isascii() and len(value) <= _MAX_RESERVE_DIGITS
 
 
 def effective_hits(descriptor_hits: int | None, request_hits: int) -> tuple[int, bool]:

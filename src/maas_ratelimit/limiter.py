@@ -327,11 +327,7 @@ def _request_id(descriptors: Sequence[Descriptor]) -> str | None:
 def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
     """The weighted tokens a reservation takes from `limit` (the same on admission and on
     settlement), capped: a bucket at 1 stays above the debt floor after taking it."""
-    prompt, completion = reservation
-    weighted = limit.tokens_to_charge("prompt_tokens", prompt) + limit.tokens_to_charge(
-        "completion_tokens", completion
-    )
-    return min(weighted, DEBT_WINDOWS * limit.spec.limit)
+    return min(limit.weigh(*reservation), DEBT_WINDOWS * limit.spec.limit)
 
 
 def _admission(

@@ -149,6 +149,10 @@ class Limit:
             return _weighted(count, self.completion_weight)
         return count  # total_tokens: no split known, weight 1
 
+    def weigh(self, prompt: int, completion: int) -> int:
+        """Weighted tokens for `prompt` prompt and `completion` completion tokens."""
+        return _weighted(prompt, self.prompt_weight) + _weighted(completion, self.completion_weight)
+
     @property
     def description(self) -> str:
         """What a client is told, e.g. "free tier: 5 requests per 2m"."""

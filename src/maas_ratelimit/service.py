@@ -29,10 +29,13 @@ FailureMode = Literal["open", "closed"]
 
 def to_descriptors(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
     out = []
+    request_hits = request.hits_addend
     for descriptor in request.descriptors:
         own = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
-        hits, check_only = effective_hits(own, request.hits_addend)
-        entries = {entry.key: entry.value for entry in descriptor.entries}
+        hits, check_only = effective_hits(own, request_hits)
+        entries = {}
+        for entry in descriptor.entries:  # a loop, not a comprehension: no extra frame
+            entries[entry.key] = entry.value
         out.append(Descriptor(entries, hits, check_only))
     return out
 
