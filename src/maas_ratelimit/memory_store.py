@@ -1,8 +1,8 @@
 """The in-process bucket store: exact, atomic by construction (no await inside an operation).
 
 Memory stays bounded: a bucket that has refilled to full is indistinguishable from no bucket, so
-each operation also examines a few of the least recently written buckets and drops the full ones
-(the rest are rotated to the back). Request ids are remembered for `request_id_ttl_ms`, oldest
+every few operations the store examines twice as many of the least recently written buckets as
+were written since, and drops the full ones (the rest are rotated to the back). Request ids are remembered for `request_id_ttl_ms`, oldest
 first out, up to `max_request_ids`.
 """
 
@@ -19,10 +19,13 @@ from maas_ratelimit.store import (
     Charge,
     ChargeResult,
     ChargeStatus,
-    apply_admission,
+    Outcome,
 )
 
 _SWEEP_PER_WRITE = 2  # > 1 so that removal keeps up with creation
+# Buckets are swept once this many have been written, 2x as many at once: the same work per write
+# as a few per operation, without the fixed cost of a pass on every call.
+_SWEEP_BATCH = 32
 
 # A stored bucket, as one flat tuple (built on every write, so no object per field group):
 # (scaled level, updated_ms, the window_ms the level is scaled by, the time it is full again)
@@ -39,6 +42,7 @@ class MemoryBucketStore:
         self._request_ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (mark, expiry)
         self._request_id_ttl_ms = request_id_ttl_ms
         self._max_request_ids = max_request_ids
+        self._unswept = 0  # buckets written since the last sweep
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -53,24 +57,35 @@ class MemoryBucketStore:
         self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
     ) -> AdmitResult:
         buckets = self._buckets
+        entries = []
         levels = []
-        updated = []  # a bucket's time only moves forward (see bucket.next_updated)
+        admitted = True  # the rule of store.py: every enforced bucket must have its `need`
         for admission in admissions:
             entry = buckets.get(admission.key)
-            if entry is None:
-                levels.append(admission.spec.capacity)
-                updated.append(now_ms)
-            else:
-                levels.append(level_at(entry[0], entry[1], entry[2], admission.spec, now_ms))
-                updated.append(entry[1] if entry[1] > now_ms else now_ms)
-        admitted, outcomes = apply_admission(levels, admissions)
+            spec = admission.spec
+            level = (
+                spec.capacity
+                if entry is None
+                else level_at(entry[0], entry[1], entry[2], spec, now_ms)
+            )
+            if level < admission.need and not admission.shadow:
+                admitted = False
+            entries.append(entry)
+            levels.append(level)
         # every level was read before anything is written; a key named twice still ends up
         # with the same `updated` as if written one after the other
-        for admission, outcome, at in zip(admissions, outcomes, updated, strict=True):
-            self._put(admission.key, admission.spec, outcome.level, at)
+        outcomes = []
+        for admission, entry, level in zip(admissions, entries, levels, strict=True):
+            sufficient = level >= admission.need
+            if admitted and sufficient:
+                level -= admission.take
+            outcomes.append(Outcome(sufficient, level))
+            # a bucket's time only moves forward (bucket.next_updated)
+            updated = now_ms if entry is None or entry[1] < now_ms else entry[1]
+            self._put(admission.key, admission.spec, level, updated, now_ms)
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
-        self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(admissions)))
+        self._after_writes(now_ms, max(1, len(admissions)))
         return AdmitResult(admitted, tuple(outcomes))
 
     async def charge(
@@ -95,19 +110,30 @@ class MemoryBucketStore:
                 updated = entry[1] if entry[1] > now_ms else now_ms
             # a negative amount is a refund: never above the capacity, never below the floor
             level = min(spec.capacity, max(spec.floor, level - charge.amount))
-            self._put(charge.key, spec, level, updated)
+            self._put(charge.key, spec, level, updated, now_ms)
             levels.append(level)
-        self._sweep(now_ms, _SWEEP_PER_WRITE * max(1, len(charges)))
+        self._after_writes(now_ms, max(1, len(charges)))
         return ChargeResult(ChargeStatus.APPLIED, tuple(levels))
 
     async def close(self) -> None:
         self._buckets.clear()
         self._request_ids.clear()
 
-    def _put(self, key: str, spec: BucketSpec, level: int, updated: int) -> None:
+    def _put(self, key: str, spec: BucketSpec, level: int, updated: int, now_ms: int) -> None:
         buckets = self._buckets
-        buckets[key] = (level, updated, spec.window_ms, updated + ms_until_full(level, spec))
+        full_at = updated + ms_until_full(level, spec)
+        if full_at <= now_ms:  # full already: the same as no bucket, so none is kept
+            buckets.pop(key, None)
+            return
+        buckets[key] = (level, updated, spec.window_ms, full_at)
         buckets.move_to_end(key)
+
+    def _after_writes(self, now_ms: int, writes: int) -> None:
+        self._unswept += writes
+        if self._unswept >= _SWEEP_BATCH:
+            self._sweep(now_ms, _SWEEP_PER_WRITE * self._unswept)
+            self._unswept = 0
+        self._expire_request_ids(now_ms, _SWEEP_PER_WRITE * writes)
 
     def _sweep(self, now_ms: int, count: int) -> None:
         buckets = self._buckets
@@ -116,6 +142,8 @@ class MemoryBucketStore:
                 del buckets[key]
             else:
                 buckets.move_to_end(key)
+
+    def _expire_request_ids(self, now_ms: int, count: int) -> None:
         # Request ids expire in insertion order; a few per operation keep up with the one an
         # operation adds, and never stall the loop after an idle spell (expired ids left for
         # later are ignored by _recall anyway).

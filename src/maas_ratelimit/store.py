@@ -79,20 +79,3 @@ class BucketStore(Protocol):
 
     async def close(self) -> None: ...
 
-
-def apply_admission(
-    levels: Sequence[int], admissions: Sequence[Admission]
-) -> tuple[bool, list[Outcome]]:
-    """The admission rule on current levels; returns (admitted, outcomes with levels after)."""
-    admitted = True
-    for level, admission in zip(levels, admissions, strict=True):
-        if level < admission.need and not admission.shadow:
-            admitted = False
-            break
-    outcomes = []
-    for level, admission in zip(levels, admissions, strict=True):
-        if level >= admission.need:
-            outcomes.append(Outcome(True, level - admission.take if admitted else level))
-        else:
-            outcomes.append(Outcome(False, level))
-    return admitted, outcomes

@@ -41,3 +41,27 @@ async def test_full_buckets_are_dropped_as_operations_go_on() -> None:
     for i in range(100):
         await store.admit([Admission("busy", SPEC, need=1, take=0)], T0 + 2_000 + i, None)
     assert len(store) <= 2
+
+
+@pytest.mark.asyncio
+async def test_a_bucket_left_full_is_not_kept() -> None:
+    store = MemoryBucketStore()
+    check = Admission("k", SPEC, need=1, take=0)  # e.g. a tokens limit without a reservation
+    assert (await store.admit([check], T0, None)).admitted
+    assert len(store) == 0  # nothing was taken: no bucket to remember
+    await store.admit([Admission("k", SPEC, need=SPEC.window_ms, take=SPEC.window_ms)], T0, None)
+    assert len(store) == 1
+    assert store.level("k", SPEC, T0) == 0
+
+
+@pytest.mark.asyncio
+async def test_buckets_are_swept_in_batches_at_twice_the_write_rate() -> None:
+    store = MemoryBucketStore()
+    take = SPEC.window_ms
+    for i in range(31):  # one write short of a sweep: the refilled buckets are still held
+        await store.admit([Admission(f"k{i}", SPEC, need=take, take=take)], T0 + i * 100, None)
+    assert len(store) == 31
+    # the 32nd write, 2 s later: every earlier bucket is full by now, and the sweep examines
+    # 64 buckets, so all of them go; the new one stays
+    await store.admit([Admission("new", SPEC, need=take, take=take)], T0 + 5_000, None)
+    assert len(store) == 1
