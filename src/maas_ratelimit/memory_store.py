@@ -1,9 +1,10 @@
 """The in-process bucket store: exact, atomic by construction (no await inside an operation).
 
 Memory stays bounded: a bucket that has refilled to full is indistinguishable from no bucket, so
-every few operations the store examines twice as many of the least recently written buckets as
-were written since, and drops the full ones (the rest are rotated to the back). Request ids are remembered for `request_id_ttl_ms`, oldest
-first out, up to `max_request_ids`.
+one left full is not kept, and every few operations the store examines twice as many of the
+least recently written buckets as were written since, dropping the full ones (the rest are
+rotated to the back). Request ids are remembered for `request_id_ttl_ms`, oldest first out, up
+to `max_request_ids`.
 """
 
 from __future__ import annotations
