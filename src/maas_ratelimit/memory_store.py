@@ -76,14 +76,13 @@ class MemoryBucketStore:
         # every level was read before anything is written; a key named twice still ends up
         # with the same `updated` as if written one after the other
         outcomes = []
-        for admission, entry, level in zip(admissions, entries, levels, strict=True):
-            sufficient = level >= admission.need
-            if admitted and sufficient:
-                level -= admission.take
-            outcomes.append(Outcome(sufficient, level))
+        for admission, entry, before in zip(admissions, entries, levels, strict=True):
+            sufficient = before >= admission.need
+            after = before - admission.take if admitted and sufficient else before
+            outcomes.append(Outcome(sufficient, after))
             # a bucket's time only moves forward (bucket.next_updated)
             updated = now_ms if entry is None or entry[1] < now_ms else entry[1]
-            self._put(admission.key, admission.spec, level, updated, now_ms)
+            self._put(admission.key, admission.spec, after, updated, now_ms)
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
         self._after_writes(now_ms, max(1, len(admissions)))
