@@ -1,4 +1,4 @@
-"""The bucket store interface, its operations as plain data, and the admission rule they share.
+"""The bucket store interface, its operations as plain data, and the rules every store follows.
 
 Two operations, each atomic over all the buckets it names:
 - admit: every bucket must have its `need`; if every enforced one does, each bucket that has it
@@ -78,4 +78,3 @@ class BucketStore(Protocol):
     ) -> ChargeResult: ...
 
     async def close(self) -> None: ...
-
