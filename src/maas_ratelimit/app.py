@@ -109,10 +109,15 @@ def build_app(
         limits = lambda: watched.value  # noqa: E731 - read at every call: reloads apply at once
 
     raw_store = store or build_store(config)
+    bucket_store: BucketStore
     if isinstance(raw_store, MemoryBucketStore):
         metrics.track_buckets(raw_store.__len__)
-    instrumented = InstrumentedStore(raw_store, metrics)
-    limiter = RateLimiter(limits=limits, store=instrumented, clock=clock)
+        # not timed: its operations take a few µs of the call's own time and never fail, and
+        # timing them would add ~5 % to every call
+        bucket_store = raw_store
+    else:
+        bucket_store = InstrumentedStore(raw_store, metrics)
+    limiter = RateLimiter(limits=limits, store=bucket_store, clock=clock)
     servicer = service.RateLimitService(limiter, metrics, failure_mode=config.store.failure_mode)
     runtime = ServerRuntime(
         name="maas-ratelimit",
@@ -122,6 +127,6 @@ def build_app(
         registry=registry,
         drain_timeout=config.server.drain_timeout,
         background=[watched.watch] if watched else [],
-        on_close=[instrumented.close],
+        on_close=[bucket_store.close],
     )
-    return RateLimitApp(config, runtime, limiter, instrumented, registry)
+    return RateLimitApp(config, runtime, limiter, bucket_store, registry)

@@ -59,9 +59,10 @@ def level_at(level: int, updated_ms: int, scale: int, spec: BucketSpec, now_ms: 
     if scale != window:
         level = level * window // scale  # same number of tokens, new scale
     elapsed = now_ms - updated_ms
-    if elapsed <= 0:  # a clock step backwards refills nothing
-        return min(spec.capacity, level)
-    return min(spec.capacity, level + elapsed * spec.limit)
+    if elapsed > 0:  # a clock step backwards refills nothing
+        level += elapsed * spec.limit
+    capacity = spec.capacity
+    return level if level < capacity else capacity  # not min(): this runs for every bucket read
 
 
 def next_updated(state: BucketState | None, now_ms: int) -> int:
@@ -76,7 +77,7 @@ def ceil_div(numerator: int, denominator: int) -> int:
 
 def remaining_tokens(level: int, spec: BucketSpec) -> int:
     """Whole tokens available now (0 while in debt)."""
-    return max(0, level // spec.window_ms)
+    return level // spec.window_ms if level > 0 else 0
 
 
 def ms_until(level: int, target: int, spec: BucketSpec) -> int:

@@ -81,14 +81,17 @@ class Descriptor:  # frozen dataclass's __init__ costs four times as much
             prompt = "0"
         elif completion is None:
             completion = "0"
-        if _is_count(prompt) and _is_count(completion):
+        # each a plain decimal integer of at most _MAX_RESERVE_DIGITS digits (no sign, no spaces)
+        if (
+            prompt.isdigit()
+            and completion.isdigit()
+            and prompt.isascii()
+            and completion.isascii()
+            and len(prompt) <= _MAX_RESERVE_DIGITS
+            and len(completion) <= _MAX_RESERVE_DIGITS
+        ):
             return int(prompt), int(completion)
         return None
-
-
-def _is_count(value: str) -> bool:
-    """A plain decimal integer of at most _MAX_RESERVE_DIGITS digits (no sign, no spaces)."""
-    return value.isdigit() and value.isascii() and len(value) <= _MAX_RESERVE_DIGITS
 
 
 def effective_hits(descriptor_hits: int | None, request_hits: int) -> tuple[int, bool]:

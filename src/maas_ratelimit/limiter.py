@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from maas_common.clock import Clock
-from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, ms_until_full, remaining_tokens
+from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, remaining_tokens
 from maas_ratelimit.descriptors import CHARGE_KINDS, Descriptor
 from maas_ratelimit.limits import Limit, LimitTable
 from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, Outcome
@@ -292,26 +292,26 @@ def _verdicts(
     owners: Sequence[tuple[int, Limit]],
 ) -> tuple[DescriptorVerdict, ...]:
     per_descriptor: list[list[LimitState]] = [[] for _ in range(count)]
+    over_limit = [False] * count  # an enforced limit of the descriptor refused
     for admission, outcome, (index, limit) in zip(admissions, outcomes, owners, strict=True):
         spec = limit.spec
         level, sufficient = outcome.level, outcome.sufficient
+        if not sufficient and not limit.shadow:
+            over_limit[index] = True
         per_descriptor[index].append(
             LimitState(
                 limit,
                 sufficient,
                 remaining_tokens(level, spec),
-                ms_until_full(level, spec),
+                ms_until(level, spec.capacity, spec),  # until full
                 0 if sufficient else ms_until(level, admission.need, spec),
             )
         )
     verdicts = []
-    for states in per_descriptor:
-        over_limit = False
-        for state in states:
-            if not state.sufficient and not state.limit.shadow:
-                over_limit = True
-                break
-        verdicts.append(DescriptorVerdict(over_limit, _most_restrictive(states), tuple(states)))
+    for index, states in enumerate(per_descriptor):
+        verdicts.append(
+            DescriptorVerdict(over_limit[index], _most_restrictive(states), tuple(states))
+        )
     return tuple(verdicts)
 
 
