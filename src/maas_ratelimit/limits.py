@@ -151,7 +151,10 @@ class Limit:
 
     def weigh(self, prompt: int, completion: int) -> int:
         """Weighted tokens for `prompt` prompt and `completion` completion tokens."""
-        return _weighted(prompt, self.prompt_weight) + _weighted(completion, self.completion_weight)
+        prompt_weight, completion_weight = self.prompt_weight, self.completion_weight
+        if prompt_weight == 1.0 and completion_weight == 1.0:  # the default: no call at all
+            return prompt + completion
+        return _weighted(prompt, prompt_weight) + _weighted(completion, completion_weight)
 
     @property
     def description(self) -> str:
