@@ -14,7 +14,9 @@ tests hold both to the same results.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Lua numbers are doubles: every scaled value must stay an exact integer there too.
 MAX_EXACT = 2**53
@@ -39,22 +41,21 @@ class BucketSpec:
         return -DEBT_WINDOWS * self.capacity
 
 
-@dataclass(slots=True)
-class BucketState:
+class BucketState(NamedTuple):
+    """A stored bucket. A store may keep it as any tuple that starts with these three fields
+    (the memory store appends the time the bucket is full again)."""
+
     level: int  # scaled by `scale`
     updated_ms: int
     scale: int  # the window_ms the level was scaled with (windows can change on reload)
 
 
-def current_level(state: BucketState | None, spec: BucketSpec, now_ms: int) -> int:
-    """The scaled level at `now_ms`: refilled since the last update, at most the capacity."""
+def current_level(state: Sequence[int] | None, spec: BucketSpec, now_ms: int) -> int:
+    """The scaled level at `now_ms` of a stored bucket (a BucketState or a tuple that starts like
+    one; None for none): refilled since the last update, at most the capacity."""
     if state is None:
         return spec.capacity  # a bucket nobody has touched (or that expired) is full
-    return level_at(state.level, state.updated_ms, state.scale, spec, now_ms)
-
-
-def level_at(level: int, updated_ms: int, scale: int, spec: BucketSpec, now_ms: int) -> int:
-    """current_level of a stored bucket given as its three fields (no BucketState to build)."""
+    level, updated_ms, scale = state[0], state[1], state[2]
     window = spec.window_ms
     if scale != window:
         level = level * window // scale  # same number of tokens, new scale
@@ -65,10 +66,10 @@ def level_at(level: int, updated_ms: int, scale: int, spec: BucketSpec, now_ms: 
     return level if level < capacity else capacity  # not min(): this runs for every bucket read
 
 
-def next_updated(state: BucketState | None, now_ms: int) -> int:
+def next_updated(state: Sequence[int] | None, now_ms: int) -> int:
     """A bucket's time only moves forward: replicas whose clocks differ must not make the same
     span of time refill twice (B at t-60s, then A at t, would otherwise refill 60 s again)."""
-    return now_ms if state is None else max(state.updated_ms, now_ms)
+    return now_ms if state is None or state[1] < now_ms else state[1]
 
 
 def ceil_div(numerator: int, denominator: int) -> int:

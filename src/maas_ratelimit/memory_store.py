@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
 
-from maas_ratelimit.bucket import BucketSpec, level_at, ms_until
+from maas_ratelimit.bucket import BucketSpec, current_level, ms_until, next_updated
 from maas_ratelimit.store import (
     Admission,
     AdmitResult,
@@ -28,8 +28,8 @@ _SWEEP_PER_WRITE = 2  # > 1 so that removal keeps up with creation
 # as a few per operation, without the fixed cost of a pass on every call.
 _SWEEP_BATCH = 32
 
-# A stored bucket, as one flat tuple (built on every write, so no object per field group):
-# (scaled level, updated_ms, the window_ms the level is scaled by, the time it is full again)
+# A stored bucket: a BucketState's fields and the time it is full again, as one plain tuple
+# (one built on every write, so no object per field group)
 _Entry = tuple[int, int, int, int]
 
 
@@ -49,10 +49,7 @@ class MemoryBucketStore:
         return len(self._buckets)
 
     def level(self, key: str, spec: BucketSpec, now_ms: int) -> int:
-        entry = self._buckets.get(key)
-        if entry is None:
-            return spec.capacity  # never written, or dropped once full
-        return level_at(entry[0], entry[1], entry[2], spec, now_ms)
+        return current_level(self._buckets.get(key), spec, now_ms)
 
     async def admit(
         self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
@@ -63,12 +60,7 @@ class MemoryBucketStore:
         admitted = True  # the rule of store.py: every enforced bucket must have its `need`
         for admission in admissions:
             entry = buckets.get(admission.key)
-            spec = admission.spec
-            level = (
-                spec.capacity
-                if entry is None
-                else level_at(entry[0], entry[1], entry[2], spec, now_ms)
-            )
+            level = current_level(entry, admission.spec, now_ms)
             if level < admission.need and not admission.shadow:
                 admitted = False
             entries.append(entry)
@@ -80,8 +72,7 @@ class MemoryBucketStore:
             sufficient = before >= admission.need
             after = before - admission.take if admitted and sufficient else before
             outcomes.append(Outcome(sufficient, after))
-            # a bucket's time only moves forward (bucket.next_updated)
-            updated = now_ms if entry is None or entry[1] < now_ms else entry[1]
+            updated = next_updated(entry, now_ms)
             self._put(admission.key, admission.spec, after, updated, now_ms)
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
@@ -103,11 +94,7 @@ class MemoryBucketStore:
         for charge in charges:
             spec = charge.spec
             entry = buckets.get(charge.key)
-            if entry is None:
-                level, updated = spec.capacity, now_ms
-            else:
-                level = level_at(entry[0], entry[1], entry[2], spec, now_ms)
-                updated = entry[1] if entry[1] > now_ms else now_ms
+            level, updated = current_level(entry, spec, now_ms), next_updated(entry, now_ms)
             # a negative amount is a refund: never above the capacity, never below the floor
             level = min(spec.capacity, max(spec.floor, level - charge.amount))
             self._put(charge.key, spec, level, updated, now_ms)
