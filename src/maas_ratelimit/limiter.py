@@ -184,12 +184,11 @@ class _Applicable:
     limits: tuple[Limit, ...]
     # enforced tokens limits: they take an admission's reservation and refund a failed answer's
     enforced_tokens: tuple[Limit, ...]
-    reserves: bool  # whether there are any
 
     @classmethod
     def of(cls, limits: Sequence[Limit]) -> _Applicable:
         enforced = tuple(limit for limit in limits if limit.kind == "tokens" and not limit.shadow)
-        return cls(tuple(limits), enforced, bool(enforced))
+        return cls(tuple(limits), enforced)
 
 
 class RateLimiter:
@@ -258,7 +257,7 @@ class RateLimiter:
             for limit in applicable.limits:
                 admissions.append(_admission(limit, descriptor, user, model, reservation))
                 owners.append((index, limit))
-            if reservation is not None and applicable.reserves and not descriptor.check_only:
+            if reservation is not None and applicable.enforced_tokens and not descriptor.check_only:
                 reserving.append((tier, model or "", reservation[0] + reservation[1]))
 
         outcomes: Sequence[Outcome] = ()
