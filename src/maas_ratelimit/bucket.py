@@ -83,9 +83,7 @@ def remaining_tokens(level: int, spec: BucketSpec) -> int:
 
 def ms_until(level: int, target: int, spec: BucketSpec) -> int:
     """Milliseconds of refill until the level reaches `target` (0 if it already has)."""
-    if level >= target:
-        return 0
-    return -((level - target) // spec.limit)  # ceil_div(target - level, limit), inlined: hot
+    return 0 if level >= target else ceil_div(target - level, spec.limit)
 
 
 def ms_until_full(level: int, spec: BucketSpec) -> int:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
 
-from maas_ratelimit.bucket import BucketSpec, current_level, ms_until, next_updated
+from maas_ratelimit.bucket import BucketSpec, current_level, ms_until_full, next_updated
 from maas_ratelimit.store import (
     Admission,
     AdmitResult,
@@ -108,7 +108,7 @@ class MemoryBucketStore:
 
     def _put(self, key: str, spec: BucketSpec, level: int, updated: int, now_ms: int) -> None:
         buckets = self._buckets
-        full_at = updated + ms_until(level, spec.capacity, spec)  # (ms_until_full, one call less)
+        full_at = updated + ms_until_full(level, spec)
         if full_at <= now_ms:  # full already: the same as no bucket, so none is kept
             buckets.pop(key, None)
             return
