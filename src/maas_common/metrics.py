@@ -86,9 +86,6 @@ class FastCounter(Collector):
         values = self._values
         values[labels] = values.get(labels, 0.0) + amount
 
-    def value(self, *labels: str) -> float:
-        return self._values.get(labels, 0.0)
-
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
         # dict(...) copies in C without releasing the GIL: safe against the loop's updates
