@@ -47,6 +47,7 @@ from bench.servers import (
     DEMO_CONFIG,
     MODEL_PATH,
     Runs,
+    Side,
     metric_total,
     start_authz,
     start_ratelimit,
@@ -316,30 +317,31 @@ def _layers(ctx: Context) -> list[Layer]:
         ctx, PLAIN, "envoy-plain", lambda port, admin: plain_config(port, admin, up_port)
     )
 
-    noop_authz = start_noop(ctx, "authz", "--metadata")
-    noop_rls = start_noop(ctx, "ratelimit")
-    noop_layer = _envoy(
-        ctx,
-        NOOP,
-        "envoy-noop",
-        lambda port, admin: gateway_config(port, admin, up_port, noop_authz.port, noop_rls.port),
-    )
-    noop_layer.servers = [noop_authz.service, noop_rls.service]
-    noop_layer.verify = [_gateway_checks(noop_layer)]
+    noop_layer = _gateway(
+        ctx, NOOP, "envoy-noop", up_port,
+        authz=start_noop(ctx, "authz", "--metadata"), ratelimit=start_noop(ctx, "ratelimit"),
+    )  # fmt: skip
 
     authz = start_authz(ctx, "maas-authz", str(DEMO_CONFIG / "authz.yaml"))
     ratelimit = start_ratelimit(ctx, "maas-ratelimit", "memory")
-    full = _envoy(
+    full = _gateway(ctx, FULL, "envoy-full", up_port, authz=authz, ratelimit=ratelimit)
+    full.verify += [authz.verify, ratelimit.verify, _charged(ratelimit.http_port)]
+    return [plain, noop_layer, full]
+
+
+def _gateway(
+    ctx: Context, name: str, service: str, up_port: int, *, authz: Side, ratelimit: Side
+) -> Layer:
+    """A gateway Envoy in front of `authz` and `ratelimit`, checked by its own counters."""
+    layer = _envoy(
         ctx,
-        FULL,
-        "envoy-full",
+        name,
+        service,
         lambda port, admin: gateway_config(port, admin, up_port, authz.port, ratelimit.port),
     )
-    full.servers = [authz.service, ratelimit.service]
-    full.verify = [
-        _gateway_checks(full), authz.verify, ratelimit.verify, _charged(ratelimit.http_port),
-    ]  # fmt: skip
-    return [plain, noop_layer, full]
+    layer.servers = [authz.service, ratelimit.service]
+    layer.verify = [_gateway_checks(layer)]
+    return layer
 
 
 def end_to_end(ctx: Context) -> list[Figure]:
