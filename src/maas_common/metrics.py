@@ -124,10 +124,6 @@ class FastHistogram(Collector):
             child = self._children[labels] = HistogramChild(self._bounds)
         return child
 
-    def observe(self, seconds: float) -> None:
-        """For an unlabelled histogram."""
-        self.child().observe(seconds)
-
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         for labels, child in list(self._children.items()):

@@ -47,7 +47,7 @@ def test_a_histogram_exports_like_prometheus_client(labelnames: tuple[str, ...])
 
 def test_a_value_on_a_bucket_bound_counts_in_that_bucket() -> None:
     registry = CollectorRegistry()
-    FastHistogram("t", "t", registry, buckets=(1.0, 2.0)).observe(1.0)
+    FastHistogram("t", "t", registry, buckets=(1.0, 2.0)).child().observe(1.0)
     assert registry.get_sample_value("t_bucket", {"le": "1.0"}) == 1
     assert registry.get_sample_value("t_count") == 1
 
