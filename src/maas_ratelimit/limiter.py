@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from maas_common.clock import Clock
-from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, remaining_tokens
+from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, ms_until_full, remaining_tokens
 from maas_ratelimit.descriptors import CHARGE_KINDS, Descriptor
 from maas_ratelimit.limits import Limit, LimitTable
 from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, Outcome
@@ -42,11 +42,13 @@ class UnknownDomain(ValueError):
 
 @dataclass(slots=True)  # per call: see _PER_CALL
 class LimitState:
+    """One limit's bucket after the call. What a response reports is derived from it when asked,
+    so a call pays only for the limit it reports."""
+
     limit: Limit
-    sufficient: bool
-    remaining: int  # whole tokens left after this call
-    reset_ms: int  # until the bucket is full again
-    retry_after_ms: int  # until it would have had enough (0 when sufficient)
+    sufficient: bool  # the bucket had what the call needed
+    level: int  # scaled level after the call (bucket.py)
+    need: int  # scaled level the call needed
 
     @property
     def result(self) -> Result:
@@ -54,12 +56,30 @@ class LimitState:
             return "allowed"
         return "shadow_limited" if self.limit.shadow else "limited"
 
+    @property
+    def remaining(self) -> int:
+        """Whole tokens left after this call."""
+        return remaining_tokens(self.level, self.limit.spec)
+
+    @property
+    def reset_ms(self) -> int:
+        """Until the bucket is full again."""
+        return ms_until_full(self.level, self.limit.spec)
+
+    @property
+    def retry_after_ms(self) -> int:
+        """Until it would have had enough (0 when it had)."""
+        return 0 if self.sufficient else ms_until(self.level, self.need, self.limit.spec)
+
 
 @dataclass(slots=True)  # per call: see _PER_CALL
 class DescriptorVerdict:
     over_limit: bool
     reported: LimitState | None  # the most restrictive limit, or None when none applied
     limits: tuple[LimitState, ...] = ()
+
+
+_NOTHING_ADMITTED = DescriptorVerdict(False, None)  # a descriptor that asked nothing of a bucket
 
 
 @dataclass(slots=True)  # per call: see _PER_CALL
@@ -190,6 +210,33 @@ class _Applicable:
         enforced = tuple(limit for limit in limits if limit.kind == "tokens" and not limit.shadow)
         return cls(tuple(limits), enforced)
 
+    def plan(
+        self,
+        admissions: list[Admission],
+        descriptor: Descriptor,
+        user: str,
+        model: str | None,
+        reservation: tuple[int, int] | None,
+    ) -> None:
+        """Appends what `descriptor` (for `user` and `model`, carrying `reservation`) asks of each
+        limit's bucket, in the order of `limits`."""
+        check_only = descriptor.check_only
+        hits = 0 if check_only else descriptor.hits
+        for limit in self.limits:
+            spec = limit.spec
+            if limit.kind == "tokens":
+                # admission only needs some credit left; a reservation, when the descriptor
+                # carries one, is taken now (possibly into debt) and settled against the real
+                # usage afterwards
+                take = 0
+                if reservation is not None and not check_only and not limit.shadow:
+                    take = _reserved(limit, reservation) * spec.window_ms
+                need = 1
+            else:
+                need, take = (hits or 1) * spec.window_ms, hits * spec.window_ms
+            key = limit.counter_key(user, model)
+            admissions.append(Admission(key, spec, need, take, limit.shadow))
+
 
 class RateLimiter:
     def __init__(
@@ -224,12 +271,14 @@ class RateLimiter:
 
         # plan: which buckets each descriptor touches
         admissions: list[Admission] = []
-        owners: list[tuple[int, Limit]] = []  # admission index -> (descriptor index, limit)
+        # per descriptor, the limits its admissions are for, in order (none: not an admission)
+        spans: list[Sequence[Limit]] = []
         reserving: list[tuple[str, str, int]] = []  # reservations taken if admitted
         settlement: _Settlement | None = None  # only calls after a response settle anything
         usage_outcomes: list[tuple[str, str]] = []
         request_id = _request_id(descriptors)
-        for index, descriptor in enumerate(descriptors):
+        for descriptor in descriptors:
+            spans.append(())
             tier, user = descriptor.tier, descriptor.user
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
@@ -252,13 +301,12 @@ class RateLimiter:
                 if unusable:
                     ignored.append(unusable)
                 continue
-            # admission: the reservation is read once, for every limit of the descriptor
+            # admission
             reservation = descriptor.reservation
-            for limit in applicable.limits:
-                admissions.append(_admission(limit, descriptor, user, model, reservation))
-                owners.append((index, limit))
-            if reservation is not None and applicable.enforced_tokens and not descriptor.check_only:
+            if reservation is not None and not descriptor.check_only and applicable.enforced_tokens:
                 reserving.append((tier, model or "", reservation[0] + reservation[1]))
+            applicable.plan(admissions, descriptor, user, model, reservation)
+            spans[-1] = applicable.limits
 
         outcomes: Sequence[Outcome] = ()
         admitted = True
@@ -275,7 +323,7 @@ class RateLimiter:
 
         return Verdict(
             not admitted,
-            _verdicts(len(descriptors), admissions, outcomes, owners),
+            _verdicts(spans, admissions, outcomes),
             reports,
             tuple(ignored),
             tuple(usage_outcomes),
@@ -285,32 +333,24 @@ class RateLimiter:
 
 
 def _verdicts(
-    count: int,
-    admissions: Sequence[Admission],
-    outcomes: Sequence[Outcome],
-    owners: Sequence[tuple[int, Limit]],
+    spans: Sequence[Sequence[Limit]], admissions: Sequence[Admission], outcomes: Sequence[Outcome]
 ) -> tuple[DescriptorVerdict, ...]:
-    per_descriptor: list[list[LimitState]] = [[] for _ in range(count)]
-    over_limit = [False] * count  # an enforced limit of the descriptor refused
-    for admission, outcome, (index, limit) in zip(admissions, outcomes, owners, strict=True):
-        spec = limit.spec
-        level, sufficient = outcome.level, outcome.sufficient
-        if not sufficient and not limit.shadow:
-            over_limit[index] = True
-        per_descriptor[index].append(
-            LimitState(
-                limit,
-                sufficient,
-                remaining_tokens(level, spec),
-                ms_until(level, spec.capacity, spec),  # until full
-                0 if sufficient else ms_until(level, admission.need, spec),
-            )
-        )
     verdicts = []
-    for index, states in enumerate(per_descriptor):
-        verdicts.append(
-            DescriptorVerdict(over_limit[index], _most_restrictive(states), tuple(states))
-        )
+    position = 0  # admissions and their outcomes are in the order of the descriptors' limits
+    for limits in spans:
+        if not limits:
+            verdicts.append(_NOTHING_ADMITTED)
+            continue
+        states = []
+        over_limit = False  # an enforced limit of the descriptor refused
+        for limit in limits:
+            outcome = outcomes[position]
+            sufficient = outcome.sufficient
+            if not sufficient and not limit.shadow:
+                over_limit = True
+            states.append(LimitState(limit, sufficient, outcome.level, admissions[position].need))
+            position += 1
+        verdicts.append(DescriptorVerdict(over_limit, _most_restrictive(states), tuple(states)))
     return tuple(verdicts)
 
 
@@ -327,28 +367,6 @@ def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
     """The weighted tokens a reservation takes from `limit` (the same on admission and on
     settlement), capped: a bucket at 1 stays above the debt floor after taking it."""
     return min(limit.weigh(*reservation), DEBT_WINDOWS * limit.spec.limit)
-
-
-def _admission(
-    limit: Limit,
-    descriptor: Descriptor,
-    user: str,
-    model: str | None,
-    reservation: tuple[int, int] | None,
-) -> Admission:
-    """What `descriptor` (for `user` and `model`, carrying `reservation`) asks of `limit`."""
-    key = limit.counter_key(user, model)
-    spec = limit.spec
-    window = spec.window_ms
-    if limit.kind == "tokens":
-        # admission only needs some credit left; a reservation, when the descriptor carries one,
-        # is taken now (possibly into debt) and settled against the real usage afterwards
-        take = 0
-        if reservation is not None and not limit.shadow and not descriptor.check_only:
-            take = _reserved(limit, reservation) * window
-        return Admission(key, spec, 1, take, limit.shadow)
-    hits = 0 if descriptor.check_only else descriptor.hits
-    return Admission(key, spec, max(hits, 1) * window, hits * window, limit.shadow)
 
 
 def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:

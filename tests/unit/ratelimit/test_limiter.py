@@ -1316,10 +1316,10 @@ async def test_a_reloaded_domain_applies_to_the_next_call() -> None:
 def test_result_of_limit_states() -> None:
     table = parse_limits(SHADOW, "limits.yaml")
     enforced, shadow = table.limits[0], table.limits[1]
-    assert LimitState(enforced, True, 1, 0, 0).result == "allowed"
-    assert LimitState(enforced, False, 0, 0, 1).result == "limited"
-    assert LimitState(shadow, True, 1, 0, 0).result == "allowed"
-    assert LimitState(shadow, False, 0, 0, 1).result == "shadow_limited"
+    assert LimitState(enforced, True, 1, 1).result == "allowed"
+    assert LimitState(enforced, False, 0, 1).result == "limited"
+    assert LimitState(shadow, True, 1, 1).result == "allowed"
+    assert LimitState(shadow, False, 0, 1).result == "shadow_limited"
 
 
 def test_effective_hits() -> None:

@@ -27,19 +27,21 @@ OVER_LIMIT = RateLimitResponse.OVER_LIMIT
 Unit = RateLimitResponse.RateLimit.Unit
 
 
-def state(
-    limit: Limit,
-    *,
-    sufficient: bool = True,
-    remaining: int = 0,
-    reset_ms: int = 0,
-    retry_after_ms: int = 0,
-) -> LimitState:
-    return LimitState(limit, sufficient, remaining, reset_ms, retry_after_ms)
+def _need(limit: Limit) -> int:
+    """What an admission of one request needs of the limit's bucket (scaled)."""
+    return limit.spec.window_ms if limit.kind == "requests" else 1
+
+
+def state(limit: Limit, *, reset_ms: int = 0) -> LimitState:
+    """An admitted limit whose bucket is full again in `reset_ms`."""
+    spec = limit.spec
+    return LimitState(limit, True, spec.capacity - reset_ms * spec.limit, _need(limit))
 
 
 def refused(limit: Limit = REQUESTS, retry_after_ms: int = 24_000) -> LimitState:
-    return state(limit, sufficient=False, reset_ms=120_000, retry_after_ms=retry_after_ms)
+    """A refusing limit whose bucket has what one request needs in `retry_after_ms`."""
+    need = _need(limit)
+    return LimitState(limit, False, need - retry_after_ms * limit.spec.limit, need)
 
 
 def one(descriptor_state: LimitState, *others: LimitState) -> DescriptorVerdict:
@@ -56,7 +58,7 @@ def headers(response: RateLimitResponse) -> list[tuple[str, str]]:
 
 
 def test_ok_with_limit_information() -> None:
-    s = state(REQUESTS, remaining=4, reset_ms=24_000)
+    s = state(REQUESTS, reset_ms=24_000)
     response = responses.build(Verdict(False, (one(s),)))
     assert response.overall_code == OK
     assert len(response.statuses) == 1
@@ -74,7 +76,7 @@ def test_ok_with_limit_information() -> None:
 
 
 def test_a_one_minute_tokens_limit_has_unit_minute() -> None:
-    s = state(TOKENS, remaining=70, reset_ms=18_000)
+    s = state(TOKENS, reset_ms=18_000)
     status = responses.build(Verdict(False, (one(s),))).statuses[0]
     assert status.current_limit.name == "free tier: 100 tokens per 1m"
     assert status.current_limit.requests_per_unit == 100
@@ -83,12 +85,13 @@ def test_a_one_minute_tokens_limit_has_unit_minute() -> None:
 
 
 def test_reset_with_milliseconds() -> None:
-    s = state(ODD, remaining=2, reset_ms=1_501)
+    s = state(ODD, reset_ms=1_499)
     status = responses.build(Verdict(False, (one(s),))).statuses[0]
     assert (status.duration_until_reset.seconds, status.duration_until_reset.nanos) == (
         1,
-        501_000_000,
+        499_000_000,
     )
+    assert status.limit_remaining == 0
     assert status.current_limit.name == "free tier: 3 requests per 1500ms"
 
 
@@ -109,8 +112,9 @@ def test_no_descriptors() -> None:
 
 
 def test_a_shadow_refusal_is_ok() -> None:
-    shadow = state(SHADOW, sufficient=False, retry_after_ms=5_000)
-    verdict = Verdict(False, (DescriptorVerdict(False, state(REQUESTS, remaining=3), (shadow,)),))
+    shadow = refused(SHADOW, 5_000)
+    reported = state(REQUESTS, reset_ms=48_000)
+    verdict = Verdict(False, (DescriptorVerdict(False, reported, (shadow,)),))
     response = responses.build(verdict)
     assert response.overall_code == OK
     assert response.statuses[0].code == OK
@@ -175,7 +179,7 @@ def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(
 
 
 def test_per_descriptor_codes_and_the_binding_limit_across_descriptors() -> None:
-    ok = one(state(REQUESTS, remaining=2, reset_ms=72_000))
+    ok = one(state(REQUESTS, reset_ms=72_000))
     short = one(refused(REQUESTS, 24_000))
     long = one(refused(TOKENS, 30_001))
     response = responses.build(Verdict(True, (ok, short, long)))
@@ -190,7 +194,7 @@ def test_per_descriptor_codes_and_the_binding_limit_across_descriptors() -> None
 def test_the_reported_limit_of_a_descriptor_is_its_own() -> None:
     # a descriptor refused by one limit reports that limit, even if another one applied too
     s_requests = refused(REQUESTS)
-    s_tokens = state(TOKENS, remaining=100)
+    s_tokens = state(TOKENS)
     verdict = Verdict(True, (DescriptorVerdict(True, s_requests, (s_requests, s_tokens)),))
     status = responses.build(verdict).statuses[0]
     assert status.current_limit.name == "free tier: 5 requests per 2m"
