@@ -21,7 +21,7 @@ dynamic metadata maas-authz sets, never from client headers):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TIER, USER, MODEL, REQUEST_ID, CHARGE, OUTCOME = (
     "tier", "user", "model", "request_id", "charge", "outcome"
@@ -33,65 +33,53 @@ _MAX_RESERVE_DIGITS = 18  # far above any estimate (the Lua caps each at 1e9); t
 
 @dataclass(slots=True)  # not frozen, though never changed: one per descriptor per call, and a
 class Descriptor:  # frozen dataclass's __init__ costs four times as much
+    """A descriptor's entries, with the ones this server understands read out once (plain
+    fields rather than properties: the decision reads each of them on every call)."""
+
     entries: dict[str, str]
     hits: int  # how many to count: per-descriptor hits_addend, else the request's, else 1
     check_only: bool  # a per-descriptor hits_addend of 0: check, consume nothing
+    tier: str | None = field(init=False)
+    user: str | None = field(init=False)
+    model: str | None = field(init=False)
+    request_id: str | None = field(init=False)
+    charge_kind: str | None = field(init=False)  # set on a charge descriptor only
+    outcome: str | None = field(init=False)
+    # (prompt, completion) tokens reserved for the request, or None: see parse_reservation
+    reservation: tuple[int, int] | None = field(init=False)
 
-    @property
-    def tier(self) -> str | None:
-        return self.entries.get(TIER)
+    def __post_init__(self) -> None:
+        get = self.entries.get
+        self.tier, self.user, self.model = get(TIER), get(USER), get(MODEL)
+        self.request_id, self.charge_kind, self.outcome = get(REQUEST_ID), get(CHARGE), get(OUTCOME)
+        prompt, completion = get(RESERVE_PROMPT), get(RESERVE_COMPLETION)
+        self.reservation = (
+            None if prompt is None and completion is None else parse_reservation(prompt, completion)
+        )
 
-    @property
-    def user(self) -> str | None:
-        return self.entries.get(USER)
 
-    @property
-    def model(self) -> str | None:
-        return self.entries.get(MODEL)
+def parse_reservation(prompt: str | None, completion: str | None) -> tuple[int, int] | None:
+    """(prompt, completion) from the reserve_* entries, or None.
 
-    @property
-    def request_id(self) -> str | None:
-        return self.entries.get(REQUEST_ID)
-
-    @property
-    def is_charge(self) -> bool:
-        return CHARGE in self.entries
-
-    @property
-    def charge_kind(self) -> str | None:
-        return self.entries.get(CHARGE)
-
-    @property
-    def outcome(self) -> str | None:
-        return self.entries.get(OUTCOME)
-
-    @property
-    def reservation(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens reserved for the request, or None.
-
-        Either entry alone counts (the other is 0); a value that is not a plain decimal integer
-        makes the whole reservation absent, on admission and on settlement alike (both read the
-        same entries, so what is taken is what is given back).
-        """
-        entries = self.entries
-        prompt, completion = entries.get(RESERVE_PROMPT), entries.get(RESERVE_COMPLETION)
-        if prompt is None:
-            if completion is None:
-                return None
-            prompt = "0"
-        elif completion is None:
-            completion = "0"
-        # each a plain decimal integer of at most _MAX_RESERVE_DIGITS digits (no sign, no spaces)
-        if (
-            prompt.isdigit()
-            and completion.isdigit()
-            and prompt.isascii()
-            and completion.isascii()
-            and len(prompt) <= _MAX_RESERVE_DIGITS
-            and len(completion) <= _MAX_RESERVE_DIGITS
-        ):
-            return int(prompt), int(completion)
-        return None
+    Either entry alone counts (the other is 0); a value that is not a plain decimal integer
+    makes the whole reservation absent, on admission and on settlement alike (both read the
+    same entries, so what is taken is what is given back).
+    """
+    if prompt is None:
+        prompt = "0"
+    if completion is None:
+        completion = "0"
+    # each a plain decimal integer of at most _MAX_RESERVE_DIGITS digits (no sign, no spaces)
+    if (
+        prompt.isdigit()
+        and completion.isdigit()
+        and prompt.isascii()
+        and completion.isascii()
+        and len(prompt) <= _MAX_RESERVE_DIGITS
+        and len(completion) <= _MAX_RESERVE_DIGITS
+    ):
+        return int(prompt), int(completion)
+    return None
 
 
 def effective_hits(descriptor_hits: int | None, request_hits: int) -> tuple[int, bool]:

@@ -295,7 +295,7 @@ class RateLimiter:
                     settlement = settlement or _Settlement()
                     settlement.add(applicable.enforced_tokens, descriptor, "total_tokens", 0)
                 continue
-            if descriptor.is_charge:
+            if descriptor.charge_kind is not None:
                 settlement = settlement or _Settlement()
                 unusable = settlement.charge_descriptor(applicable.limits, descriptor)
                 if unusable:
