@@ -16,6 +16,7 @@ from maas_authz import responses
 from maas_authz.check import CheckPipeline
 from maas_authz.decision import Allow, Deny
 from maas_authz.metrics import AuthzMetrics
+from maas_common.server import register_serialized_unary
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,15 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._forward_authorization = forward_authorization
 
     def register(self, server: grpc.aio.Server) -> None:
-        # As add_AuthorizationServicer_to_server, but the method returns its response already
-        # serialized (responses.py assembles it from cached bytes): no message is built only to
-        # be serialized again.
-        handlers = {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.check_serialized,
-                request_deserializer=external_auth_pb2.CheckRequest.FromString,
-                response_serializer=_as_is,
-            )
-        }
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        # the method sends check_serialized's bytes (responses.py assembles them from cached
+        # parts)
+        register_serialized_unary(
+            server,
+            SERVICE_NAME,
+            "Check",
+            self.check_serialized,
+            external_auth_pb2.CheckRequest.FromString,
         )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -81,7 +77,3 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             self._metrics.decision("denied", _INTERNAL.code, "")
         self._metrics.check_seconds.observe(time.perf_counter() - started)
         return response
-
-
-def _as_is(response: bytes) -> bytes:
-    return response

@@ -34,6 +34,30 @@ class GrpcService:
     register: Callable[[grpc.aio.Server], None]
 
 
+def register_serialized_unary(
+    server: grpc.aio.Server,
+    service_name: str,
+    method: str,
+    handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[bytes]],
+    request_deserializer: Callable[[bytes], Any],
+) -> None:
+    """Serves a unary method whose handler returns its response already serialized (as the
+    generated add_...Servicer_to_server would, with the response serializer left out): the hot
+    paths assemble their answers from cached bytes, and no message is built only to be
+    serialized again. Reflection still describes the method from the real descriptors."""
+    handlers = {
+        method: grpc.unary_unary_rpc_method_handler(
+            handler, request_deserializer=request_deserializer, response_serializer=_as_is
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
+
+
+def _as_is(response: bytes) -> bytes:
+    return response
+
+
 @dataclass
 class Readiness:
     """Per-component readiness; the server is ready when every component is."""

@@ -18,16 +18,17 @@ LIMIT_HEADER = "x-maas-ratelimit-limit"
 
 
 RateLimit = RateLimitResponse.RateLimit
-# Limit name -> (that Limit, its RateLimit message): built once per limit (and again after a
-# reload replaces it), copied into each status. The cached messages are never modified.
-_RATE_LIMITS: dict[str, tuple[Limit, Any]] = {}
+# Limit name -> (that Limit, its RateLimit message, that message as a DescriptorStatus's encoded
+# current_limit field): built once per limit (and again after a reload replaces it), copied into
+# each status. The cached messages are never modified.
+_RATE_LIMITS: dict[str, tuple[Limit, Any, bytes]] = {}
 _MAX_RATE_LIMITS = 4096
 
 
-def _rate_limit(limit: Limit) -> Any:  # a RateLimitResponse.RateLimit
+def _rate_limit(limit: Limit) -> tuple[Limit, Any, bytes]:  # Any: a RateLimitResponse.RateLimit
     cached = _RATE_LIMITS.get(limit.name)
     if cached is not None and cached[0] is limit:
-        return cached[1]
+        return cached
     message = RateLimit(
         name=limit.description,
         requests_per_unit=limit.spec.limit,
@@ -35,12 +36,13 @@ def _rate_limit(limit: Limit) -> Any:  # a RateLimitResponse.RateLimit
     )
     if len(_RATE_LIMITS) >= _MAX_RATE_LIMITS:
         _RATE_LIMITS.clear()
-    _RATE_LIMITS[limit.name] = (limit, message)
-    return message
+    encoded = message.SerializeToString()
+    cached = _RATE_LIMITS[limit.name] = (limit, message, b"\x12" + _varint(len(encoded)) + encoded)
+    return cached
 
 
 def _set_status(status: RateLimitResponse.DescriptorStatus, state: LimitState) -> None:
-    status.current_limit.CopyFrom(_rate_limit(state.limit))
+    status.current_limit.CopyFrom(_rate_limit(state.limit)[1])
     status.limit_remaining = state.remaining
     reset = status.duration_until_reset  # as Duration.FromMilliseconds, without its overhead
     seconds, millis = divmod(state.reset_ms, 1000)
@@ -79,6 +81,61 @@ def build(verdict: Verdict) -> RateLimitResponse:
         )
         response.raw_body = error_body(binding)
     return response
+
+
+# Protobuf wire format, for encode(): a field's key byte is (number << 3) | wire type.
+_SMALL_VARINTS = [bytes((value,)) for value in range(0x80)]
+_OVERALL_OK = b"\x08" + _SMALL_VARINTS[OK]  # RateLimitResponse.overall_code (1, varint)
+_STATUS = b"\x12"  # RateLimitResponse.statuses (2, length-delimited)
+_CODES = (b"\x08" + _SMALL_VARINTS[OK], b"\x08" + _SMALL_VARINTS[OVER_LIMIT])  # status code (1)
+_REMAINING = b"\x18"  # DescriptorStatus.limit_remaining (3, varint)
+_RESET = b'"'  # DescriptorStatus.duration_until_reset (4, length-delimited)
+_SECONDS, _NANOS = b"\x08", b"\x10"  # Duration.seconds (1), Duration.nanos (2), both varints
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint: 7 bits a byte, least significant first."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode(verdict: Verdict) -> bytes:
+    """The response's wire bytes, as build(verdict).SerializeToString() gives them (tests hold
+    the two to it). Calls that are not refused, nearly all of them, are encoded directly from
+    each limit's cached bytes: no message is built only to be serialized."""
+    if verdict.over_limit:  # headers and a body: rare, through the message
+        return bytes(build(verdict).SerializeToString())
+    parts = [_OVERALL_OK]
+    for descriptor in verdict.descriptors:
+        code = _CODES[descriptor.over_limit]
+        state = descriptor.reported
+        if state is None:
+            parts += (_STATUS, _varint(len(code)), code)
+            continue
+        # proto3 leaves out zeros, except that the duration is always set (possibly empty)
+        remaining = state.remaining
+        seconds, millis = divmod(state.reset_ms, 1000)
+        reset = (_SECONDS + _varint(seconds) if seconds else b"") + (
+            _NANOS + _varint(millis * 1_000_000) if millis else b""
+        )
+        status = b"".join(
+            (
+                code,
+                _rate_limit(state.limit)[2],
+                _REMAINING + _varint(remaining) if remaining else b"",
+                _RESET,
+                _varint(len(reset)),
+                reset,
+            )
+        )
+        parts += (_STATUS, _varint(len(status)), status)
+    return b"".join(parts)
 
 
 def allow_all(descriptor_count: int) -> RateLimitResponse:

@@ -16,6 +16,7 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from maas_common.errors import BackendUnavailable
+from maas_common.server import register_serialized_unary
 from maas_ratelimit import responses
 from maas_ratelimit.descriptors import CHARGE, Descriptor, effective_hits
 from maas_ratelimit.limiter import RateLimiter, UnknownDomain, Verdict
@@ -51,17 +52,32 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._call_seconds = metrics.call_seconds.child()
 
     def register(self, server: grpc.aio.Server) -> None:
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self, server)
+        # the method sends should_rate_limit_serialized's bytes (responses.encode)
+        register_serialized_unary(
+            server,
+            SERVICE_NAME,
+            "ShouldRateLimit",
+            self.should_rate_limit_serialized,
+            rls_pb2.RateLimitRequest.FromString,
+        )
 
     async def ShouldRateLimit(  # the gRPC method name
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
+        """The answer as a message; the gRPC method sends should_rate_limit_serialized's bytes."""
+        return rls_pb2.RateLimitResponse.FromString(
+            await self.should_rate_limit_serialized(request, context)
+        )
+
+    async def should_rate_limit_serialized(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
         started = time.perf_counter()
         try:
             descriptors = to_descriptors(request)
             verdict = await self._limiter.decide(request.domain, descriptors)
             self._record(verdict)
-            return responses.build(verdict)
+            return responses.encode(verdict)
         except UnknownDomain as exc:
             self._metrics.answers.inc("error")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -81,7 +97,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         exc: BackendUnavailable,
         request: rls_pb2.RateLimitRequest,
         context: grpc.aio.ServicerContext,
-    ) -> rls_pb2.RateLimitResponse:
+    ) -> bytes:
         now = time.monotonic()
         if now - self._last_failure_log > 5.0:  # one line per 5 s, not one per request
             self._last_failure_log = now
@@ -90,7 +106,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self._metrics.skipped.inc("store_unavailable")
         if self._failure_mode == "open":
             self._metrics.answers.inc("failure_open")
-            return responses.allow_all(len(request.descriptors))
+            return bytes(responses.allow_all(len(request.descriptors)).SerializeToString())
         self._metrics.answers.inc("unavailable")
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit store unavailable: {exc}")
         raise AssertionError("unreachable")  # abort() raises

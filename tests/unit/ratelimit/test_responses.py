@@ -6,6 +6,7 @@ import json
 
 import pytest
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
+from google.protobuf.internal.encoder import _VarintBytes  # protobuf's own, to check ours
 
 from maas_ratelimit import responses
 from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
@@ -214,6 +215,53 @@ def test_error_body_bytes() -> None:
         b'{"error": {"message": "rate limit exceeded: free tier: 5 requests per 2m; '
         b'retry in 24s", "type": "requests", "code": "rate_limit_exceeded"}}'
     )
+
+
+# --- encode: the same bytes as the message -------------------------------------------------------
+
+LONG = parse_limits(  # a description over 127 bytes: a two-byte length
+    "limits:\n  - {name: long, tier: "
+    + "t" * 120
+    + ", kind: tokens, limit: 4294967295, window: 1s}\n",
+    "limits.yaml",
+).limits[0]
+
+
+@pytest.mark.parametrize(
+    "verdict",
+    [
+        Verdict(False, ()),
+        Verdict(False, (DescriptorVerdict(False, None, ()),)),
+        Verdict(False, (one(state(REQUESTS, reset_ms=24_000)),)),  # whole seconds
+        Verdict(False, (one(state(REQUESTS)),)),  # full: zero remaining left out, empty reset
+        Verdict(False, (one(state(ODD, reset_ms=1_499)),)),  # seconds and milliseconds
+        Verdict(False, (one(state(ODD, reset_ms=499)),)),  # milliseconds only
+        Verdict(False, (one(state(TOKENS, reset_ms=59_999)),)),
+        Verdict(False, (one(state(LONG)),)),  # a large remaining, a long name
+        Verdict(False, (one(state(LONG, reset_ms=1)),)),
+        Verdict(False, (one(state(REQUESTS, reset_ms=48_000), refused(SHADOW, 5_000)),)),
+        Verdict(
+            False,
+            (
+                one(state(REQUESTS, reset_ms=72_000)),
+                DescriptorVerdict(False, None, ()),
+                one(state(TOKENS, reset_ms=18_000)),
+            ),
+        ),
+        Verdict(True, (one(refused()),)),  # refused: headers and a body
+        Verdict(True, (one(state(REQUESTS)), one(refused(TOKENS, 30_001)))),
+        Verdict(True, (DescriptorVerdict(False, None, ()),)),
+    ],
+)
+def test_encode_gives_the_bytes_of_the_built_message(verdict: Verdict) -> None:
+    encoded = responses.encode(verdict)
+    assert encoded == responses.build(verdict).SerializeToString()
+    assert RateLimitResponse.FromString(encoded) == responses.build(verdict)
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16_383, 16_384, 2**32 - 1, 2**63 - 1])
+def test_varints(value: int) -> None:
+    assert responses._varint(value) == _VarintBytes(value)
 
 
 # --- allow_all ----------------------------------------------------------------------------------
