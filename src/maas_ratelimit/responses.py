@@ -90,7 +90,7 @@ _STATUS = b"\x12"  # RateLimitResponse.statuses (2, length-delimited)
 _CODES = (b"\x08" + _SMALL_VARINTS[OK], b"\x08" + _SMALL_VARINTS[OVER_LIMIT])  # status code (1)
 _REMAINING = b"\x18"  # DescriptorStatus.limit_remaining (3, varint)
 _RESET = b'"'  # DescriptorStatus.duration_until_reset (4, length-delimited)
-_SECONDS, _NANOS = b"\x08", b"\x10"  # Duration.seconds (1), Duration.nanos (2), both varints
+_SECONDS = b"\x08"  # Duration.seconds (1, varint)
 
 
 def _varint(value: int) -> bytes:
@@ -103,6 +103,10 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# Duration.nanos (2, varint) for each whole millisecond: a reset's nanos take only 1000 values
+_NANOS_OF_MILLIS = [b""] + [b"\x10" + _varint(millis * 1_000_000) for millis in range(1, 1000)]
 
 
 def encode(verdict: Verdict) -> bytes:
@@ -121,9 +125,9 @@ def encode(verdict: Verdict) -> bytes:
         # proto3 leaves out zeros, except that the duration is always set (possibly empty)
         remaining = state.remaining
         seconds, millis = divmod(state.reset_ms, 1000)
-        reset = (_SECONDS + _varint(seconds) if seconds else b"") + (
-            _NANOS + _varint(millis * 1_000_000) if millis else b""
-        )
+        reset = _NANOS_OF_MILLIS[millis]
+        if seconds:
+            reset = _SECONDS + _varint(seconds) + reset
         status = b"".join(
             (
                 code,
