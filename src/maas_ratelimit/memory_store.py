@@ -55,33 +55,28 @@ class MemoryBucketStore:
         self, admissions: Sequence[Admission], now_ms: int, request_id: str | None
     ) -> AdmitResult:
         buckets = self._buckets
-        reads = []
+        entries = []
+        levels = []
         admitted = True  # the rule of store.py: every enforced bucket must have its `need`
         for admission in admissions:
             entry = buckets.get(admission.key)
             level = current_level(entry, admission.spec, now_ms)
             if level < admission.need and not admission.shadow:
                 admitted = False
-            reads.append((entry, level))
+            entries.append(entry)
+            levels.append(level)
         # every level was read before anything is written; a key named twice still ends up
         # with the same `updated` as if written one after the other
         outcomes = []
-        for admission, (entry, before) in zip(admissions, reads, strict=True):
+        for admission, entry, before in zip(admissions, entries, levels, strict=True):
             sufficient = before >= admission.need
             after = before - admission.take if admitted and sufficient else before
             outcomes.append(Outcome(sufficient, after))
-            # self._put, inlined: the hot path
-            spec = admission.spec
             updated = next_updated(entry, now_ms)
-            full_at = updated + ms_until_full(after, spec)
-            if full_at > now_ms:
-                buckets[admission.key] = (after, updated, spec.window_ms, full_at)
-                buckets.move_to_end(admission.key)
-            else:  # full already: the same as no bucket, so none is kept
-                buckets.pop(admission.key, None)
+            self._put(admission.key, admission.spec, after, updated, now_ms)
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
-        self._after_writes(now_ms, len(admissions) or 1)
+        self._after_writes(now_ms, max(1, len(admissions)))
         return AdmitResult(admitted, tuple(outcomes))
 
     async def charge(
