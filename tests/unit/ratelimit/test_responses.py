@@ -233,8 +233,8 @@ LONG = parse_limits(  # a description over 127 bytes: a two-byte length
         Verdict(False, ()),
         Verdict(False, (DescriptorVerdict(False, None, ()),)),
         Verdict(False, (one(state(REQUESTS, reset_ms=24_000)),)),  # whole seconds
-        Verdict(False, (one(state(REQUESTS)),)),  # full: zero remaining left out, empty reset
-        Verdict(False, (one(state(ODD, reset_ms=1_499)),)),  # seconds and milliseconds
+        Verdict(False, (one(state(REQUESTS)),)),  # full: an empty reset
+        Verdict(False, (one(state(ODD, reset_ms=1_499)),)),  # s and ms; no remaining (left out)
         Verdict(False, (one(state(ODD, reset_ms=499)),)),  # milliseconds only
         Verdict(False, (one(state(TOKENS, reset_ms=59_999)),)),
         Verdict(False, (one(state(LONG)),)),  # a large remaining, a long name
