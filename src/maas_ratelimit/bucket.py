@@ -83,9 +83,8 @@ def remaining_tokens(level: int, spec: BucketSpec) -> int:
 
 def ms_until(level: int, target: int, spec: BucketSpec) -> int:
     """Milliseconds of refill until the level reaches `target` (0 if it already has)."""
-    return 0 if level >= target else -((level - target) // spec.limit)  # ceil_div, no call
+    return 0 if level >= target else ceil_div(target - level, spec.limit)
 
 
 def ms_until_full(level: int, spec: BucketSpec) -> int:
-    capacity = spec.capacity  # ms_until(level, capacity, spec), a call less: runs on every write
-    return 0 if level >= capacity else -((level - capacity) // spec.limit)
+    return ms_until(level, spec.capacity, spec)
