@@ -374,21 +374,27 @@ def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
     if len(states) <= 1:
         return states[0] if states else None
     refusing: LimitState | None = None  # the enforced refusal with the longest wait
-    tightest: LimitState | None = None  # the enforced limit with the least room (a fraction)
+    tightest: LimitState | None = None  # the enforced limit with the least room
     for state in states:
         if state.limit.shadow:
             continue
         if not state.sufficient:
             if refusing is None or state.retry_after_ms > refusing.retry_after_ms:
                 refusing = state
-        elif refusing is None and (
-            tightest is None
-            or state.remaining * tightest.limit.spec.limit
-            < tightest.remaining * state.limit.spec.limit
-        ):
+        elif refusing is None and (tightest is None or _less_room(state, tightest)):
             tightest = state
     if refusing is not None:
         return refusing
     if tightest is not None:
         return tightest
-    return min(states, key=lambda s: s.remaining / s.limit.spec.limit)  # all shadow
+    tightest = states[0]  # all shadow: the least room among them
+    for state in states[1:]:
+        if _less_room(state, tightest):
+            tightest = state
+    return tightest
+
+
+def _less_room(state: LimitState, other: LimitState) -> bool:
+    """Whether `state` has less room left than `other`, as fractions of their limits (compared
+    exactly, in integers)."""
+    return state.remaining * other.limit.spec.limit < other.remaining * state.limit.spec.limit

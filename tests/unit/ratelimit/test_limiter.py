@@ -1204,6 +1204,20 @@ async def test_only_shadow_limits_are_reported_when_nothing_else_applies() -> No
     assert states(verdict)["premium-shadow"].result == "shadow_limited"
 
 
+
+@pytest.mark.asyncio
+async def test_among_shadow_limits_the_one_with_least_room_is_reported() -> None:
+    rig = Rig(
+        "limits:\n"
+        "  - {name: wide, tier: trial, kind: requests, limit: 10, window: 1m, shadow: true}\n"
+        "  - {name: narrow, tier: trial, kind: requests, limit: 4, window: 1m, shadow: true}\n"
+    )
+    await rig.admitted(1, desc("trial"))
+    verdict = await rig.decide(desc("trial"))  # wide 8 of 10 left, narrow 2 of 4
+    assert reported_name(verdict.descriptors[0]) == "narrow"
+    assert verdict.descriptors[0].reported is not None
+    assert verdict.descriptors[0].reported.remaining == 2
+
 # --- descriptors that match nothing, domains ----------------------------------------------------
 
 
