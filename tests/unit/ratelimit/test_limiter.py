@@ -1204,7 +1204,6 @@ async def test_only_shadow_limits_are_reported_when_nothing_else_applies() -> No
     assert states(verdict)["premium-shadow"].result == "shadow_limited"
 
 
-
 @pytest.mark.asyncio
 async def test_among_shadow_limits_the_one_with_least_room_is_reported() -> None:
     rig = Rig(
@@ -1217,6 +1216,7 @@ async def test_among_shadow_limits_the_one_with_least_room_is_reported() -> None
     assert reported_name(verdict.descriptors[0]) == "narrow"
     assert verdict.descriptors[0].reported is not None
     assert verdict.descriptors[0].reported.remaining == 2
+
 
 # --- descriptors that match nothing, domains ----------------------------------------------------
 
