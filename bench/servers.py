@@ -1,8 +1,12 @@
 """Scenarios 1 and 3: one gRPC server against its do-nothing floor, driven by h2load directly.
 
-For each pair the baseline and the subject alternate (`Sizes.rounds` times) so that drift on a
-shared machine hits both; each round measures throughput at saturation (and the server's CPU per
-call over that run) and latency at a fixed offered load. Medians over the rounds are reported.
+Each round (`Sizes.rounds`) starts a fresh baseline and a fresh subject process, warms both up, and
+measures each in turn (the first one alternating) so that drift on a shared machine hits both:
+throughput at saturation (and the server's CPU per call over that run) and latency at a fixed
+offered load. Medians over the rounds are reported. Fresh processes, because a process keeps its
+pace for its lifetime (where its threads landed, its memory layout): on this 2-vCPU VM one
+do-nothing process answers 7.6k calls/s round after round and the next 8.5k, so one pair of
+processes per scenario let a single unlucky start move a ratio by 15 points.
 """
 
 from __future__ import annotations
@@ -111,6 +115,11 @@ class Runs:
     def sent(self) -> int:
         return sum(r.requests for r in (*self.saturation, *self.fixed))
 
+    def extend(self, other: Runs) -> None:
+        self.saturation += other.saturation
+        self.fixed += other.fixed
+        self.cpu_us += other.cpu_us
+
     def saturate(self, side: Side, url: str, load: Load, body: bytes) -> None:
         """One saturation run against `side`: its throughput, and its server's CPU per call."""
         before = side.service.cpu()
@@ -122,47 +131,55 @@ class Runs:
 def compare(
     ctx: Context,
     scenario: str,
-    baseline: Side,
-    subject: Side,
+    start_baseline: Callable[[], Side],
+    start_subject: Callable[[], Side],
     *,
     method_path: str,
     body: bytes,
     throughput_floor: float | None,
     cpu_floor: float | None = None,
+    before_stop: Callable[[Side], None] = lambda _subject: None,
 ) -> list[Figure]:
+    """The subject against the baseline, each started afresh every round by its `start_*`;
+    `before_stop` sees each subject process after its round (e.g. to read its metrics)."""
     sizes = ctx.sizes
-    runs = {side.name: Runs([], [], []) for side in (baseline, subject)}
+    base, ours = Runs([], [], []), Runs([], [], [])
     warm = Load(sizes.warmup_requests)
     saturate = Load(sizes.saturation_requests)
     fixed = Load(round(sizes.fixed_rate * sizes.fixed_seconds), rate=sizes.fixed_rate)
-    warmed_up = 0
-    for side in (baseline, subject):
-        url = _url(side, method_path)
-        warmed_up = run_h2load(url, warm, body=body, headers=GRPC_HEADERS).requests
-    for _ in range(sizes.rounds):
-        for side in (baseline, subject):
+    baseline_name = ""
+    for index in range(sizes.rounds):
+        baseline, subject = start_baseline(), start_subject()
+        baseline_name = baseline.name
+        pairs = [(baseline, Runs([], [], [])), (subject, Runs([], [], []))]
+        for side, runs in pairs if index % 2 == 0 else pairs[::-1]:
             url = _url(side, method_path)
-            runs[side.name].saturate(side, url, saturate, body)
-            runs[side.name].fixed.append(run_h2load(url, fixed, body=body, headers=GRPC_HEADERS))
-    for side in (baseline, subject):
-        problem = side.verify(runs[side.name].sent() + warmed_up)
-        if problem:
-            raise RuntimeError(f"{scenario}: {side.name} did not answer as expected: {problem}")
-    ours, base = runs[subject.name], runs[baseline.name]
+            warmed_up = run_h2load(url, warm, body=body, headers=GRPC_HEADERS).requests
+            runs.saturate(side, url, saturate, body)
+            runs.fixed.append(run_h2load(url, fixed, body=body, headers=GRPC_HEADERS))
+            problem = side.verify(runs.sent() + warmed_up)
+            if problem:
+                raise RuntimeError(f"{scenario}: {side.name} did not answer as expected: {problem}")
+        before_stop(subject)
+        for (side, runs), total in zip(pairs, (base, ours), strict=True):
+            side.service.stop()
+            total.extend(runs)
+    pairs_rps = zip(ours.saturation, base.saturation, strict=True)
     ctx.log(
         f"{scenario}: {ours.rps():,.0f} vs {base.rps():,.0f} calls/s, "
-        f"{ours.cpu():.0f} vs {base.cpu():.0f} µs CPU/call"
+        f"{ours.cpu():.0f} vs {base.cpu():.0f} µs CPU/call; rounds (ours/baseline calls/s): "
+        + ", ".join(f"{o.rps:,.0f}/{b.rps:,.0f}" for o, b in pairs_rps)
     )
     note = f"h2load used at most {max(ours.loadgen(), base.loadgen()):.0%} of a core"
     rate = f"at {sizes.fixed_rate:g}/s"
     return [
         Figure(scenario, "throughput at saturation", "calls/s", ours.rps(), base.rps(),
-               baseline.name, Floor(">=", throughput_floor) if throughput_floor else None,
+               baseline_name, Floor(">=", throughput_floor) if throughput_floor else None,
                note=note),
-        Figure(scenario, "server CPU per call", "µs", ours.cpu(), base.cpu(), baseline.name,
+        Figure(scenario, "server CPU per call", "µs", ours.cpu(), base.cpu(), baseline_name,
                Floor("<=", cpu_floor) if cpu_floor else None),
-        Figure(scenario, f"p50 {rate}", "ms", ours.p50(), base.p50(), baseline.name),
-        Figure(scenario, f"p99 {rate}", "ms", ours.p99(), base.p99(), baseline.name),
+        Figure(scenario, f"p50 {rate}", "ms", ours.p50(), base.p50(), baseline_name),
+        Figure(scenario, f"p99 {rate}", "ms", ours.p99(), base.p99(), baseline_name),
     ]  # fmt: skip
 
 
@@ -263,13 +280,13 @@ def noop(ctx: Context, kind: str, *extra: str) -> Side:
 
 def check_static_key(ctx: Context) -> list[Figure]:
     """Scenario 1 (static keys): Check with a demo API key vs a do-nothing ext_authz server."""
+    config = str(DEMO_CONFIG / "authz.yaml")
     with ctx.services():
-        baseline = noop(ctx, "authz")
-        subject = start_authz(ctx, "maas-authz (static keys)", str(DEMO_CONFIG / "authz.yaml"))
-        body = grpc_frame(check_request("sk-demo-enterprise"))
         return compare(
-            ctx, "Check, static key", baseline, subject, method_path=CHECK_PATH, body=body,
-            throughput_floor=0.8, cpu_floor=1.25,
+            ctx, "Check, static key", lambda: noop(ctx, "authz"),
+            lambda: start_authz(ctx, "maas-authz (static keys)", config), method_path=CHECK_PATH,
+            body=grpc_frame(check_request("sk-demo-enterprise")), throughput_floor=0.8,
+            cpu_floor=1.25,
         )  # fmt: skip
 
 
@@ -277,13 +294,12 @@ def should_rate_limit(ctx: Context, redis_url: str | None) -> list[Figure]:
     """Scenario 3: admission on the memory store (or Redis) vs a do-nothing RLS server."""
     store = redis_url or "memory"
     label = "Redis" if redis_url else "memory"
+    body = grpc_frame(admission_request("enterprise", "system:serviceaccount:a:b", "llm/tiny"))
     with ctx.services():
-        baseline = noop(ctx, "ratelimit")
-        subject = start_ratelimit(ctx, f"maas-ratelimit ({label})", store)
-        body = grpc_frame(admission_request("enterprise", "system:serviceaccount:a:b", "llm/tiny"))
         return compare(
-            ctx, f"ShouldRateLimit, {label} store", baseline, subject, method_path=RLS_PATH,
-            body=body, throughput_floor=0.6 if redis_url else 0.8,
+            ctx, f"ShouldRateLimit, {label} store", lambda: noop(ctx, "ratelimit"),
+            lambda: start_ratelimit(ctx, f"maas-ratelimit ({label})", store),
+            method_path=RLS_PATH, body=body, throughput_floor=0.6 if redis_url else 0.8,
         )  # fmt: skip
 
 
