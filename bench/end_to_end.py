@@ -210,7 +210,7 @@ class Layer:
     admin_port: int
     servers: list[Service] = field(default_factory=list)
     verify: list[Callable[[int], str | None]] = field(default_factory=list)
-    runs: Runs = field(default_factory=lambda: Runs([], [], []))
+    runs: Runs = field(default_factory=Runs)
     rls_errors: int = 0  # rate limit calls Envoy gave up on (timeouts), read by verify
     cpu_parts: dict[str, list[float]] = field(default_factory=dict)  # µs per request, by process
 

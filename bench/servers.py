@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.auth.v3 import external_auth_pb2
@@ -93,9 +93,9 @@ class Side:
 
 @dataclass
 class Runs:
-    saturation: list[LoadResult]
-    fixed: list[LoadResult]
-    cpu_us: list[float]
+    saturation: list[LoadResult] = field(default_factory=list)
+    fixed: list[LoadResult] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
 
     def rps(self) -> float:
         return median([r.rps for r in self.saturation])
@@ -143,7 +143,7 @@ def compare(
     """The subject against the baseline, each started afresh every round by its `start_*`;
     `before_stop` sees each subject process after its round (e.g. to read its metrics)."""
     sizes = ctx.sizes
-    base, ours = Runs([], [], []), Runs([], [], [])
+    base, ours = Runs(), Runs()
     warm = Load(sizes.warmup_requests)
     saturate = Load(sizes.saturation_requests)
     fixed = Load(round(sizes.fixed_rate * sizes.fixed_seconds), rate=sizes.fixed_rate)
@@ -151,7 +151,7 @@ def compare(
     for index in range(sizes.rounds):
         baseline, subject = start_baseline(), start_subject()
         baseline_name = baseline.name
-        pairs = [(baseline, Runs([], [], [])), (subject, Runs([], [], []))]
+        pairs = [(baseline, Runs()), (subject, Runs())]
         for side, runs in pairs if index % 2 == 0 else pairs[::-1]:
             url = _url(side, method_path)
             warmed_up = run_h2load(url, warm, body=body, headers=GRPC_HEADERS).requests
@@ -321,7 +321,7 @@ def check_workers(ctx: Context) -> list[Figure]:
             start_authz(ctx, f"maas-authz ({n} workers)", config, extra_args=("--workers", str(n)))
             for n in counts
         ]
-        runs = {side.name: Runs([], [], []) for side in sides}
+        runs = {side.name: Runs() for side in sides}
         for side in sides:
             run_h2load(_url(side, CHECK_PATH), Load(ctx.sizes.warmup_requests, clients=8),
                        body=body, headers=GRPC_HEADERS)  # fmt: skip
