@@ -1,5 +1,7 @@
 """The Redis bucket store: the arithmetic of bucket.py in Lua, one script call per operation.
 
+The scripts are lua/admit.lua and lua/charge.lua (loaded by redis_scripts.py).
+
 Each operation is a single EVALSHA (EVAL with the text on NOSCRIPT), so it is atomic on the
 server and costs one round trip. `now_ms` comes from the caller's clock, never from Redis TIME,
 so both stores give the same answers for the same calls.
@@ -43,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from maas_common.errors import BackendUnavailable
-from maas_ratelimit.bucket import DEBT_WINDOWS
+from maas_ratelimit import redis_scripts
 from maas_ratelimit.redis_pipeline import (
     ConnectionClosed,
     Endpoint,
@@ -59,209 +61,6 @@ from maas_ratelimit.store import (
     ChargeStatus,
     Outcome,
 )
-
-# Shared Lua helpers: exact integer arithmetic on doubles, and BucketState load/store.
-_LUA_COMMON = """
-local function fmt(x)
-  return string.format('%.0f', x)
-end
-
--- floor(x / d) for integers |x| < 2^53, d > 0; the double quotient may be off by one
-local function floordiv(x, d)
-  local q = math.floor(x / d)
-  local r = x - q * d
-  if r < 0 then
-    q = q - 1
-  elseif r >= d then
-    q = q + 1
-  end
-  return q
-end
-
-local function ceildiv(x, d)
-  return -floordiv(-x, d)
-end
-
--- floor(r * b / c) for 0 <= r < c, b > 0, when r * b may exceed 2^53: binary long
--- multiplication, keeping the running product as quotient and remainder modulo c
-local function mulfloordiv(r, b, c)
-  if r * b < 9007199254740992 then
-    return floordiv(r * b, c)
-  end
-  local bits = {}
-  while b > 0 do
-    local bit = b % 2
-    bits[#bits + 1] = bit
-    b = (b - bit) / 2
-  end
-  local q, rem = 0, 0
-  for i = #bits, 1, -1 do
-    q, rem = q * 2, rem * 2
-    if rem >= c then
-      q, rem = q + 1, rem - c
-    end
-    if bits[i] == 1 then
-      rem = rem + r
-      if rem >= c then
-        q, rem = q + 1, rem - c
-      end
-    end
-  end
-  return q
-end
-
--- level * new // old (floored, as Python's //), without forming the product
-local function rescale(level, old, new)
-  local tokens = floordiv(level, old)
-  local rest = level - tokens * old
-  return tokens * new + mulfloordiv(rest, new, old)
-end
-
--- the stored BucketState {level, updated, scale}, false for none, or an error reply (a table
--- with `err`) for a key this store did not write
-local function load(key)
-  local state = redis.call('HMGET', key, 'v', 't', 's')
-  if not state[1] then
-    return false
-  end
-  local level, updated, scale = tonumber(state[1]), tonumber(state[2]), tonumber(state[3])
-  if not (level and updated and scale) or scale <= 0 then
-    return redis.error_reply('corrupt bucket state at ' .. key)
-  end
-  return {level, updated, scale}
-end
-
--- bucket.current_level
-local function current_level(state, limit, window, now)
-  local capacity = limit * window
-  if not state then
-    return capacity
-  end
-  local level, updated, scale = state[1], state[2], state[3]
-  if scale ~= window then
-    level = rescale(level, scale, window)
-  end
-  local elapsed = math.max(0, now - updated)
-  return math.min(capacity, level + elapsed * limit)
-end
-
--- bucket.next_updated: a bucket's time only moves forward (replicas' clocks differ)
-local function next_updated(state, now)
-  if not state then
-    return now
-  end
-  return math.max(state[2], now)
-end
-
--- MemoryBucketStore._write: the state at `updated`, expiring when the bucket is full again
-local function write(key, limit, window, level, updated, now)
-  local until_full = math.max(0, ceildiv(limit * window - level, limit))
-  redis.call('HSET', key, 'v', fmt(level), 't', fmt(updated), 's', fmt(window))
-  redis.call('PEXPIRE', key, fmt(math.max(1, until_full + (updated - now))))
-end
-"""
-
-# KEYS: the n bucket keys, then the request id key if there is one.
-# ARGV: now_ms, n, request_id_ttl_ms, then per bucket: limit, window_ms, need, take, shadow (0|1).
-# Returns {admitted (0|1), then per bucket: sufficient (0|1), level after}.
-_ADMIT = (
-    _LUA_COMMON
-    + """
-local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local specs, levels, sufficient, updated = {}, {}, {}, {}
-local admitted = 1
--- Every level is read before anything is written: a key named twice gives up one take, as in
--- the memory store, and a script that fails on a bad key has written nothing.
-for i = 1, n do
-  local base = 3 + (i - 1) * 5
-  local spec = {
-    limit = tonumber(ARGV[base + 1]), window = tonumber(ARGV[base + 2]),
-    need = tonumber(ARGV[base + 3]), take = tonumber(ARGV[base + 4]),
-    shadow = ARGV[base + 5] == '1',
-  }
-  specs[i] = spec
-  local state = load(KEYS[i])
-  if state and state.err then
-    return state
-  end
-  local level = current_level(state, spec.limit, spec.window, now)
-  levels[i] = level
-  updated[i] = next_updated(state, now)
-  sufficient[i] = level >= spec.need
-  if not sufficient[i] and not spec.shadow then
-    admitted = 0
-  end
-end
-local reply = {admitted}
-for i = 1, n do
-  local spec, level = specs[i], levels[i]
-  if admitted == 1 and sufficient[i] then
-    level = level - spec.take
-  end
-  write(KEYS[i], spec.limit, spec.window, level, updated[i], now)
-  reply[#reply + 1] = sufficient[i] and 1 or 0
-  reply[#reply + 1] = level
-end
-if admitted == 0 and #KEYS > n then
-  redis.call('SET', KEYS[n + 1], 'denied', 'PX', ttl)
-end
-return reply
-"""
-)
-
-# KEYS: the n bucket keys, then the request id key if there is one.
-# ARGV: now_ms, n, request_id_ttl_ms, then per bucket: limit, window_ms, amount (negative: a
-# refund, clamped at the capacity).
-# Returns {status: 0 applied | 1 duplicate | 2 denied_request, then the n levels if applied}.
-_CHARGE = (
-    _LUA_COMMON
-    + """
-local now, n, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local rid = KEYS[n + 1]
-if rid then
-  local mark = redis.call('GET', rid)
-  if mark == 'denied' then
-    return {2}
-  elseif mark == 'charged' then
-    return {1}
-  end
-end
--- One charge after the other, as the memory store (a key named twice is charged twice), but
--- computed before anything is written: a script that fails half-way is not rolled back.
-local states, levels, updated = {}, {}, {}
-for i = 1, n do
-  local base = 3 + (i - 1) * 3
-  local limit, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local key = KEYS[i]
-  local state = states[key]
-  if state == nil then
-    state = load(key)
-    if state and state.err then
-      return state
-    end
-  end
-  local floor = -__DEBT_WINDOWS__ * limit * window  -- bucket.BucketSpec.floor
-  local level = current_level(state, limit, window, now) - tonumber(ARGV[base + 3])
-  -- a negative amount is a refund: never above the capacity, never below the floor
-  level = math.min(limit * window, math.max(floor, level))
-  updated[i] = next_updated(state, now)
-  states[key] = {level, updated[i], window}
-  levels[i] = level
-end
-if rid then
-  redis.call('SET', rid, 'charged', 'PX', ttl)
-end
-local reply = {0}
-for i = 1, n do
-  local base = 3 + (i - 1) * 3
-  write(KEYS[i], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), levels[i], updated[i], now)
-  reply[#reply + 1] = levels[i]
-end
-return reply
-"""
-)
-
-_CHARGE = _CHARGE.replace("__DEBT_WINDOWS__", str(DEBT_WINDOWS))
 
 _CHARGE_STATUS = {
     0: ChargeStatus.APPLIED,
@@ -301,8 +100,8 @@ class RedisBucketStore:
         self._prefix = key_prefix
         self._request_id_ttl_ms = request_id_ttl_ms
         self._timeout = timeout
-        self._admit_script = client.register_script(_ADMIT)
-        self._charge_script = client.register_script(_CHARGE)
+        self._admit_script = client.register_script(redis_scripts.ADMIT)
+        self._charge_script = client.register_script(redis_scripts.CHARGE)
         endpoint = _endpoint_of(client, timeout) if pipelined else None
         self._pipeline = PipelinedConnection(endpoint) if endpoint is not None else None
 
@@ -436,7 +235,7 @@ class RedisBucketStore:
                     raise
             # not cached on this server yet (or any more): EVAL caches it for next time
             text = script.script
-            assert isinstance(text, str)  # registered from this module's strings
+            assert isinstance(text, str)  # registered from redis_scripts' strings
             return await pipeline.call(pack("EVAL", text, len(keys), *keys, *args), deadline)
         except TimeoutError as exc:  # before OSError, of which it is a subclass
             raise BackendUnavailable(

@@ -1,27 +1,16 @@
-"""Several worker processes serving one gRPC port, under a supervisor.
-
-Python's gRPC server spends a whole core in one process; with SO_REUSEPORT several processes bind
-the same port and the kernel spreads incoming connections across them. The process an operator
-starts becomes the supervisor (:class:`Supervisor`):
+"""The supervisor: the process an operator starts when `workers` is more than 1.
 
 - it checks the gRPC port is free (so two deployments still cannot share a port by accident),
-  then starts `workers` copies of a command (`python -m <server>`), which find out they are
-  workers from the environment (:func:`current_worker`) and read what to serve from a payload
-  file the supervisor wrote (for maas-authz: the validated configuration);
-- each worker builds the whole server and binds the port with SO_REUSEPORT; its own HTTP side
-  (/readyz, /metrics) and admin listener are on 127.0.0.1 ephemeral ports, reported back in a file
-  once it serves (:func:`run_worker_main`);
-- the supervisor serves the public HTTP side: /healthz, /readyz (ready when every worker is alive
-  and ready, polled on the workers' own /readyz), /metrics (every worker's metrics summed by
+  then starts `workers` copies of a command (`python -m <server>`), each a fresh interpreter that
+  runs :func:`~maas_common.workers.worker.run_worker_main` with the payload it was handed;
+- it serves the public HTTP side: /healthz, /readyz (ready when every worker is alive and ready,
+  polled on the workers' own /readyz), /metrics (every worker's metrics summed by
   prometheus_client's multiprocess mode, plus the supervisor's own); on the admin address it fans
   POSTs out to every worker's admin listener and sums the counts they answer;
 - a worker that dies is restarted with backoff and counted; one that stops at start-up with a
   configuration error (exit status 2) stops everything with that error instead;
 - SIGTERM/SIGINT: the supervisor passes SIGTERM on, the workers drain as a single server does,
   and after drain_timeout (plus a margin) what is left is killed.
-
-A worker polls its parent pid and drains when the supervisor is gone (killed with SIGKILL), so it
-never keeps serving on its own.
 """
 
 from __future__ import annotations
@@ -35,12 +24,10 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -52,161 +39,23 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from maas_common import event_loop
 from maas_common.config import parse_address
 from maas_common.errors import ConfigError
-from maas_common.logs import setup_logging
-from maas_common.server import Readiness, ServerRuntime, probe_routes, serve_http
-from maas_common.settings import ServerSection
+from maas_common.server import Readiness, probe_routes, serve_http
+from maas_common.workers.handoff import (
+    MULTIPROC_ENV,
+    PAYLOAD_FILE,
+    SUPERVISOR_PID_ENV,
+    WORKER_DIR_ENV,
+    WORKER_INDEX_ENV,
+    error_path,
+    read_json,
+    report_path,
+)
 
-C = TypeVar("C")
 log = logging.getLogger(__name__)
 
-WORKER_INDEX_ENV = "MAAS_WORKER_INDEX"
-WORKER_DIR_ENV = "MAAS_WORKER_DIR"
-SUPERVISOR_PID_ENV = "MAAS_WORKER_SUPERVISOR_PID"
-# read by prometheus_client when it is imported: workers get it from their first instruction on
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-PAYLOAD_FILE = "payload"
-ORPHAN_CHECK_INTERVAL = 1.0  # seconds between a worker's checks that its supervisor lives
 STABLE_AFTER = 30.0  # seconds a worker must have run for its restart backoff to start over
-
-
-# --- the worker side -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerEnvironment:
-    """What a worker process learns from its environment: who it is and where to report."""
-
-    index: int
-    run_dir: Path
-    supervisor_pid: int
-
-    def payload(self) -> str:
-        return (self.run_dir / PAYLOAD_FILE).read_text(encoding="utf-8")
-
-    def report_serving(self, http_port: int, admin_port: int) -> None:
-        _write_json(
-            report_path(self.run_dir, self.index),
-            {"pid": os.getpid(), "http_port": http_port, "admin_port": admin_port},
-        )
-
-    def report_config_error(self, error: ConfigError) -> bool:
-        """Leave the error for the supervisor, which exits with it; False if that failed."""
-        try:
-            _write_json(
-                error_path(self.run_dir, self.index),
-                {"source": error.source, "key": error.key, "problem": error.problem},
-            )
-        except OSError:
-            return False
-        return True
-
-
-def current_worker(environ: Mapping[str, str] | None = None) -> WorkerEnvironment | None:
-    """This process's worker environment, or None when it was not started by a supervisor."""
-    env = os.environ if environ is None else environ
-    index = env.get(WORKER_INDEX_ENV)
-    if index is None:
-        return None
-    return WorkerEnvironment(int(index), Path(env[WORKER_DIR_ENV]), int(env[SUPERVISOR_PID_ENV]))
-
-
-def report_path(run_dir: Path, index: int) -> Path:
-    return run_dir / f"worker-{index}.json"
-
-
-def error_path(run_dir: Path, index: int) -> Path:
-    return run_dir / f"worker-{index}.error.json"
-
-
-def _write_json(path: Path, data: object) -> None:
-    # write then rename: the supervisor never reads half a file
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data), encoding="utf-8")
-    partial.replace(path)
-
-
-def run_worker_main(
-    *,
-    prog: str,
-    worker: WorkerEnvironment,
-    load: Callable[[str], tuple[C, Path]],
-    server_section: Callable[[C], ServerSection],
-    build: Callable[[C, Path], Awaitable[ServerRuntime]],
-) -> int:
-    """The `main()` of a worker: `load` turns the payload into (config, base_dir), `build` makes
-    the server; it serves with SO_REUSEPORT until SIGTERM/SIGINT or until the supervisor is gone.
-
-    Exit status as for a single server: 0 after a clean stop, 2 for a configuration problem (left
-    for the supervisor to report), 1 for anything unexpected.
-    """
-    try:
-        config, base_dir = load(worker.payload())
-        server = server_section(config)
-        setup_logging(server.log_level, server.log_format)
-        _tag_log_records(worker.index)
-        event_loop.run(_serve_worker(worker, build, config, base_dir), server.event_loop)
-    except ConfigError as exc:
-        if not worker.report_config_error(exc):
-            print(f"{prog}: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    except Exception:
-        log.exception("%s worker %d stopped by an unexpected error", prog, worker.index)
-        return 1
-    return 0
-
-
-def _tag_log_records(index: int) -> None:
-    """Every log line of a worker says which worker wrote it (`worker=N`)."""
-
-    def tag(record: logging.LogRecord) -> bool:
-        record.worker = index
-        return True
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(tag)
-
-
-async def _serve_worker(
-    worker: WorkerEnvironment,
-    build: Callable[[C, Path], Awaitable[ServerRuntime]],
-    config: C,
-    base_dir: Path,
-) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.supervisor_pid, stop))
-    try:
-        runtime = await build(config, base_dir)
-        runtime.reuse_port = True
-        if stop.is_set():  # told to stop while building: release what was opened, serve nothing
-            await runtime.stop()
-            return
-        await runtime.start()
-        try:
-            worker.report_serving(runtime.http_port, runtime.admin_port)
-            await stop.wait()
-            log.info("%s worker %d stopping", runtime.name, worker.index)
-        finally:
-            await runtime.stop()
-    finally:
-        orphan_watch.cancel()
-
-
-async def _stop_when_orphaned(supervisor_pid: int, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        if os.getppid() != supervisor_pid:
-            log.warning("the supervisor (pid %d) is gone; stopping", supervisor_pid)
-            stop.set()
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_INTERVAL)
 
 
 # --- pure parts of the supervisor ----------------------------------------------------------------
@@ -558,7 +407,7 @@ class Supervisor:
             return
         if not state.http_port:
             assert self.run_dir is not None
-            report = _read_report(report_path(self.run_dir, state.index))
+            report = read_json(report_path(self.run_dir, state.index))
             if report is None or report.get("pid") != pid:
                 state.ready, state.detail = False, "starting"
                 return
@@ -636,14 +485,6 @@ async def _post_admin(
     if not isinstance(answer, dict):
         raise RuntimeError("answered something other than a JSON object")
     return answer
-
-
-def _read_report(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _signal(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
