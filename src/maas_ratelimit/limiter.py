@@ -11,8 +11,12 @@ For each descriptor the limits of its tier (and model) apply:
   limit per call), never refused, possibly into debt; negative is a refund. An `outcome` other
   than "charged" that carries a reservation refunds all of it (the answer used nothing we know
   of). Shadow limits reserve nothing (they never refuse; their buckets are charged the usage).
-All limits of all descriptors of one call are decided together and atomically (one store
-operation): if any enforced limit is short, nothing is taken anywhere.
+All limits of all admission descriptors of one call are decided together and atomically (one
+store operation): if any enforced limit is short, nothing is taken anywhere.
+
+Two paths, kept apart as Limitador keeps Check and Report: admission (`_Admission`, then
+`RateLimiter._admit`, one store admit) and settlement after the response (`_Settlement`, then
+`RateLimiter._settle`, one store charge). `decide` only sorts a call's descriptors onto them.
 """
 
 from __future__ import annotations
@@ -140,12 +144,25 @@ class _Request:
 
 
 class _Settlement:
-    """The after-response part of a call: per bucket, usage less the reservation (once)."""
+    """The after-response path of a call (Limitador's Report beside its Check): the usage the
+    model reported, less the reservation it was admitted with, once per bucket; never refused."""
 
     def __init__(self) -> None:
         self.shares: dict[tuple[str, str], _Share] = {}  # (limit, counter key) -> share
         self.requests: dict[tuple[str, str, str], _Request] = {}  # (tier, user, model)
         self.reported: list[tuple[str, str, str, int]] = []  # (tier, model, kind, tokens)
+        self.outcomes: list[tuple[str, str]] = []  # (tier, outcome) of the usage reader
+
+    def outcome_descriptor(
+        self, applicable: _Applicable, descriptor: Descriptor, outcome: str, request_id: str | None
+    ) -> None:
+        """The usage reader's report on an answer: counted; one charged nothing gets its whole
+        reservation back. Only with a request id: the store then refunds it once, and never for
+        a request it refused at admission (which reserved nothing)."""
+        assert descriptor.tier is not None
+        self.outcomes.append((descriptor.tier, outcome))
+        if outcome != "charged" and descriptor.reservation and request_id:
+            self.add(applicable.enforced_tokens, descriptor, "total_tokens", 0)
 
     def charge_descriptor(self, limits: Sequence[Limit], descriptor: Descriptor) -> str | None:
         """A charge descriptor under the limits of its tier: None, or why it was ignored."""
@@ -238,6 +255,31 @@ class _Applicable:
             admissions.append(Admission(key, spec, need, take, limit.shadow))
 
 
+class _Admission:
+    """The admission path of a call: what each descriptor asks of its limits' buckets, all
+    taken together or not at all."""
+
+    __slots__ = ("admissions", "reserving", "spans")
+
+    def __init__(self) -> None:
+        self.admissions: list[Admission] = []
+        # per descriptor, the limits its admissions are for, in order (none: not an admission)
+        self.spans: list[Sequence[Limit]] = []
+        self.reserving: list[tuple[str, str, int]] = []  # reservations taken if admitted
+
+    def skip(self) -> None:
+        """A descriptor that asks nothing of a bucket on admission."""
+        self.spans.append(())
+
+    def add(self, applicable: _Applicable, descriptor: Descriptor, tier: str, user: str) -> None:
+        model = descriptor.model
+        reservation = descriptor.reservation
+        if reservation is not None and not descriptor.check_only and applicable.enforced_tokens:
+            self.reserving.append((tier, model or "", reservation[0] + reservation[1]))
+        applicable.plan(self.admissions, descriptor, user, model, reservation)
+        self.spans.append(applicable.limits)
+
+
 class RateLimiter:
     def __init__(
         self, *, limits: Callable[[], LimitTable], store: BucketStore, clock: Clock
@@ -262,74 +304,77 @@ class RateLimiter:
         return applicable
 
     async def decide(self, domain: str, descriptors: Sequence[Descriptor]) -> Verdict:
+        """One ShouldRateLimit call: its admission descriptors are admitted together, its
+        after-response ones (charge, outcome) settled together; Envoy sends one kind per call."""
         table = self._limits()
         if domain != table.domain:
             raise UnknownDomain(f"unknown domain {domain!r}; this server serves {table.domain!r}")
         # wall time, not monotonic: replicas on other hosts share the buckets in Redis
         now_ms = round(self._clock.wall() * 1000)
-        ignored: list[str] = []
-
-        # plan: which buckets each descriptor touches
-        admissions: list[Admission] = []
-        # per descriptor, the limits its admissions are for, in order (none: not an admission)
-        spans: list[Sequence[Limit]] = []
-        reserving: list[tuple[str, str, int]] = []  # reservations taken if admitted
-        settlement: _Settlement | None = None  # only calls after a response settle anything
-        usage_outcomes: list[tuple[str, str]] = []
         request_id = _request_id(descriptors)
+        ignored: list[str] = []
+        admission = _Admission()
+        settlement: _Settlement | None = None  # only calls after a response settle anything
         for descriptor in descriptors:
-            spans.append(())
             tier, user = descriptor.tier, descriptor.user
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
+                admission.skip()
                 continue
-            model = descriptor.model
-            applicable = self._limits_for(table, tier, model)
+            applicable = self._limits_for(table, tier, descriptor.model)
             outcome = descriptor.outcome
-            if outcome is not None:
-                usage_outcomes.append((tier, outcome))
-                # Nothing is charged for this answer: its reservation comes back whole. Only
-                # with a request id: the store then refunds it once, and never for a request it
-                # refused at admission (which reserved nothing).
-                if outcome != "charged" and descriptor.reservation and request_id:
-                    settlement = settlement or _Settlement()
-                    settlement.add(applicable.enforced_tokens, descriptor, "total_tokens", 0)
+            if outcome is None and descriptor.charge_kind is None:
+                admission.add(applicable, descriptor, tier, user)
                 continue
-            if descriptor.charge_kind is not None:
-                settlement = settlement or _Settlement()
+            admission.skip()
+            settlement = settlement or _Settlement()
+            if outcome is not None:
+                settlement.outcome_descriptor(applicable, descriptor, outcome, request_id)
+            else:
                 unusable = settlement.charge_descriptor(applicable.limits, descriptor)
                 if unusable:
                     ignored.append(unusable)
-                continue
-            # admission
-            reservation = descriptor.reservation
-            if reservation is not None and not descriptor.check_only and applicable.enforced_tokens:
-                reserving.append((tier, model or "", reservation[0] + reservation[1]))
-            applicable.plan(admissions, descriptor, user, model, reservation)
-            spans[-1] = applicable.limits
 
-        outcomes: Sequence[Outcome] = ()
-        admitted = True
-        if admissions:
-            result = await self._store.admit(admissions, now_ms, request_id)
-            admitted, outcomes = result.admitted, result.outcomes
-        reports: tuple[ChargeReport, ...] = ()
-        refunded: tuple[tuple[str, str, int], ...] = ()
-        if settlement is not None and settlement.shares:
-            status = (await self._store.charge(settlement.charges(), now_ms, request_id)).status
-            reports = settlement.reports(status)
-            if status is ChargeStatus.APPLIED:
-                refunded = settlement.refunds()
-
+        admitted, verdicts = await self._admit(admission, now_ms, request_id)
+        if settlement is None:
+            return Verdict(
+                not admitted,
+                verdicts,
+                ignored=tuple(ignored),
+                reserved=tuple(admission.reserving) if admitted else (),
+            )
+        reports, refunded = await self._settle(settlement, now_ms, request_id)
         return Verdict(
             not admitted,
-            _verdicts(spans, admissions, outcomes),
+            verdicts,
             reports,
             tuple(ignored),
-            tuple(usage_outcomes),
-            tuple(reserving) if admitted else (),
+            tuple(settlement.outcomes),
+            tuple(admission.reserving) if admitted else (),
             refunded,
         )
+
+    async def _admit(
+        self, admission: _Admission, now_ms: int, request_id: str | None
+    ) -> tuple[bool, tuple[DescriptorVerdict, ...]]:
+        """Takes every admission or none: (admitted, a verdict per descriptor)."""
+        outcomes: Sequence[Outcome] = ()
+        admitted = True
+        if admission.admissions:
+            result = await self._store.admit(admission.admissions, now_ms, request_id)
+            admitted, outcomes = result.admitted, result.outcomes
+        return admitted, _verdicts(admission.spans, admission.admissions, outcomes)
+
+    async def _settle(
+        self, settlement: _Settlement, now_ms: int, request_id: str | None
+    ) -> tuple[tuple[ChargeReport, ...], tuple[tuple[str, str, int], ...]]:
+        """Applies the charges and refunds (once per request id): (what was reported and how the
+        store took it, the refunds applied)."""
+        if not settlement.shares:
+            return (), ()
+        status = (await self._store.charge(settlement.charges(), now_ms, request_id)).status
+        refunded = settlement.refunds() if status is ChargeStatus.APPLIED else ()
+        return settlement.reports(status), refunded
 
 
 def _verdicts(
