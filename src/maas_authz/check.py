@@ -18,6 +18,7 @@ from maas_authz.model_path import BadPath, ModelRef, OpenPath, PathRouting
 from maas_authz.tiers import Tier, TierMapping
 from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
+from maas_common.logs import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CheckPipeline:
         self._tiers = tiers  # a callable, so a reloaded mapping applies to the next request
         self._access = access
         self._limits = limits or CheckLimits()
-        self._unavailable_log = _Throttle(clock or SystemClock(), seconds=5.0)
+        self._unavailable_log = LogThrottle(clock or SystemClock(), seconds=5.0)
         # path (without its query) -> what the routing made of it; the routing never changes,
         # and the same few paths come again and again
         self._routes: dict[str, ModelRef | OpenPath | BadPath] = {}
@@ -137,21 +138,3 @@ class CheckPipeline:
 
 def _who(identity: Identity, tier: Tier) -> str:
     return f"user {identity.userid!r} (tier {tier.name!r})"
-
-
-class _Throttle:
-    """Lets one event through per interval and counts the ones it held back (log flood guard)."""
-
-    def __init__(self, clock: Clock, seconds: float) -> None:
-        self._clock = clock
-        self._seconds = seconds
-        self._next = 0.0
-        self._held = 0
-
-    def allow(self) -> int | None:
-        now = self._clock.monotonic()
-        if now < self._next:
-            self._held += 1
-            return None
-        held, self._held, self._next = self._held, 0, now + self._seconds
-        return held

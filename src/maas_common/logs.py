@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any, Literal
 
+from maas_common.clock import Clock
+
 LogFormat = Literal["json", "text"]
 
 # Anything that looks like a bearer credential or a JWT. Code never logs tokens on purpose (it logs
@@ -89,3 +91,23 @@ def setup_logging(level: str = "info", fmt: LogFormat = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would print every probe; grpc's own logs are noise at info.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class LogThrottle:
+    """One log line per interval for an event that may repeat per request (a backend down), on
+    an injected clock: `allow()` says whether to log now, with how many it held back since."""
+
+    def __init__(self, clock: Clock, seconds: float = 5.0) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._next = 0.0
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None: stay quiet (counted). Else log now, saying this many were held back."""
+        now = self._clock.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self._seconds
+        return held

@@ -118,7 +118,9 @@ def build_app(
     else:
         bucket_store = InstrumentedStore(raw_store, metrics)
     limiter = RateLimiter(limits=limits, store=bucket_store, clock=clock)
-    servicer = service.RateLimitService(limiter, metrics, failure_mode=config.store.failure_mode)
+    servicer = service.RateLimitService(
+        limiter, metrics, failure_mode=config.store.failure_mode, clock=clock
+    )
     runtime = ServerRuntime(
         name="maas-ratelimit",
         grpc_addr=config.server.grpc_addr,

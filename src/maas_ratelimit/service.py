@@ -15,7 +15,9 @@ from typing import Literal
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
+from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
+from maas_common.logs import LogThrottle
 from maas_common.server import register_serialized_unary
 from maas_ratelimit import responses
 from maas_ratelimit.descriptors import CHARGE, Descriptor, effective_hits
@@ -43,12 +45,17 @@ def to_descriptors(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, limiter: RateLimiter, metrics: RateLimitMetrics, *, failure_mode: FailureMode
+        self,
+        limiter: RateLimiter,
+        metrics: RateLimitMetrics,
+        *,
+        failure_mode: FailureMode,
+        clock: Clock | None = None,
     ) -> None:
         self._limiter = limiter
         self._metrics = metrics
         self._failure_mode = failure_mode
-        self._last_failure_log = 0.0
+        self._failure_log = LogThrottle(clock or SystemClock(), seconds=5.0)
         self._call_seconds = metrics.call_seconds.child()
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -98,10 +105,14 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         request: rls_pb2.RateLimitRequest,
         context: grpc.aio.ServicerContext,
     ) -> bytes:
-        now = time.monotonic()
-        if now - self._last_failure_log > 5.0:  # one line per 5 s, not one per request
-            self._last_failure_log = now
-            log.warning("rate limit store failed, failing %s: %s", self._failure_mode, exc)
+        suppressed = self._failure_log.allow()  # one line per 5 s, not one per request
+        if suppressed is not None:
+            log.warning(
+                "rate limit store failed, failing %s: %s",
+                self._failure_mode,
+                exc,
+                extra={"backend": exc.backend, "kind": exc.kind, "suppressed": suppressed},
+            )
         if any(CHARGE in (e.key for e in d.entries) for d in request.descriptors):
             self._metrics.skipped.inc("store_unavailable")
         if self._failure_mode == "open":

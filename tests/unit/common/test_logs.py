@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from maas_common.logs import scrub, setup_logging, token_fingerprint
+from maas_common.clock import ManualClock
+from maas_common.logs import LogThrottle, scrub, setup_logging, token_fingerprint
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
 BEARER = "Bearer s3cr3t-opaque-token"
@@ -198,3 +199,15 @@ def test_a_malformed_log_call_does_not_raise_into_the_caller(
     err = capsys.readouterr().err
     assert "--- Logging error ---" in err  # reported the standard way by Handler.handleError
     assert '"msg": "still logging"' in err
+
+
+def test_log_throttle_lets_one_event_through_per_interval_and_counts_the_rest() -> None:
+    clock = ManualClock()
+    throttle = LogThrottle(clock, seconds=5.0)
+    assert throttle.allow() == 0
+    assert [throttle.allow() for _ in range(3)] == [None, None, None]
+    clock.advance(4.999)
+    assert throttle.allow() is None
+    clock.advance(0.001)
+    assert throttle.allow() == 4  # the four held back since the last line
+    assert throttle.allow() is None

@@ -116,7 +116,9 @@ class Rig:
             self.store = InstrumentedStore(self.store, self.metrics)
         table = parse_limits(limits, "limits.yaml")
         limiter = RateLimiter(limits=lambda: table, store=self.store, clock=self.clock)
-        self.service = RateLimitService(limiter, self.metrics, failure_mode=failure_mode)
+        self.service = RateLimitService(
+            limiter, self.metrics, failure_mode=failure_mode, clock=self.clock
+        )
         self.context = FakeContext()
 
     async def call(self, req: RateLimitRequest) -> RateLimitResponse:
@@ -453,6 +455,24 @@ async def test_store_unavailable_failing_open_allows_every_descriptor() -> None:
     assert rig.calls("failure_open") == 1
     assert rig.calls("ok") == 0
     assert rig.sample("maas_ratelimit_charges_skipped_total", reason="store_unavailable") == 0
+
+
+@pytest.mark.asyncio
+async def test_store_failures_log_one_line_per_five_seconds_of_the_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(FailingStore(UNAVAILABLE), "open")
+    with caplog.at_level(logging.WARNING, logger="maas_ratelimit.service"):
+        for _ in range(3):
+            await rig.call(request(user_descriptor()))
+        rig.clock.advance(5.0)
+        await rig.call(request(user_descriptor()))
+    lines = [r for r in caplog.records if r.name == "maas_ratelimit.service"]
+    assert [r.getMessage() for r in lines] == [
+        "rate limit store failed, failing open: redis unavailable (timeout): no answer in 50ms"
+    ] * 2
+    assert [getattr(r, "suppressed", None) for r in lines] == [0, 2]
+    assert rig.calls("failure_open") == 4
 
 
 @pytest.mark.asyncio
