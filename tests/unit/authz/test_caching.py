@@ -16,48 +16,12 @@ from maas_authz.model_path import ModelRef
 from maas_common.cache import CacheEvent
 from maas_common.clock import ManualClock
 from maas_common.errors import BackendUnavailable
+from tests.support.fakes import FakeAccessReviewer, FakeTokenReviewer
 
 ALICE = Identity("system:serviceaccount:maas-default-gateway-tier-free:alice", "uid-a", ("g1",))
 BOB = Identity("bob", "uid-b", ("g2",))
 TINY = ModelRef("llm", "tiny")
 OTHER = ModelRef("llm", "other")
-
-
-class FakeTokenReviewer:
-    """Tokens -> identities from a dict; counts calls; can be held open or made to fail."""
-
-    def __init__(self, identities: dict[str, Identity]) -> None:
-        self.identities = identities
-        self.calls = 0
-        self.calls_by_token: Counter[str] = Counter()
-        self.started = asyncio.Event()
-        self.gate: asyncio.Event | None = None
-        self.error: Exception | None = None
-
-    async def review(self, token: str) -> Identity | None:
-        self.calls += 1
-        self.calls_by_token[token] += 1
-        self.started.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.error is not None:
-            raise self.error
-        return self.identities.get(token)
-
-
-class FakeAccessReviewer:
-    """Allows the (username, model) pairs it is given; counts calls; can be made to fail."""
-
-    def __init__(self, grants: set[tuple[str, ModelRef]]) -> None:
-        self.grants = grants
-        self.calls = 0
-        self.error: Exception | None = None
-
-    async def allowed(self, identity: Identity, model: ModelRef) -> bool:
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        return (identity.username, model) in self.grants
 
 
 def b64url(data: bytes) -> str:

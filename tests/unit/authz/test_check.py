@@ -12,6 +12,7 @@ from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef, OpenPath, PathRouting, PathTemplate
 from maas_authz.tiers import DEFAULT_TIERS, TierMapping, parse_tier_document
 from maas_common.errors import BackendUnavailable
+from tests.support.fakes import FakeAccessReviewer, FakeTokenReviewer
 
 CHAT = "/llm/tiny/v1/chat/completions"
 TINY = ModelRef("llm", "tiny")
@@ -28,32 +29,6 @@ ALICE = Identity(
 )
 NOTIER = Identity("carol", "uid-c", ("some-group",))
 DEFAULT_MAPPING = parse_tier_document(DEFAULT_TIERS, "built-in tiers", "maas-default-gateway")
-
-
-class FakeTokenReviewer:
-    def __init__(self, identities: dict[str, Identity]) -> None:
-        self.identities = identities
-        self.calls = 0
-        self.error: Exception | None = None
-
-    async def review(self, token: str) -> Identity | None:
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        return self.identities.get(token)
-
-
-class FakeAccessReviewer:
-    def __init__(self, grants: set[tuple[str, ModelRef]]) -> None:
-        self.grants = grants
-        self.calls = 0
-        self.error: Exception | None = None
-
-    async def allowed(self, identity: Identity, model: ModelRef) -> bool:
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        return (identity.username, model) in self.grants
 
 
 class Setup:

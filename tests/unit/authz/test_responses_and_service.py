@@ -22,6 +22,7 @@ from maas_authz.model_path import ModelRef, OpenPath, PathRouting, PathTemplate
 from maas_authz.service import AuthorizationService
 from maas_authz.tiers import DEFAULT_TIERS, Tier, parse_tier_document
 from maas_common.errors import BackendUnavailable
+from tests.support.fakes import FakeAccessReviewer, FakeTokenReviewer
 
 OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -225,35 +226,11 @@ def test_error_body_escapes_the_message_as_json() -> None:
 # --- the gRPC adapter ---------------------------------------------------------------------------
 
 
-class FakeTokenReviewer:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.error: Exception | None = None
-
-    async def review(self, token: str) -> Identity | None:
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        return ALICE if token == TOKEN else None
-
-
-class FakeAccessReviewer:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.error: Exception | None = None
-
-    async def allowed(self, identity: Identity, model: ModelRef) -> bool:
-        self.calls += 1
-        if self.error is not None:
-            raise self.error
-        return model == TINY
-
-
 class Service:
     def __init__(self, *, forward_authorization: bool = False) -> None:
         self.registry = CollectorRegistry()
-        self.identities = FakeTokenReviewer()
-        self.access = FakeAccessReviewer()
+        self.identities = FakeTokenReviewer({TOKEN: ALICE})
+        self.access = FakeAccessReviewer({(ALICE.username, TINY)})
         pipeline = CheckPipeline(
             routing=PathRouting(PathTemplate("/{namespace}/{model}"), (OpenPath("/v1/models"),)),
             identities=self.identities,
