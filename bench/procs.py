@@ -1,26 +1,30 @@
-"""Processes under measurement: start, wait until they serve, read their CPU time and memory."""
+"""Processes under measurement: started and stopped by maas_demo.processes (as the demo and the
+tests start theirs), and read here for CPU time and memory."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from maas_demo.processes import (
+    free_port,
+    http_ok,
+    log_tail,
+    spawn_logged,
+    stop_process_group,
+    wait_until_ready,
+)
+
+__all__ = ["Service", "cpu_seconds", "free_port", "http_get", "process_tree", "rss_bytes"]
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _parents() -> dict[int, list[int]]:
@@ -94,31 +98,36 @@ class Service:
         assert self.process is not None
         return self.process.pid
 
+    def launch(self) -> Service:
+        """Starts the process without waiting for it to serve (the caller knows how to tell)."""
+        self.process = spawn_logged(
+            self.argv, self.log, env={**os.environ, **(self.env or {})}, banner=self.name
+        )
+        return self
+
     def start(self, timeout: float = 60.0) -> Service:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(self.env or {})},
-                start_new_session=True,
+        self.launch()
+        assert self.process is not None
+        try:
+            wait_until_ready(
+                self.process,
+                self._serving,
+                name=self.name,
+                log_file=self.log,
+                timeout=timeout,
+                interval=0.05,
+                not_ready=lambda: f"not serving after {timeout}s",
+                exited_note=" at start-up",
+                log_lines=30,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start-up:\n{self.tail()}")
-            if self._serving():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} not serving after {timeout}s:\n{self.tail()}")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def _serving(self) -> bool:
         if self.ready_url is not None:
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                http_get(self.ready_url, timeout=1)
-                return True
-            return False
+            return http_ok(self.ready_url)
         assert self.port is not None
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
             return True
@@ -131,19 +140,12 @@ class Service:
         return rss_bytes(self.pid)
 
     def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        return log_tail(self.log, lines)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """SIGTERM (the server drains), then SIGKILL for its whole process group."""
+        if self.process is not None:
+            stop_process_group(self.process, grace=timeout)
 
     def __enter__(self) -> Service:
         return self.start()

@@ -6,31 +6,22 @@ Used by `make demo` (in the foreground, logs echoed with a prefix) and by the en
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from maas_demo import processes
 from maas_demo.envoy import USAGE_LUA, find_envoy, render_gateway
+from maas_demo.processes import free_port, log_tail
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 DEMO_AUTHZ_CONFIG = CONFIG_DIR / "authz.yaml"
 DEMO_RATELIMIT_CONFIG = CONFIG_DIR / "ratelimit.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -112,10 +103,7 @@ class Child:
         return self.process.returncode
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
 
 def gateway_config(ports: Ports) -> str:
@@ -135,20 +123,18 @@ def gateway_config(ports: Ports) -> str:
 
 def wait_until_ready(child: Child, url: str, timeout: float) -> None:
     """Poll `url` until it answers 200; fail early, with the log tail, if the child exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise StackError(
-                f"{child.name} exited during start-up; last log lines:\n{child.log_tail()}"
-            )
-        with (
-            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
-            urllib.request.urlopen(url, timeout=1) as response,  # noqa: S310 - loopback
-        ):
-            if response.status == 200:
-                return
-        time.sleep(0.05)
-    raise StackError(f"{child.name} not ready after {timeout}s; log:\n{child.log_tail()}")
+    assert child.process is not None
+    processes.wait_until_ready(
+        child.process,
+        lambda: processes.http_ok(url),
+        name=child.name,
+        log_file=child.log_path,
+        timeout=timeout,
+        interval=0.05,
+        not_ready=lambda: f"not ready after {timeout}s",
+        log_lines=30,
+        error=StackError,
+    )
 
 
 class LocalStack:

@@ -28,7 +28,7 @@ import subprocess
 import urllib.error
 import urllib.request
 
-from tests.support.processes import (
+from maas_demo.processes import (
     LiveSet,
     free_port,
     spawn_logged,

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 
-from tests.support.processes import (
+from maas_demo.processes import (
     LiveSet,
     free_port,
     spawn_logged,

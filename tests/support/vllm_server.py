@@ -23,7 +23,7 @@ import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 
-from tests.support import processes
+from maas_demo import processes
 
 __all__ = [
     "VllmServer",

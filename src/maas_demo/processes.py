@@ -1,11 +1,11 @@
-"""Process plumbing shared by the throwaway servers in :mod:`tests.support`.
+"""Child processes, one helper for the demo stack, the benchmarks and the tests' servers.
 
-The servers (kube-apiserver and etcd, redis-server, vLLM) each run in their own process group
-(``start_new_session=True``) with their output appended to a log file. This module starts them
-that way (:func:`spawn_logged`), picks loopback ports (:func:`free_port`), waits for them to
-be ready (:func:`wait_until_ready`) quoting the end of the log when they are not
-(:func:`log_tail`), stops a whole process group (:func:`stop_process_group`), and stops whatever
-is still running at interpreter exit (:class:`LiveSet`).
+Every child (our servers, Envoy, kube-apiserver and etcd, redis-server, vLLM) runs in its own
+process group (``start_new_session=True``) with its output appended to a log file. This module
+starts them that way (:func:`spawn_logged`), picks loopback ports (:func:`free_port`), waits for
+them to be ready (:func:`wait_until_ready`, :func:`http_ok`) quoting the end of the log when they
+are not (:func:`log_tail`), stops a whole process group (:func:`stop_process_group`), and stops
+whatever is still running at interpreter exit (:class:`LiveSet`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 __all__ = [
     "LiveSet",
     "free_port",
+    "http_ok",
     "log_tail",
     "spawn_logged",
     "stop_process_group",
@@ -47,6 +50,16 @@ def free_port() -> int:
         return port
 
 
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether a GET of `url` (on loopback) answers 200 now."""
+    with (
+        contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError),
+        urllib.request.urlopen(url, timeout=timeout) as response,  # noqa: S310 - loopback
+    ):
+        return bool(response.status == 200)
+    return False
+
+
 def log_tail(path: pathlib.Path, lines: int = 40) -> str:
     """The last ``lines`` lines of the file at ``path``, or a note saying why it can't be read."""
     try:
@@ -60,7 +73,7 @@ def spawn_logged(
     args: Sequence[str],
     log_file: pathlib.Path,
     *,
-    cwd: pathlib.Path,
+    cwd: pathlib.Path | None = None,
     env: Mapping[str, str] | None = None,
     banner: str | None = None,
 ) -> subprocess.Popen[bytes]:
@@ -96,25 +109,27 @@ def wait_until_ready(
     not_ready: Callable[[], str],
     exited_note: str = "",
     log_lines: int = 40,
+    error: type[Exception] = RuntimeError,
 ) -> None:
     """Call ``is_ready()`` every ``interval`` seconds until it returns True.
 
-    Raise RuntimeError if ``proc`` exits first (``NAME exited with code N<exited_note>``), or if
-    it is not ready after ``timeout`` seconds (``NAME <not_ready()>``); either message goes on
-    with ``; LOG_FILE:`` and the last ``log_lines`` lines of ``log_file``.
+    Raise ``error`` (RuntimeError) if ``proc`` exits first (``NAME exited with code
+    N<exited_note>``), or if it is not ready after ``timeout`` seconds (``NAME
+    <not_ready()>``); either message goes on with ``; LOG_FILE:`` and the last ``log_lines``
+    lines of ``log_file``.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         returncode = proc.poll()
         if returncode is not None:
-            raise RuntimeError(
+            raise error(
                 f"{name} exited with code {returncode}{exited_note}; "
                 f"{log_file}:\n{log_tail(log_file, log_lines)}"
             )
         if is_ready():
             return
         time.sleep(interval)
-    raise RuntimeError(f"{name} {not_ready()}; {log_file}:\n{log_tail(log_file, log_lines)}")
+    raise error(f"{name} {not_ready()}; {log_file}:\n{log_tail(log_file, log_lines)}")
 
 
 def wait_group_gone(pgid: int, timeout: float) -> bool:
