@@ -57,7 +57,7 @@ bench-quick: setup test-packages kube-apiserver
 	$(PY) -m bench --quick $(ARGS)
 
 bench-usage: setup
-	$(PY) bench/usage_mechanisms.py $(ARGS)
+	$(PY) -m bench.usage $(ARGS)
 
 clean:
 	rm -rf .venv .demo .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

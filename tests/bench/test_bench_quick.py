@@ -47,3 +47,30 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
             assert figure["met"] in (True, False), figure
     assert any(f["ratio"] is not None for f in document["figures"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_usage_bench_measures_every_reader(tmp_path: Path) -> None:
+    out = tmp_path / "usage.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.usage", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr[-4000:]}"
+    document = json.loads(out.read_text())
+    assert document["machine"]["usage_lua_as_committed"] is True
+    assert set(document["latency_stream"]) == {"baseline", "lua", "lua+inject", "ext_proc"}
+    for table in ("latency_stream", "latency_json"):
+        for row, figures in document[table].items():
+            assert figures["failed"] == 0, (table, row)
+            assert math.isfinite(figures["first_byte"]["p50_ms"]), (table, row)
+    for table in ("cpu_stream", "cpu_bulk"):
+        for row, figures in document[table].items():
+            assert figures["failed"] == 0 and figures["requests"] > 0, (table, row)
+    # every reader (not the baseline) read the one tagged request's usage
+    seen = document["usage_metadata_seen"]
+    assert seen["baseline"] == {}
+    assert all(seen[r].get("outcome") == "charged" for r in seen if r != "baseline"), seen
