@@ -9,7 +9,7 @@ help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
 	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
-	@echo "make bench [ARGS='--quick --only NAME'] - policy plane vs its do-nothing floor (README)"
+	@echo "make bench [ARGS='--quick --only NAME'] - policy plane vs its do-nothing floor (docs/performance.md)"
 	@echo "make bench-quick - the same, small (under a minute)"
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
 	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e - one test tier"

@@ -1,4 +1,4 @@
-"""The maas-authz configuration file. Every key, its default and its meaning are in README.md."""
+"""The maas-authz configuration file; docs/configuration.md documents every key and default."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class AuthzServerSection(ServerSection):
     # port-forward still reaches it, the network does not
     admin_addr: Address | None = None
     # processes serving grpc_addr together (SO_REUSEPORT) under a supervisor that owns the HTTP
-    # and admin listeners; 1 = this process serves, as ever (README "Worker processes")
+    # and admin listeners; 1 = this process serves, as ever (docs/operations.md, "Worker processes")
     workers: int = 1
 
     @field_validator("workers", mode="before")

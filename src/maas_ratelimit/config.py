@@ -1,4 +1,4 @@
-"""The maas-ratelimit configuration file; README.md documents every key and default."""
+"""The maas-ratelimit configuration file; docs/configuration.md documents every key and default."""
 
 from __future__ import annotations
 
