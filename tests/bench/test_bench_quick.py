@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
-def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
+def run_quick(module: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE --quick --out OUT`, which must succeed."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", module, "--quick", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -32,6 +32,12 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
         check=False,
     )
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr[-4000:]}"
+    return run
+
+
+def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run = run_quick("bench", out)
     header = run.stdout.splitlines()[0].split()
     assert header[:5] == ["scenario", "metric", "ours", "baseline", "ratio"]
     assert f"wrote {out / 'bench.json'}" in run.stdout
@@ -51,15 +57,7 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
 
 def test_quick_usage_bench_measures_every_reader(tmp_path: Path) -> None:
     out = tmp_path / "usage.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.usage", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr[-4000:]}"
+    run_quick("bench.usage", out)
     document = json.loads(out.read_text())
     assert document["machine"]["usage_lua_as_committed"] is True
     assert set(document["latency_stream"]) == {"baseline", "lua", "lua+inject", "ext_proc"}

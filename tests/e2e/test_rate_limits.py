@@ -12,6 +12,7 @@ import pytest
 
 from maas_demo.stack import LocalStack, Ports
 from tests.e2e.conftest import Gateway, http
+from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
 
 pytestmark = pytest.mark.e2e
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -39,16 +40,9 @@ def test_sixth_free_request_within_two_minutes_gets_429_with_retry_after(
     assert sixth.status == 429
     # token bucket: one request comes back every 2m / 5 = 24 s
     assert 1 <= int(sixth.headers["retry-after"]) <= 24
-    assert sixth.headers["content-type"] == "application/json"
-    assert sixth.headers["x-maas-ratelimit-limit"] == "free-requests"
-    assert sixth.json() == {
-        "error": {
-            "message": "rate limit exceeded: free tier: 5 requests per 2m; retry in "
-            f"{sixth.headers['retry-after']}s",
-            "type": "requests",
-            "code": "rate_limit_exceeded",
-        }
-    }
+    for name, value in free_requests_refusal_headers(sixth.headers["retry-after"]):
+        assert sixth.headers[name] == value
+    assert sixth.json() == free_requests_refusal_body(sixth.headers["retry-after"])
     assert sixth.headers["x-ratelimit-remaining"] == "0"
 
 

@@ -9,7 +9,6 @@ arithmetic a bucket rarely meets.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
@@ -70,14 +69,6 @@ local function out(...)
   io.write(table.concat(parts, ' '), '\n')
 end
 """
-
-
-@pytest.fixture(scope="module")
-def luajit() -> str:
-    found = shutil.which("luajit")
-    if found is None:
-        pytest.fail("luajit not found: scripts/install-test-packages.sh installs it", pytrace=False)
-    return found
 
 
 def run_lua(luajit: str, code: str) -> list[str]:

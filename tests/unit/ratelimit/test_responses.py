@@ -11,6 +11,7 @@ from google.protobuf.internal.encoder import _VarintBytes  # protobuf's own, to 
 from maas_ratelimit import responses
 from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
 from maas_ratelimit.limits import Limit, parse_limits
+from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
 
 TABLE = parse_limits(
     """\
@@ -135,18 +136,8 @@ def test_over_limit_response() -> None:
     assert status.current_limit.requests_per_unit == 5
     assert status.limit_remaining == 0
     assert status.duration_until_reset.ToMilliseconds() == 120_000
-    assert headers(response) == [
-        ("retry-after", "24"),
-        ("x-maas-ratelimit-limit", "free-requests"),
-        ("content-type", "application/json"),
-    ]
-    assert json.loads(response.raw_body) == {
-        "error": {
-            "message": "rate limit exceeded: free tier: 5 requests per 2m; retry in 24s",
-            "type": "requests",
-            "code": "rate_limit_exceeded",
-        }
-    }
+    assert headers(response) == free_requests_refusal_headers(24)
+    assert json.loads(response.raw_body) == free_requests_refusal_body(24)
 
 
 def test_over_limit_for_tokens() -> None:

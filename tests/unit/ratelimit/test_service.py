@@ -22,6 +22,7 @@ from maas_ratelimit.memory_store import MemoryBucketStore
 from maas_ratelimit.metrics import RateLimitMetrics
 from maas_ratelimit.service import FailureMode, RateLimitService, to_descriptors
 from maas_ratelimit.store import Admission, AdmitResult, BucketStore, Charge, ChargeResult
+from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
 
 OK = RateLimitResponse.OK
 OVER_LIMIT = RateLimitResponse.OVER_LIMIT
@@ -207,18 +208,10 @@ async def test_five_ok_then_over_limit_with_the_429_body() -> None:
     assert response.overall_code == OVER_LIMIT
     assert response.statuses[0].code == OVER_LIMIT
     assert response.statuses[0].current_limit.name == "free tier: 5 requests per 2m"
-    assert [(h.key, h.value) for h in response.response_headers_to_add] == [
-        ("retry-after", "24"),
-        ("x-maas-ratelimit-limit", "free-requests"),
-        ("content-type", "application/json"),
-    ]
-    assert json.loads(response.raw_body) == {
-        "error": {
-            "message": "rate limit exceeded: free tier: 5 requests per 2m; retry in 24s",
-            "type": "requests",
-            "code": "rate_limit_exceeded",
-        }
-    }
+    assert [
+        (h.key, h.value) for h in response.response_headers_to_add
+    ] == free_requests_refusal_headers(24)
+    assert json.loads(response.raw_body) == free_requests_refusal_body(24)
     assert rig.context.aborts == []
     assert rig.calls("ok") == 5
     assert rig.calls("over_limit") == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,14 +67,6 @@ CHARGED_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "charge_pr
 
 
 # --- running LuaJIT -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def luajit() -> str:
-    found = shutil.which("luajit")
-    if found is None:
-        pytest.fail("luajit not found: scripts/install-test-packages.sh installs it", pytrace=False)
-    return found
 
 
 def run_lua(luajit: str, code: str) -> Any:
