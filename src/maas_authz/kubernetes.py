@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from maas_authz.kube_reviews import (
 )
 from maas_authz.model_path import ModelRef
 from maas_common.errors import BackendUnavailable, ConfigError
+from maas_common.informer import Gone
 
 log = logging.getLogger(__name__)
 # The client logs response bodies at debug level, and a TokenReview response echoes the token.
@@ -135,6 +136,10 @@ class KubernetesApi:
         finally:
             self._observe(call, time.perf_counter() - started, outcome)
 
+    @property
+    def api_client(self) -> client.ApiClient:
+        return self._api
+
     async def close(self) -> None:
         await self._api.close()
 
@@ -184,3 +189,100 @@ class SubjectAccessReviewer:
             return parse_subject_access_review(answer)
         except MalformedReview as exc:
             raise BackendUnavailable("kubernetes", "bad_response", str(exc)) from None
+
+
+class KubernetesWatchTransport:
+    """List and watch over the same credentials (maas_common.informer's WatchTransport).
+
+    The list has the call timeout; a watch asks the server to end it after `watch_seconds` and
+    gives up on a connection that has sent nothing (not even a bookmark) for `idle_timeout`.
+    """
+
+    def __init__(
+        self,
+        api: KubernetesApi,
+        *,
+        list_timeout: float = 10.0,
+        watch_seconds: int = 300,
+        idle_timeout: float = 360.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._api = api
+        self._list_timeout = list_timeout
+        self._watch_seconds = watch_seconds
+        self._read = aiohttp.ClientTimeout(
+            sock_connect=connect_timeout, connect=connect_timeout, sock_read=idle_timeout
+        )
+
+    async def list(self, path: str) -> Any:
+        try:
+            async with asyncio.timeout(self._list_timeout):
+                response = await self._get(path, [], self._list_timeout)
+                async with response:
+                    payload = await response.read()
+                    status = response.status
+        except TimeoutError:
+            raise BackendUnavailable(
+                "kubernetes", "timeout", f"listing {path} took longer than {self._list_timeout}s"
+            ) from None
+        if status // 100 != 2:
+            raise BackendUnavailable(
+                "kubernetes", f"http_{status}", f"list {path}: HTTP {status}: {_excerpt(payload)}"
+            )
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise BackendUnavailable(
+                "kubernetes", "bad_response", f"list {path}: non-JSON"
+            ) from None
+
+    async def watch(self, path: str, resource_version: str) -> AsyncIterator[Any]:
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(self._watch_seconds)),
+        ]
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        try:
+            response = await self._get(path, query, self._read)
+            async with response:
+                if response.status == 410:
+                    raise Gone(f"watch {path}: HTTP 410")
+                if response.status // 100 != 2:
+                    payload = await response.read()
+                    raise BackendUnavailable(
+                        "kubernetes",
+                        f"http_{response.status}",
+                        f"watch {path}: HTTP {response.status}: {_excerpt(payload)}",
+                    )
+                async for line in response.content:
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            raise BackendUnavailable(
+                                "kubernetes", "bad_response", f"watch {path}: a non-JSON event"
+                            ) from None
+        except TimeoutError:
+            raise BackendUnavailable("kubernetes", "timeout", f"watch {path}: idle") from None
+        except aiohttp.ClientError as exc:
+            kind = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
+            raise BackendUnavailable("kubernetes", kind, f"watch {path}: {exc}") from None
+
+    async def _get(self, path: str, query: Sequence[tuple[str, str]], deadline: object) -> Any:
+        try:
+            return await self._api.api_client.call_api(
+                path,
+                "GET",
+                query_params=list(query),
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=deadline,
+            )
+        except aiohttp.ClientError as exc:
+            kind = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
+            raise BackendUnavailable("kubernetes", kind, f"GET {path}: {exc}") from None
+        except OSError as exc:
+            raise BackendUnavailable("kubernetes", "credentials", f"GET {path}: {exc}") from None
