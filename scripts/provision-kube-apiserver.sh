@@ -3,7 +3,11 @@
 #
 # Builds cmd/kube-apiserver offline from Debian's `kubernetes` source package
 # (1.20.5+really1.20.2, vendor/ included) and caches the binary OUTSIDE the repo at
-#   ${MAAS_CACHE_DIR:-$HOME/.cache/maas-gateway}/kube-apiserver-v1.20.2/kube-apiserver
+#   ${MAAS_CACHE_DIR:-$HOME/.cache/maas-gateway}/kube-apiserver-v1.20.2-r2/kube-apiserver
+# The vendored github.com/modern-go/reflect2 (v1.0.1) is replaced by Debian's v1.0.2
+# (golang-github-modern-go-reflect2-dev): with v1.0.1, a binary built by Debian 12's Go 1.19
+# segfaults (fatal error: fault, in json-iterator's map encoder) the first time it serializes a
+# custom resource. "-r2" in the cache path marks binaries built with the fix.
 # Also makes sure etcd (etcd-server), go (golang-go), rsync and openssl are installed.
 #
 # Idempotent; run as root on Debian 12. If the cached binary exists and runs, only the
@@ -13,7 +17,8 @@ set -euo pipefail
 
 K8S_VERSION="v1.20.2"
 CACHE_DIR="${MAAS_CACHE_DIR:-$HOME/.cache/maas-gateway}"
-BIN_DIR="$CACHE_DIR/kube-apiserver-$K8S_VERSION"
+BIN_DIR="$CACHE_DIR/kube-apiserver-$K8S_VERSION-r2"
+REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 BIN="$BIN_DIR/kube-apiserver"
 LOG="$CACHE_DIR/kube-apiserver-build.log"
 
@@ -26,6 +31,7 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v make >/dev/null 2>&1 || missing+=(make)
+[[ -f "$REFLECT2_SRC/reflect2.go" ]] || missing+=(golang-github-modern-go-reflect2-dev)
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         log "missing packages (${missing[*]}) and not root; install them first"
@@ -92,6 +98,10 @@ orig=$(ls "$work"/src/kubernetes_*.orig.tar.* 2>/dev/null | head -n1 || true)
 mkdir -p "$work/tree"
 tar -xf "$orig" -C "$work/tree" --strip-components=1 >>"$LOG" 2>&1 || fail "unpack $orig"
 rm -rf "$work/src" "$work/apt"
+vendored="$work/tree/vendor/github.com/modern-go/reflect2"
+[[ -d "$vendored" ]] || fail "no vendored reflect2 at $vendored"
+rsync -a --delete --exclude '*_test.go' "$REFLECT2_SRC/" "$vendored/" >>"$LOG" 2>&1 \
+    || fail "replace the vendored reflect2 with $REFLECT2_SRC"
 
 (
     cd "$work/tree"

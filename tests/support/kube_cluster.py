@@ -54,7 +54,8 @@ def _cache_dir() -> pathlib.Path:
 
 def find_apiserver_binary() -> pathlib.Path | None:
     """Path of the kube-apiserver cached by scripts/provision-kube-apiserver.sh, or None."""
-    path = _cache_dir() / f"kube-apiserver-{KUBE_VERSION}" / "kube-apiserver"
+    # -r2: built with reflect2 1.0.2 (scripts/provision-kube-apiserver.sh)
+    path = _cache_dir() / f"kube-apiserver-{KUBE_VERSION}-r2" / "kube-apiserver"
     if path.is_file() and os.access(path, os.X_OK):
         return path
     return None
