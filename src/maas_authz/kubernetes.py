@@ -110,25 +110,17 @@ class KubernetesApi:
                     async with response:
                         payload = await response.read()
                         status = response.status
-            if status // 100 != 2:
-                outcome = f"http_{status}"
-                raise BackendUnavailable(
-                    "kubernetes", outcome, f"{call} answered HTTP {status}: {_excerpt(payload)}"
-                )
-            try:
-                return json.loads(payload)
-            except ValueError:
-                outcome = "bad_response"
-                raise BackendUnavailable(
-                    "kubernetes", outcome, f"{call} answered non-JSON"
-                ) from None
+            return _answer(call, status, payload)
+        except BackendUnavailable as exc:
+            outcome = exc.kind
+            raise
         except TimeoutError:
             outcome = "timeout"
             raise BackendUnavailable(
                 "kubernetes", outcome, f"{call} took longer than {self._timeout}s"
             ) from None
         except aiohttp.ClientError as exc:
-            outcome = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
+            outcome = _client_error_kind(exc)
             raise BackendUnavailable("kubernetes", outcome, f"{call}: {exc}") from None
         except OSError as exc:  # e.g. the in-cluster token file could not be re-read
             outcome = "credentials"
@@ -142,6 +134,24 @@ class KubernetesApi:
 
     async def close(self) -> None:
         await self._api.close()
+
+
+def _answer(call: str, status: int, payload: bytes) -> Any:
+    """The decoded JSON of a 2xx answer; any other answer as BackendUnavailable."""
+    if status // 100 != 2:
+        raise BackendUnavailable(
+            "kubernetes", f"http_{status}", f"{call} answered HTTP {status}: {_excerpt(payload)}"
+        )
+    try:
+        return json.loads(payload)
+    except ValueError:
+        raise BackendUnavailable(
+            "kubernetes", "bad_response", f"{call} answered non-JSON"
+        ) from None
+
+
+def _client_error_kind(exc: aiohttp.ClientError) -> str:
+    return "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
 
 
 def _excerpt(payload: bytes) -> str:
@@ -225,16 +235,7 @@ class KubernetesWatchTransport:
             raise BackendUnavailable(
                 "kubernetes", "timeout", f"listing {path} took longer than {self._list_timeout}s"
             ) from None
-        if status // 100 != 2:
-            raise BackendUnavailable(
-                "kubernetes", f"http_{status}", f"list {path}: HTTP {status}: {_excerpt(payload)}"
-            )
-        try:
-            return json.loads(payload)
-        except ValueError:
-            raise BackendUnavailable(
-                "kubernetes", "bad_response", f"list {path}: non-JSON"
-            ) from None
+        return _answer(f"list {path}", status, payload)
 
     async def watch(self, path: str, resource_version: str) -> AsyncIterator[Any]:
         query = [
@@ -250,12 +251,7 @@ class KubernetesWatchTransport:
                 if response.status == 410:
                     raise Gone(f"watch {path}: HTTP 410")
                 if response.status // 100 != 2:
-                    payload = await response.read()
-                    raise BackendUnavailable(
-                        "kubernetes",
-                        f"http_{response.status}",
-                        f"watch {path}: HTTP {response.status}: {_excerpt(payload)}",
-                    )
+                    _answer(f"watch {path}", response.status, await response.read())  # raises
                 async for line in response.content:
                     if line.strip():
                         try:
@@ -267,8 +263,9 @@ class KubernetesWatchTransport:
         except TimeoutError:
             raise BackendUnavailable("kubernetes", "timeout", f"watch {path}: idle") from None
         except aiohttp.ClientError as exc:
-            kind = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
-            raise BackendUnavailable("kubernetes", kind, f"watch {path}: {exc}") from None
+            raise BackendUnavailable(
+                "kubernetes", _client_error_kind(exc), f"watch {path}: {exc}"
+            ) from None
 
     async def _get(self, path: str, query: Sequence[tuple[str, str]], deadline: object) -> Any:
         try:
@@ -282,7 +279,8 @@ class KubernetesWatchTransport:
                 _request_timeout=deadline,
             )
         except aiohttp.ClientError as exc:
-            kind = "connect" if isinstance(exc, aiohttp.ClientConnectionError) else "client"
-            raise BackendUnavailable("kubernetes", kind, f"GET {path}: {exc}") from None
+            raise BackendUnavailable(
+                "kubernetes", _client_error_kind(exc), f"GET {path}: {exc}"
+            ) from None
         except OSError as exc:
             raise BackendUnavailable("kubernetes", "credentials", f"GET {path}: {exc}") from None

@@ -283,9 +283,14 @@ def object_key(kind: Kind, obj: Mapping[str, Any]) -> ObjectKey:
     return ObjectKey(kind, namespace, name)
 
 
-def _deleting(obj: Mapping[str, Any]) -> bool:
-    meta = obj.get("metadata")
-    return isinstance(meta, Mapping) and bool(meta.get("deletionTimestamp"))
+def _open(kind: Kind, obj: Mapping[str, Any]) -> tuple[_Reader, Mapping[str, Any]] | None:
+    """A reader for the object and its spec; None for an object being deleted (left out)."""
+    key = object_key(kind, obj)
+    meta = obj["metadata"]
+    if meta.get("deletionTimestamp"):
+        return None
+    read = _Reader(key)
+    return read, read.mapping(obj, "spec", "spec")
 
 
 class _Reader:
@@ -349,11 +354,11 @@ class _Reader:
 
 
 def parse_model_ref(obj: Mapping[str, Any]) -> ModelEntry | None:
-    key = object_key("MaaSModelRef", obj)
-    if _deleting(obj):
+    opened = _open("MaaSModelRef", obj)
+    if opened is None:
         return None
-    read = _Reader(key)
-    spec = read.mapping(obj, "spec", "spec")
+    read, spec = opened
+    key = read.key
     target = read.mapping(spec, "modelRef", "spec.modelRef")
     return ModelEntry(
         ref=ModelRef(key.namespace, key.name),
@@ -363,11 +368,11 @@ def parse_model_ref(obj: Mapping[str, Any]) -> ModelEntry | None:
 
 
 def parse_auth_policy(obj: Mapping[str, Any]) -> AuthPolicy | None:
-    key = object_key("MaaSAuthPolicy", obj)
-    if _deleting(obj):
+    opened = _open("MaaSAuthPolicy", obj)
+    if opened is None:
         return None
-    read = _Reader(key)
-    spec = read.mapping(obj, "spec", "spec")
+    read, spec = opened
+    key = read.key
     refs = read.items(spec, "modelRefs", "spec.modelRefs")
     if not refs:
         raise read.fail("spec.modelRefs", "needs at least one {name, namespace}")
@@ -416,11 +421,11 @@ def _billing(read: _Reader, ref: Mapping[str, Any], path: str) -> Decimal | None
 
 
 def parse_subscription(obj: Mapping[str, Any]) -> Subscription | None:
-    key = object_key("MaaSSubscription", obj)
-    if _deleting(obj):
+    opened = _open("MaaSSubscription", obj)
+    if opened is None:
         return None
-    read = _Reader(key)
-    spec = read.mapping(obj, "spec", "spec")
+    read, spec = opened
+    key = read.key
     groups, users = read.subjects(read.mapping(spec, "owner", "spec.owner"), "spec.owner")
     refs = read.items(spec, "modelRefs", "spec.modelRefs")
     if not refs:
