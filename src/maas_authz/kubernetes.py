@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ class KubernetesWatchTransport:
             ) from None
         return _answer(f"list {path}", status, payload)
 
-    async def watch(self, path: str, resource_version: str) -> AsyncIterator[Any]:
+    async def watch(self, path: str, resource_version: str) -> AsyncGenerator[Any, None]:
         query = [
             ("watch", "true"),
             ("allowWatchBookmarks", "true"),

@@ -14,8 +14,9 @@ thin adapter (maas_authz.kubernetes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ class WatchTransport(Protocol):
         """GET the collection: {"metadata": {"resourceVersion"}, "items": [...]}."""
         ...
 
-    def watch(self, path: str, resource_version: str) -> AsyncIterator[Object]:
+    def watch(self, path: str, resource_version: str) -> AsyncGenerator[Object, None]:
         """The watch events from `resource_version` on, until the server ends the stream."""
         ...
 
@@ -137,12 +138,15 @@ class Informer:
                     delay = self._backoff.first
                     await self._changed()
                     self.synced.set()
-                async for event in self._transport.watch(
-                    self.path, self.collection.resource_version
-                ):
-                    if self.collection.apply(event):
-                        await self._changed()
-                    delay = self._backoff.first  # a working watch resets the backoff
+                # aclosing: leaving the loop early (Gone from an ERROR event, a cancel while
+                # on_change runs) must close the stream now, not when the generator is collected.
+                async with contextlib.aclosing(
+                    self._transport.watch(self.path, self.collection.resource_version)
+                ) as events:
+                    async for event in events:
+                        if self.collection.apply(event):
+                            await self._changed()
+                        delay = self._backoff.first  # a working watch resets the backoff
                 continue  # the server ended the watch (its timeout): watch again from here
             except Gone as exc:
                 log.info(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -38,9 +38,12 @@ class ScriptedTransport:
         self.watches = watches
         self.calls: list[tuple[str, str]] = []
         self.done = asyncio.Event()
+        self.open_streams = 0  # watch streams begun and not yet closed
+        self.open_at_list: list[int] = []
 
     async def list(self, path: str) -> Object:
         self.calls.append(("list", path))
+        self.open_at_list.append(self.open_streams)
         if not self.lists:
             self.done.set()
             await asyncio.Event().wait()
@@ -49,15 +52,19 @@ class ScriptedTransport:
             raise answer
         return answer  # type: ignore[no-any-return]
 
-    async def watch(self, path: str, resource_version: str) -> AsyncIterator[Object]:
+    async def watch(self, path: str, resource_version: str) -> AsyncGenerator[Object, None]:
         self.calls.append(("watch", resource_version))
-        if not self.watches:
-            self.done.set()
-            await asyncio.Event().wait()
-        for item in self.watches.pop(0):
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        self.open_streams += 1
+        try:
+            if not self.watches:
+                self.done.set()
+                await asyncio.Event().wait()
+            for item in self.watches.pop(0):
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.open_streams -= 1
 
 
 class Rig:
@@ -151,6 +158,9 @@ async def test_410_gone_lists_again_and_the_new_list_replaces_everything() -> No
     assert rig.transport.calls[3] == ("watch", "50")
     assert rig.snapshots == [[("a", 1)], [("c", 3)], [("c", 3), ("d", 4)]]
     assert rig.errors == [] and rig.sleeps == []
+    # the 410 arrived as an event; its stream was closed before the relist, not left to the GC
+    assert rig.transport.open_at_list == [0, 0]
+    assert rig.transport.open_streams == 0
 
 
 @pytest.mark.asyncio
