@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,22 +14,32 @@ from prometheus_client import CollectorRegistry
 
 from maas_authz import service
 from maas_authz.access import AccessReviewer, Grant, StaticAccessReviewer
+from maas_authz.api_key_store import ApiKeyFile, ApiKeyVerifier, parse_api_key_file
 from maas_authz.caching import CachedAccessReviewer, CachedTokenReviewer
 from maas_authz.check import CheckLimits, CheckPipeline
 from maas_authz.config import AuthzConfig
 from maas_authz.identity import Identity, TokenReviewer
 from maas_authz.kube_reviews import ResourceCheck
-from maas_authz.kubernetes import KubernetesApi, SubjectAccessReviewer, TokenReviewReviewer
+from maas_authz.kubernetes import (
+    KubernetesApi,
+    KubernetesWatchTransport,
+    SubjectAccessReviewer,
+    TokenReviewReviewer,
+)
 from maas_authz.metrics import AuthzMetrics
 from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
 from maas_authz.static_keys import StaticKeyReviewer, parse_static_keys
+from maas_authz.subscription_check import SubscriptionFlow
+from maas_authz.subscription_file import parse_subscription_file
+from maas_authz.subscription_watch import SubscriptionWatch
+from maas_authz.subscriptions import SubscriptionCatalog
 from maas_authz.tiers import DEFAULT_TIERS, TierMapping, parse_tier_document
 from maas_common.clock import Clock, SystemClock
 from maas_common.config import resolve_path
-from maas_common.errors import ConfigError
+from maas_common.errors import BackendUnavailable, ConfigError
 from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import WatchedFile
-from maas_common.server import GrpcService, ServerRuntime
+from maas_common.server import GrpcService, Readiness, ServerRuntime
 from maas_common.settings import CommandLine, load_server_config
 
 log = logging.getLogger(__name__)
@@ -103,6 +114,24 @@ def check_config(config: AuthzConfig, base_dir: Path) -> str:
         if not kubeconfig.is_file():
             raise ConfigError(str(kubeconfig), "kubernetes.kubeconfig", "file does not exist")
     lines.append(f"access: {config.access.source}")
+    lines.append(f"authorization: {config.authorization.mode}")
+    if config.uses_subscriptions():
+        subs = config.subscriptions
+        if subs.source == "file":
+            assert subs.file is not None
+            path = resolve_path(base_dir, subs.file)
+            catalog = WatchedFile(path, parse_subscription_file, name="subscriptions").load()
+            lines.append(
+                f"subscriptions: {len(catalog.subscriptions)} subscription(s), "
+                f"{len(catalog.policies)} auth policy(ies), {len(catalog.models)} model(s) "
+                f"from {path}"
+            )
+        else:
+            lines.append("subscriptions: watched in the cluster")
+        if config.api_keys is not None and config.api_keys.file is not None:
+            path = resolve_path(base_dir, config.api_keys.file)
+            api_keys = WatchedFile(path, parse_api_key_file, name="api keys").load()
+            lines.append(f"api keys: {len(api_keys)} key(s) from {path}")
     lines.append("configuration OK")
     return "\n".join(lines)
 
@@ -180,6 +209,90 @@ def _build_access(
     return cached, cached
 
 
+@dataclass
+class _Subscriptions:
+    flow: SubscriptionFlow
+    watched: list[WatchedFile[Any]]
+    background: list[Callable[[], Coroutine[Any, Any, None]]]
+
+
+def _build_subscriptions(
+    config: AuthzConfig,
+    base_dir: Path,
+    api: KubernetesApi | None,
+    clock: Clock,
+    metrics: AuthzMetrics,
+    *,
+    readiness: Callable[[], Readiness],
+) -> _Subscriptions:
+    section = config.subscriptions
+    watched: list[WatchedFile[Any]] = []
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    catalog: Callable[[], SubscriptionCatalog]
+    if section.source == "file":
+        assert section.file is not None
+        catalog_file = _watch(
+            resolve_path(base_dir, section.file),
+            parse_subscription_file,
+            "subscriptions",
+            section.reload_interval,
+            metrics,
+        )
+        watched.append(catalog_file)
+        catalog = lambda: catalog_file.value  # noqa: E731
+    else:
+        assert api is not None
+        watch = SubscriptionWatch(
+            KubernetesWatchTransport(
+                api,
+                list_timeout=max(5.0, config.kubernetes.timeout),
+                watch_seconds=section.watch_timeout,
+            ),
+            on_problem=metrics.object_skipped,
+            on_error=metrics.watch_error,
+        )
+
+        async def run_watch() -> None:
+            # not ready until every kind is listed: an empty catalog would deny everyone
+            readiness().set("subscriptions", False, "listing")
+            running = asyncio.create_task(watch.run(), name="subscription-watch")
+            try:
+                await watch.wait_synced()
+                readiness().set("subscriptions", True)
+                await running
+            finally:
+                running.cancel()
+
+        def current() -> SubscriptionCatalog:
+            if not watch.synced:
+                raise BackendUnavailable(
+                    "kubernetes", "not_synced", "the subscription objects are not listed yet"
+                )
+            return watch.catalog
+
+        background.append(run_watch)
+        catalog = current
+    keys: ApiKeyVerifier | None = None
+    if config.api_keys is not None:
+        assert config.api_keys.file is not None
+        key_file: WatchedFile[ApiKeyFile] = _watch(
+            resolve_path(base_dir, config.api_keys.file),
+            parse_api_key_file,
+            "api_keys",
+            config.api_keys.reload_interval,
+            metrics,
+        )
+        watched.append(key_file)
+        keys = ApiKeyVerifier(lambda: key_file.value, clock)
+    flow = SubscriptionFlow(
+        catalog=catalog,
+        keys=keys,
+        for_tokens=config.authorization.mode == "subscriptions",
+        default_namespace=config.models.default_namespace,
+    )
+    return _Subscriptions(flow, watched, background)
+
+
 async def build_app(
     config: AuthzConfig,
     base_dir: Path,
@@ -205,11 +318,25 @@ async def build_app(
     identities, identity_cache, key_file = _build_identities(config, base_dir, api, clock, metrics)
     access, access_cache = _build_access(config, api, clock, metrics)
     watched = [w for w in (tier_file, key_file) if w is not None]
+    runtime: ServerRuntime | None = None
+
+    def readiness() -> Readiness:
+        assert runtime is not None
+        return runtime.readiness
+
+    subscriptions = (
+        _build_subscriptions(config, base_dir, api, clock, metrics, readiness=readiness)
+        if config.uses_subscriptions()
+        else None
+    )
+    if subscriptions is not None:
+        watched += subscriptions.watched
 
     models = config.models
     routing = PathRouting(
         PathTemplate(models.path_template, models.default_namespace),
         tuple(OpenPath(p.path, p.match, p.authenticate) for p in models.open_paths),
+        frozenset(p.rstrip("/") or "/" for p in models.body_routes),
     )
     pipeline = CheckPipeline(
         routing=routing,
@@ -218,6 +345,8 @@ async def build_app(
         access=access,
         limits=CheckLimits(config.identity.max_token_length, config.response.retry_after),
         clock=clock,
+        subscriptions=subscriptions.flow if subscriptions else None,
+        default_namespace=models.default_namespace,
     )
     servicer = service.AuthorizationService(
         pipeline, metrics, forward_authorization=config.response.forward_authorization
@@ -234,7 +363,10 @@ async def build_app(
         services=[GrpcService(service.SERVICE_NAME, servicer.register)],
         registry=registry,
         drain_timeout=config.server.drain_timeout,
-        background=[w.watch for w in watched],
+        background=[
+            *(w.watch for w in watched),
+            *(subscriptions.background if subscriptions else ()),
+        ],
         on_close=[api.close] if api else [],
         admin_addr=config.server.admin_addr,
         admin_routes=[web.post("/admin/purge", purge)],

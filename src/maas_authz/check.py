@@ -1,20 +1,26 @@
 """The Check decision as four phases: route -> authenticate -> resolve tier -> authorize model.
 
-Pure of wire formats: it takes a path and an Authorization header and returns an Allow or a Deny.
-Time and I/O come in through the reviewers it is given.
+In the subscription flow (authorization.mode) the last two are MaaSAuthPolicy access and the
+choice of a MaaSSubscription instead (subscription_check.py), and sk-oai- API keys authenticate.
+Pure of wire formats: it takes a path, the request headers and body, and returns an Allow or a
+Deny. Time and I/O come in through the reviewers it is given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from maas_authz.access import AccessReviewer
+from maas_authz.api_keys import is_api_key
+from maas_authz.body_model import model_in_body
 from maas_authz.credentials import BadCredentials, bearer_token
 from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity, TokenReviewer
-from maas_authz.model_path import BadPath, ModelRef, OpenPath, PathRouting
+from maas_authz.model_path import BadPath, BodyRoute, ModelRef, OpenPath, PathRouting
+from maas_authz.subscription_check import SubscriptionFlow
 from maas_authz.tiers import Tier, TierMapping
 from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _MAX_CACHED_ROUTES = 4096
 _MAX_CACHED_PATH = 512  # longer paths are classified every time, never kept
+_BODY_OFF_LOOP = 256 * 1024  # bodies this large are parsed in a thread, not on the event loop
+_NO_HEADERS: Mapping[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +50,12 @@ class CheckPipeline:
         access: AccessReviewer,
         limits: CheckLimits | None = None,
         clock: Clock | None = None,
+        subscriptions: SubscriptionFlow | None = None,
+        default_namespace: str | None = None,
     ) -> None:
         self._routing = routing
+        self._subscriptions = subscriptions  # None: authorization.mode tiers
+        self._default_namespace = default_namespace  # for body models in the tier flow
         self._identities = identities
         self._tiers = tiers  # a callable, so a reloaded mapping applies to the next request
         self._access = access
@@ -51,9 +63,9 @@ class CheckPipeline:
         self._unavailable_log = LogThrottle(clock or SystemClock(), seconds=5.0)
         # path (without its query) -> what the routing made of it; the routing never changes,
         # and the same few paths come again and again
-        self._routes: dict[str, ModelRef | OpenPath | BadPath] = {}
+        self._routes: dict[str, ModelRef | OpenPath | BodyRoute | BadPath] = {}
 
-    def _route(self, raw_path: str) -> ModelRef | OpenPath | BadPath:
+    def _route(self, raw_path: str) -> ModelRef | OpenPath | BodyRoute | BadPath:
         path = raw_path.partition("?")[0]  # classify() ignores the query; so may the cache key
         target = self._routes.get(path)
         if target is None:
@@ -64,13 +76,33 @@ class CheckPipeline:
                 self._routes[path] = target
         return target
 
-    async def decide(self, path: str, authorization: str | None) -> Decision:
+    async def decide(
+        self,
+        path: str,
+        authorization: str | None,
+        *,
+        headers: Mapping[str, str] = _NO_HEADERS,
+        body: bytes = b"",
+    ) -> Decision:
         # 1. route: refuse what cannot be a valid request before any Kubernetes call
-        target = self._route(path)
-        if isinstance(target, BadPath):
-            return Deny(target.status, target.code, target.message)
-        if isinstance(target, OpenPath) and not target.authenticate:
+        routed = self._route(path)
+        if isinstance(routed, BadPath):
+            return Deny(routed.status, routed.code, routed.message)
+        if isinstance(routed, OpenPath) and not routed.authenticate:
             return Allow(identity=None, tier=None, model=None)
+        target: ModelRef | OpenPath | str
+        if isinstance(routed, BodyRoute):
+            named = await _body_model(body)
+            if isinstance(named, BadPath):
+                return Deny(named.status, named.code, named.message)
+            target = named
+        else:
+            target = routed
+        flow = self._subscriptions
+        if flow is not None:
+            forged = flow.forged_headers(headers)
+            if forged is not None:
+                return forged
 
         # 2. authenticate
         token = bearer_token(authorization, self._limits.max_token_length)
@@ -79,6 +111,11 @@ class CheckPipeline:
             return Deny(
                 401, token.code, token.message, token_presented=token.code == "invalid_token"
             )
+        if flow is not None and is_api_key(token):
+            try:
+                return await flow.decide_for_key(token, target, headers)
+            except BackendUnavailable as exc:
+                return self._unavailable(exc, "API key or subscription check")
         try:
             identity = await self._identities.review(token)
         except BackendUnavailable as exc:
@@ -90,6 +127,20 @@ class CheckPipeline:
                 "the token is not valid: expired, revoked, or issued for another audience",
                 token_presented=True,
             )
+        if flow is not None and flow.for_tokens:
+            try:
+                return flow.decide_for_token(identity, target, headers)
+            except BackendUnavailable as exc:
+                return self._unavailable(exc, "subscription check")
+        if isinstance(target, str):  # a body's model: the tier flow names it in one namespace
+            if self._default_namespace is None:
+                return Deny(
+                    404,
+                    "model_not_found",
+                    f"model {target!r} cannot be found: set models.default_namespace to serve "
+                    "body-named models in the tier flow",
+                )
+            target = ModelRef(self._default_namespace, target)
 
         # 3. resolve tier
         tier = self._tiers().resolve(identity.groups)
@@ -134,6 +185,12 @@ class CheckPipeline:
             tier=tier.name if tier else "",
             retry_after=self._limits.retry_after_seconds,
         )
+
+
+async def _body_model(body: bytes) -> str | BadPath:
+    if len(body) > _BODY_OFF_LOOP:
+        return await asyncio.to_thread(model_in_body, body)
+    return model_in_body(body)
 
 
 def _who(identity: Identity, tier: Tier) -> str:

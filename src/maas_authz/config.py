@@ -106,6 +106,19 @@ class ModelsSection(StrictModel):
     path_template: str = "/{namespace}/{model}"
     default_namespace: str | None = None
     open_paths: list[OpenPathSection] = Field(default_factory=list)
+    # paths whose model is the JSON body's `model` (OpenAI style), as upstream MaaS routes them
+    body_routes: list[str] = Field(
+        default_factory=lambda: ["/v1/chat/completions", "/v1/completions"]
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    @field_validator("body_routes")
+    @classmethod
+    def _body_routes_absolute(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or "?" in path:
+                raise ValueError(f"{path!r} must be a path starting with '/', without a query")
+        return value
 
     @model_validator(mode="after")
     def _template_is_usable(self) -> ModelsSection:
@@ -144,6 +157,42 @@ class AccessSection(StrictModel):
     cache: AccessCacheSection = AccessCacheSection()
 
 
+class AuthorizationSection(StrictModel):
+    # tiers: tier-to-group-mapping + SubjectAccessReview (MaaS's old flow), as ever;
+    # subscriptions: MaaSAuthPolicy access + MaaSSubscription selection for every credential;
+    # both: sk-oai- API keys take the subscription flow, every other credential the tier flow
+    mode: Literal["tiers", "subscriptions", "both"] = "tiers"
+
+
+class SubscriptionsSection(StrictModel):
+    # kubernetes: list and watch the three CRDs; file: the same objects as YAML documents
+    source: Literal["kubernetes", "file"] = "kubernetes"
+    file: Path | None = None
+    reload_interval: PositiveDuration = 2.0
+    watch_timeout: int = Field(300, ge=10, le=3600)  # seconds the API server keeps a watch open
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> SubscriptionsSection:
+        if self.source == "file" and self.file is None:
+            raise ValueError(
+                "source 'file' needs file: (MaaSModelRef/MaaSAuthPolicy/MaaSSubscription documents)"
+            )
+        return self
+
+
+class ApiKeysSection(StrictModel):
+    # file: maas-api's api_keys rows as YAML, hashes only (demo, clusterless)
+    source: Literal["file"] = "file"
+    file: Path | None = None
+    reload_interval: PositiveDuration = 1.0
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> ApiKeysSection:
+        if self.source == "file" and self.file is None:
+            raise ValueError("source 'file' needs file:")
+        return self
+
+
 class ResponseSection(StrictModel):
     forward_authorization: bool = False
     retry_after: int = Field(5, ge=1, le=3600)  # seconds, sent with 503
@@ -157,6 +206,24 @@ class AuthzConfig(StrictModel):
     access: AccessSection = AccessSection()
     kubernetes: KubernetesSection = KubernetesSection()
     response: ResponseSection = ResponseSection()
+    authorization: AuthorizationSection = AuthorizationSection()
+    subscriptions: SubscriptionsSection = SubscriptionsSection()
+    api_keys: ApiKeysSection | None = None
+
+    @model_validator(mode="after")
+    def _subscription_flow_needs_its_parts(self) -> AuthzConfig:
+        if self.authorization.mode == "tiers":
+            return self
+        if self.api_keys is None and self.authorization.mode == "both":
+            raise ValueError("authorization.mode 'both' routes sk-oai- keys: it needs api_keys:")
+        return self
+
+    def uses_subscriptions(self) -> bool:
+        return self.authorization.mode != "tiers"
 
     def uses_kubernetes(self) -> bool:
-        return self.identity.source == "kubernetes" or self.access.source == "kubernetes"
+        return (
+            self.identity.source == "kubernetes"
+            or self.access.source == "kubernetes"
+            or (self.uses_subscriptions() and self.subscriptions.source == "kubernetes")
+        )

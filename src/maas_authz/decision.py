@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef
+from maas_authz.subscriptions import Selection
 from maas_authz.tiers import Tier
 
 
@@ -14,6 +15,10 @@ class Allow:
     identity: Identity | None  # None only on an open path that needs no authentication
     tier: Tier | None
     model: ModelRef | None  # None on open paths
+    # the subscription flow (authorization.mode): identity headers in MaaS's X-MaaS-* form
+    subscription_flow: bool = False
+    selection: Selection | None = None  # the subscription and its terms for `model`
+    key_id: str = ""  # the sk-oai- key's id (never the key), when one authenticated
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +29,8 @@ class Deny:
     tier: str = ""  # known once the tier is resolved; for metrics
     retry_after: int | None = None
     token_presented: bool = False  # selects the RFC 6750 form of WWW-Authenticate
+    # upstream MaaS's form: the message as a text/plain body, the code in x-ext-auth-reason
+    plain: bool = False
 
 
 Decision = Allow | Deny

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from maas_authz.subscriptions import InvalidObject, ObjectKey
 from maas_common.cache import CacheEvent
 from maas_common.metrics import LATENCY_BUCKETS, LabelledCounter, config_reload_counter
 
@@ -41,8 +42,28 @@ class AuthzMetrics:
             ["call", "kind"],
             registry=registry,
         )
+        self.objects_skipped = Counter(
+            "maas_authz_subscription_objects_skipped",
+            "MaaSModelRef / MaaSAuthPolicy / MaaSSubscription objects left out as unusable, by "
+            "kind (each object version once; the log line names the object and the field)",
+            ["kind"],
+            registry=registry,
+        )
+        self.watch_errors = Counter(
+            "maas_authz_watch_errors",
+            "List/watch failures of the subscription informers, by informer and kind",
+            ["informer", "kind"],
+            registry=registry,
+        )
         self.config_reloads = config_reload_counter(registry)
         self._decisions = LabelledCounter(self.decisions)
+
+    def object_skipped(self, problem: InvalidObject) -> None:
+        key = problem.key
+        self.objects_skipped.labels(key.kind if isinstance(key, ObjectKey) else "unknown").inc()
+
+    def watch_error(self, informer: str, kind: str) -> None:
+        self.watch_errors.labels(informer, kind).inc()
 
     def decision(self, result: str, reason: str, tier: str) -> None:
         self._decisions.inc(result, reason, tier)

@@ -43,6 +43,13 @@ class OpenPath:
 
 
 @dataclass(frozen=True, slots=True)
+class BodyRoute:
+    """An OpenAI-style path (/v1/chat/completions) whose model is the JSON body's `model`."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class BadPath:
     status: Literal[400, 404]
     code: str
@@ -114,8 +121,9 @@ def _show(segment: str) -> str:
 class PathRouting:
     template: PathTemplate
     open_paths: tuple[OpenPath, ...] = ()
+    body_routes: frozenset[str] = frozenset()
 
-    def classify(self, raw_path: str) -> ModelRef | OpenPath | BadPath:
+    def classify(self, raw_path: str) -> ModelRef | OpenPath | BodyRoute | BadPath:
         path = raw_path.split("?", 1)[0].split("#", 1)[0]
         if not path.startswith("/"):
             return BadPath(400, "invalid_path", "the request path must start with '/'")
@@ -133,6 +141,8 @@ class PathRouting:
                 return BadPath(400, "invalid_path", "the request path has an empty segment ('//')")
             if unquote(segment) in (".", ".."):
                 return BadPath(400, "invalid_path", "the request path must not contain '.' or '..'")
+        if self.body_routes and (path.rstrip("/") or "/") in self.body_routes:
+            return BodyRoute(path)
         for open_path in self.open_paths:
             if open_path.matches(path):
                 return open_path

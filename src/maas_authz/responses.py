@@ -17,6 +17,12 @@ USER_HEADER = "x-maas-user"
 TIER_HEADER = "x-maas-tier"
 MODEL_HEADER = "x-maas-model"
 REASON_HEADER = "x-maas-auth-reason"
+# the subscription flow's headers, as upstream MaaS sets them for maas-api and the models
+USERNAME_HEADER = "x-maas-username"
+GROUP_HEADER = "x-maas-group"  # a JSON array
+SUBSCRIPTION_HEADER = "x-maas-subscription"
+GATEWAY_MODEL_HEADER = "x-gateway-model-name"
+UPSTREAM_REASON_HEADER = "x-ext-auth-reason"
 OWN_HEADERS = frozenset({USER_HEADER, TIER_HEADER, MODEL_HEADER})
 IDENTITY_HEADER_PREFIX = "x-maas-"
 
@@ -92,9 +98,11 @@ def _build_denied(deny: Deny) -> bytes:
     out = response.denied_response
     out.status.code = deny.status
     headers = [
-        _header("content-type", "application/json"),
+        _header("content-type", "text/plain; charset=utf-8" if deny.plain else "application/json"),
         _header(REASON_HEADER, deny.code),
     ]
+    if deny.plain:
+        headers.append(_header(UPSTREAM_REASON_HEADER, deny.code))
     if deny.status == 401:
         challenge = 'Bearer realm="maas"'
         if deny.token_presented:
@@ -104,7 +112,7 @@ def _build_denied(deny: Deny) -> bytes:
     if deny.retry_after is not None:
         headers.append(_header("retry-after", str(deny.retry_after)))
     out.headers.extend(headers)
-    out.body = error_body(deny.status, deny.code, deny.message)
+    out.body = deny.message if deny.plain else error_body(deny.status, deny.code, deny.message)
     data: bytes = response.SerializeToString()
     return data
 
@@ -152,6 +160,7 @@ def allowed_serialized(
         model.namespace if model is not None else None,
         model.name if model is not None else None,
         drop_authorization,
+        _subscription_key(allow) if allow.subscription_flow else None,
     )
     entry = _ALLOWED.get(key, lambda: _build_allowed(allow, drop_authorization))
     # A per-request id no client can choose: the rate limiter keys charge de-duplication and
@@ -178,6 +187,64 @@ def allowed_serialized(
     return data
 
 
+def _subscription_key(allow: Allow) -> Hashable:
+    """What else the subscription flow's response is built from (the terms, not the objects:
+    a rebuilt catalog with the same terms reuses the entry)."""
+    identity = allow.identity
+    groups = identity.groups if identity is not None else ()
+    selection = allow.selection
+    if selection is None:
+        return (groups, allow.key_id)
+    return (groups, allow.key_id, *_selection_metadata(allow).items())
+
+
+def token_limits_text(allow: Allow) -> str:
+    """The selected subscription's token limits for the model, as maas-ratelimit reads them:
+    `limit/window_seconds`, comma-separated (e.g. `100/60,5000/3600`)."""
+    assert allow.selection is not None
+    return ",".join(
+        f"{limit.limit}/{limit.window_seconds}" for limit in allow.selection.model.token_limits
+    )
+
+
+def _selection_metadata(allow: Allow) -> dict[str, str]:
+    selection = allow.selection
+    assert selection is not None
+    subscription = selection.subscription
+    metadata = {
+        "subscription": subscription.qualified_name,
+        "subscription_name": subscription.name,
+        "token_limits": token_limits_text(allow),
+    }
+    if selection.model.billing_per_token is not None:
+        # travels with the usage (the limiter's after-response descriptors), for budgets
+        metadata["billing_rate"] = str(selection.model.billing_per_token)
+    if subscription.organization_id:
+        metadata["organization_id"] = subscription.organization_id
+    if subscription.cost_center:
+        metadata["cost_center"] = subscription.cost_center
+    return metadata
+
+
+def _subscription_parts(allow: Allow) -> tuple[list[HeaderValueOption], dict[str, str]]:
+    """The X-MaaS-* headers and the metadata the subscription flow adds."""
+    identity = allow.identity
+    assert identity is not None
+    headers = [
+        _header(USERNAME_HEADER, identity.username),
+        _header(GROUP_HEADER, json.dumps(list(identity.groups), separators=(",", ":"))),
+    ]
+    metadata: dict[str, str] = {}
+    if allow.key_id:
+        metadata["key_id"] = allow.key_id
+    if allow.selection is not None:
+        headers.append(_header(SUBSCRIPTION_HEADER, allow.selection.subscription.name))
+        metadata.update(_selection_metadata(allow))
+    if allow.model is not None:
+        headers.append(_header(GATEWAY_MODEL_HEADER, allow.model.name))
+    return headers, metadata
+
+
 def _build_allowed(allow: Allow, drop_authorization: bool) -> _Entry:
     """Everything of an allowed response but the request id and the client's x-maas-* headers."""
     response = CheckResponse()
@@ -201,6 +268,10 @@ def _build_allowed(allow: Allow, drop_authorization: bool) -> _Entry:
         metadata["model"] = str(allow.model)
         metadata["model_namespace"] = allow.model.namespace
         metadata["model_name"] = allow.model.name
+    if allow.subscription_flow and allow.identity is not None:
+        more_headers, more_metadata = _subscription_parts(allow)
+        headers += more_headers
+        metadata.update(more_metadata)
     ok.headers.extend(headers)
     if drop_authorization:
         ok.headers_to_remove.append("authorization")

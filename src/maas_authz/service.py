@@ -58,12 +58,18 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         http = request.attributes.request.http
         headers = http.headers
         try:
-            decision = await self._pipeline.decide(http.path, headers.get("authorization"))
+            # the body only comes where Envoy sends it (the body routes' with_request_body)
+            body = http.raw_body or (
+                http.body.encode("utf-8", "surrogatepass") if http.body else b""
+            )
+            decision = await self._pipeline.decide(
+                http.path, headers.get("authorization"), headers=headers, body=body
+            )
             if isinstance(decision, Allow):
                 response = responses.allowed_serialized(
                     decision, headers, forward_authorization=self._forward_authorization
                 )
-                tier = decision.tier.name if decision.tier else ""
+                tier = _scope(decision)
                 self._metrics.decision("allowed", "ok", tier)
             else:
                 response = responses.denied_serialized(decision)
@@ -77,3 +83,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             self._metrics.decision("denied", _INTERNAL.code, "")
         self._metrics.check_seconds.observe(time.perf_counter() - started)
         return response
+
+
+def _scope(allow: Allow) -> str:
+    """The `tier` label: the tier, or in the subscription flow the subscription (namespace/name;
+    bounded by the objects in the cluster, never by what a client sends)."""
+    if allow.selection is not None:
+        return allow.selection.subscription.qualified_name
+    return allow.tier.name if allow.tier else ""

@@ -213,6 +213,17 @@ class SubscriptionCatalog:
             return False
         return any(model in p.models and p.admits(identity) for p in self.policies)
 
+    def resolve(self, name: str, default_namespace: str | None) -> ModelRef | None:
+        """The model a bare name (a body's `model`) stands for: the only MaaSModelRef of that
+        name, else the one in `default_namespace`; None when none or several could be meant."""
+        found = [ref for ref in self.models if ref.name == name]
+        if len(found) == 1:
+            return found[0]
+        for ref in found:
+            if ref.namespace == default_namespace:
+                return ref
+        return None
+
     def select(
         self, identity: Identity, model: ModelRef, requested: str | None = None
     ) -> Selection | SubscriptionDenied:

@@ -96,7 +96,8 @@ def test_unknown_identity_source() -> None:
         (
             {"serverr": {}},
             "authz.yaml: serverr: unknown key "
-            "(expected one of: access, identity, kubernetes, models, response, server, tiers)",
+            "(expected one of: access, api_keys, authorization, identity, kubernetes, models, "
+            "response, server, subscriptions, tiers)",
         ),
         (
             {"identity": {"cach": {}}},

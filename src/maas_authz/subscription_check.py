@@ -1,0 +1,113 @@
+"""The subscription flow's phases after authentication: MaaSAuthPolicy access, then the
+MaaSSubscription the request runs under (as upstream maas-api selects it).
+
+Who takes this flow is authorization.mode's choice: `subscriptions` sends every credential
+here, `both` only sk-oai- API keys. Denials take upstream's form (the message as a text/plain
+body, the code in x-ext-auth-reason), so clients and runbooks written for MaaS read them as ever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from maas_authz.api_key_store import ApiKeyVerifier
+from maas_authz.decision import Allow, Decision, Deny
+from maas_authz.identity import Identity
+from maas_authz.model_path import ModelRef, OpenPath
+from maas_authz.subscriptions import NO_ACCESS, SubscriptionCatalog, SubscriptionDenied
+
+SUBSCRIPTION_HEADER = "x-maas-subscription"
+# identity headers only the gateway may set: a request that brings its own is refused outright
+FORGEABLE_HEADERS = ("x-maas-username", "x-maas-group")
+AUTHENTICATED = "system:authenticated"
+_MAX_REQUESTED = 253 + 1 + 63  # namespace/name
+
+
+def token_groups(groups: tuple[str, ...]) -> tuple[str, ...]:
+    """A token identity's groups for X-MaaS-Group: system:authenticated first, as upstream
+    renders them (the default subscription is granted to it), each group once."""
+    rest = tuple(dict.fromkeys(g for g in groups if g != AUTHENTICATED))
+    return (AUTHENTICATED, *rest)
+
+
+class SubscriptionFlow:
+    def __init__(
+        self,
+        *,
+        catalog: Callable[[], SubscriptionCatalog],  # the snapshot in force for each request
+        keys: ApiKeyVerifier | None,
+        for_tokens: bool,  # mode `subscriptions`: tokens too, not only API keys
+        default_namespace: str | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._keys = keys
+        self.for_tokens = for_tokens
+        self._default_namespace = default_namespace
+
+    def forged_headers(self, headers: Mapping[str, str]) -> Deny | None:
+        for name in FORGEABLE_HEADERS:
+            if name in headers:
+                return Deny(
+                    403,
+                    "identity_header_forbidden",
+                    f"the {name} header is set by the gateway; a request must not send it",
+                    plain=True,
+                )
+        return None
+
+    async def decide_for_key(
+        self, token: str, target: ModelRef | OpenPath | str, headers: Mapping[str, str]
+    ) -> Decision:
+        """An sk-oai- key: its own groups, and the subscription it is bound to (a client's
+        X-MaaS-Subscription cannot move a key to another subscription, as upstream)."""
+        if self._keys is None:
+            return Deny(401, "invalid_api_key", "API keys are not accepted here", plain=True)
+        verdict = await self._keys.verify(token)
+        if isinstance(verdict, str):
+            return Deny(401, "invalid_api_key", verdict, token_presented=True, plain=True)
+        identity = Identity(verdict.username, verdict.key_id, verdict.groups)
+        return self._authorize(identity, target, verdict.subscription, verdict.key_id)
+
+    def decide_for_token(
+        self, identity: Identity, target: ModelRef | OpenPath | str, headers: Mapping[str, str]
+    ) -> Decision:
+        requested = headers.get(SUBSCRIPTION_HEADER, "").strip()
+        if len(requested) > _MAX_REQUESTED:
+            return Deny(
+                400,
+                "invalid_subscription_header",
+                f"X-MaaS-Subscription is longer than {_MAX_REQUESTED} characters",
+                plain=True,
+            )
+        with_groups = Identity(identity.username, identity.uid, token_groups(identity.groups))
+        return self._authorize(with_groups, target, requested or None, "")
+
+    def _authorize(
+        self,
+        identity: Identity,
+        target: ModelRef | OpenPath | str,
+        requested: str | None,
+        key_id: str,
+    ) -> Decision:
+        if isinstance(target, OpenPath):  # e.g. /v1/models: authenticated, no subscription
+            return Allow(identity, None, None, subscription_flow=True, key_id=key_id)
+        catalog = self._catalog()
+        if isinstance(target, str):
+            resolved = catalog.resolve(target, self._default_namespace)
+            if resolved is None:
+                return Deny(
+                    404, "model_not_found", f"model {target!r} is not served here", plain=True
+                )
+            target = resolved
+        if not catalog.allowed(identity, target):
+            return _denied(NO_ACCESS)
+        chosen = catalog.select(identity, target, requested)
+        if isinstance(chosen, SubscriptionDenied):
+            return _denied(chosen)
+        return Allow(
+            identity, None, target, subscription_flow=True, selection=chosen, key_id=key_id
+        )
+
+
+def _denied(denial: SubscriptionDenied) -> Deny:
+    return Deny(403, denial.code, denial.message, plain=True)
