@@ -104,9 +104,7 @@ def denied(decision: Decision, status: int, code: str) -> Deny:
 
 def wire(decision: Decision, request_headers: tuple[str, ...] = ()) -> dict[str, object]:
     if isinstance(decision, Allow):
-        data = responses.allowed_serialized(
-            decision, request_headers, forward_authorization=False
-        )
+        data = responses.allowed_serialized(decision, request_headers, forward_authorization=False)
     else:
         data = responses.denied_serialized(decision)
     return MessageToDict(CheckResponse.FromString(data))
@@ -202,9 +200,7 @@ def test_a_key_file_that_holds_a_key_instead_of_its_hash_fails_naming_the_row() 
 
 
 @pytest.mark.asyncio
-async def test_tokens_in_subscription_mode_choose_with_the_header_and_get_upstreams_codes() -> (
-    None
-):
+async def test_tokens_in_subscription_mode_choose_with_the_header_and_get_upstreams_codes() -> None:
     # two subscriptions include tiny for demo-team: the header must choose
     several = denied(
         await check("/llm/tiny/v1/completions", "dana-token", mode="subscriptions"),
