@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 
 from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef, is_namespace_name, is_object_name
+from maas_ratelimit.bucket import countable
 
 T = TypeVar("T")
 
@@ -414,6 +415,12 @@ def _token_limit(read: _Reader, item: Any, path: str) -> TokenRateLimit:
         seconds = parse_window(item.get("window"))
     except ValueError as exc:
         raise read.fail(f"{path}.window", str(exc)) from None
+    if not countable(limit, seconds * 1000):
+        raise read.fail(
+            path,
+            f"{limit} tokens per {item['window']} is too large to count exactly; use a shorter "
+            "window or a smaller limit",
+        )
     return TokenRateLimit(limit, str(item["window"]), seconds)
 
 

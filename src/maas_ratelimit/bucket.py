@@ -25,6 +25,11 @@ MAX_EXACT = 2**53
 DEBT_WINDOWS = 64
 
 
+def countable(limit: int, window_ms: int) -> bool:
+    """Whether "limit per window" can be counted exactly, debt included (see MAX_EXACT)."""
+    return (DEBT_WINDOWS + 1) * limit * window_ms < MAX_EXACT
+
+
 @dataclass(frozen=True, slots=True)
 class BucketSpec:
     limit: int  # tokens per window

@@ -2,7 +2,14 @@
 
 The entry keys this server understands (Envoy's rate_limits actions produce them from the
 dynamic metadata maas-authz sets, never from client headers):
-  tier        the tier; limits are chosen by it (required for any limit to apply)
+  tier        the tier; limits are chosen by it (required for any limit to apply, unless
+              `subscription` is there instead)
+  subscription  in MaaS's subscription flow, instead of `tier`: the MaaSSubscription
+              (namespace/name) the request runs under; its limits come with it in
+  token_limits  `limit/window_seconds`, comma-separated: the subscription's token limits for
+              the model, each a bucket per user and model. A model request with neither tier
+              nor subscription is refused (the default deny)
+  billing_rate  the subscription's price per token (decimal); carried with the usage
   user        the user id; counters are per user (required)
   model       "namespace/name"; for per-model counters and model filters (optional)
   request_id  a unique id per request, from maas-authz; makes charges idempotent and lets a
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 TIER, USER, MODEL, REQUEST_ID, CHARGE, OUTCOME = (
     "tier", "user", "model", "request_id", "charge", "outcome"
 )  # fmt: skip
+SUBSCRIPTION, TOKEN_LIMITS, BILLING_RATE = "subscription", "token_limits", "billing_rate"
 RESERVE_PROMPT, RESERVE_COMPLETION = "reserve_prompt", "reserve_completion"
 CHARGE_KINDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _MAX_RESERVE_DIGITS = 18  # far above any estimate (the Lua caps each at 1e9); the limiter caps it
@@ -39,7 +47,11 @@ class Descriptor:  # frozen dataclass's __init__ costs four times as much
     entries: dict[str, str]
     hits: int  # how many to count: per-descriptor hits_addend, else the request's, else 1
     check_only: bool  # a per-descriptor hits_addend of 0: check, consume nothing
-    tier: str | None = field(init=False)
+    tier: str | None = field(init=False)  # the tier, or in the subscription flow the subscription
+    subscription: str | None = field(init=False)
+    token_limits: str | None = field(init=False)
+    billing_rate: str | None = field(init=False)
+    by_subscription: bool = field(init=False)  # no tier, a subscription: its limits apply
     user: str | None = field(init=False)
     model: str | None = field(init=False)
     request_id: str | None = field(init=False)
@@ -51,6 +63,11 @@ class Descriptor:  # frozen dataclass's __init__ costs four times as much
     def __post_init__(self) -> None:
         get = self.entries.get
         self.tier, self.user, self.model = get(TIER), get(USER), get(MODEL)
+        self.subscription = get(SUBSCRIPTION)
+        self.token_limits, self.billing_rate = get(TOKEN_LIMITS), get(BILLING_RATE)
+        self.by_subscription = self.tier is None and self.subscription is not None
+        if self.by_subscription:
+            self.tier = self.subscription
         self.request_id, self.charge_kind, self.outcome = get(REQUEST_ID), get(CHARGE), get(OUTCOME)
         prompt, completion = get(RESERVE_PROMPT), get(RESERVE_COMPLETION)
         self.reservation = (

@@ -28,7 +28,7 @@ from typing import Literal
 from maas_common.clock import Clock
 from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, ms_until_full, remaining_tokens
 from maas_ratelimit.descriptors import CHARGE_KINDS, Descriptor
-from maas_ratelimit.limits import Limit, LimitTable
+from maas_ratelimit.limits import Limit, LimitTable, subscription_limits
 from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, Outcome
 
 Result = Literal["allowed", "limited", "shadow_limited"]
@@ -84,6 +84,7 @@ class DescriptorVerdict:
 
 
 _NOTHING_ADMITTED = DescriptorVerdict(False, None)  # a descriptor that asked nothing of a bucket
+_REFUSED = DescriptorVerdict(True, None)  # refused by no limit (Verdict.refusal says why)
 
 
 @dataclass(slots=True)  # per call: see _PER_CALL
@@ -93,6 +94,7 @@ class ChargeReport:
     kind: str  # prompt_tokens, completion_tokens or total_tokens
     tokens: int  # as reported, before any weight
     status: ChargeStatus
+    billing_rate: str | None = None  # the subscription's price per token, as maas-authz sent it
 
 
 @dataclass(slots=True)  # per call: see _PER_CALL
@@ -107,6 +109,8 @@ class Verdict:
     # (tier, model, tokens) before weights: the part of a settled reservation that was not used
     # (all of it for an answer charged nothing); only what the store applied
     refunded: tuple[tuple[str, str, int], ...] = ()
+    # refused by no limit: "no_subscription", a model request with neither tier nor subscription
+    refusal: str | None = None
 
     @property
     def binding(self) -> LimitState | None:
@@ -150,7 +154,8 @@ class _Settlement:
     def __init__(self) -> None:
         self.shares: dict[tuple[str, str], _Share] = {}  # (limit, counter key) -> share
         self.requests: dict[tuple[str, str, str], _Request] = {}  # (tier, user, model)
-        self.reported: list[tuple[str, str, str, int]] = []  # (tier, model, kind, tokens)
+        # (tier, model, kind, tokens, billing rate)
+        self.reported: list[tuple[str, str, str, int, str | None]] = []
         self.outcomes: list[tuple[str, str]] = []  # (tier, outcome) of the usage reader
 
     def outcome_descriptor(
@@ -178,7 +183,15 @@ class _Settlement:
     def charge(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str) -> None:
         """A charge descriptor: its hits are `kind` tokens used."""
         self.add(limits, descriptor, kind, descriptor.hits)
-        self.reported.append((descriptor.tier or "", descriptor.model or "", kind, descriptor.hits))
+        self.reported.append(
+            (
+                descriptor.tier or "",
+                descriptor.model or "",
+                kind,
+                descriptor.hits,
+                descriptor.billing_rate,
+            )
+        )
 
     def add(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str, count: int) -> None:
         """A descriptor's usage (`count` tokens of `kind`) and the reservation it carries."""
@@ -203,7 +216,7 @@ class _Settlement:
         return [Charge(s.key, s.limit.spec, s.amount) for s in self.shares.values()]
 
     def reports(self, status: ChargeStatus) -> tuple[ChargeReport, ...]:
-        return tuple(ChargeReport(t, m, k, n, status) for t, m, k, n in self.reported)
+        return tuple(ChargeReport(t, m, k, n, status, r) for t, m, k, n, r in self.reported)
 
     def refunds(self) -> tuple[tuple[str, str, int], ...]:
         """(tier, model, tokens) of every request whose reservation exceeded its usage."""
@@ -290,6 +303,8 @@ class RateLimiter:
         # (tier, model) -> the limits that apply, for the table they were read from
         self._table: LimitTable | None = None
         self._applicable: dict[tuple[str, str | None], _Applicable] = {}
+        # (subscription, token_limits) -> its limits (None: an unusable token_limits entry)
+        self._subscribed: dict[tuple[str, str], _Applicable | None] = {}
 
     def _limits_for(self, table: LimitTable, tier: str, model: str | None) -> _Applicable:
         if table is not self._table:  # a reload: start afresh
@@ -301,6 +316,20 @@ class RateLimiter:
             if len(self._applicable) >= _MAX_APPLICABLE:  # models are whatever Envoy sends
                 self._applicable.clear()
             self._applicable[key] = applicable
+        return applicable
+
+    def _limits_of_subscription(self, descriptor: Descriptor) -> _Applicable | None:
+        """The token limits a subscription's descriptor carries, or None when it carries none
+        that can be used (refused: a subscription is never taken for "no limit")."""
+        assert descriptor.subscription is not None
+        key = (descriptor.subscription, descriptor.token_limits or "")
+        if key in self._subscribed:
+            return self._subscribed[key]
+        limits = subscription_limits(*key) if descriptor.token_limits else None
+        applicable = _Applicable.of(limits) if limits is not None else None
+        if len(self._subscribed) >= _MAX_APPLICABLE:
+            self._subscribed.clear()
+        self._subscribed[key] = applicable
         return applicable
 
     async def decide(self, domain: str, descriptors: Sequence[Descriptor]) -> Verdict:
@@ -315,13 +344,27 @@ class RateLimiter:
         ignored: list[str] = []
         admission = _Admission()
         settlement: _Settlement | None = None  # only calls after a response settle anything
+        refusal: str | None = None  # an admission refused by no limit: the default deny
         for descriptor in descriptors:
             tier, user = descriptor.tier, descriptor.user
+            settles = descriptor.outcome is not None or descriptor.charge_kind is not None
             if not tier or not user:
                 ignored.append("no_tier" if not tier else "no_user")
+                if user and descriptor.model and not settles:
+                    refusal = "no_subscription"  # a model request that nothing entitles
                 admission.skip()
                 continue
-            applicable = self._limits_for(table, tier, descriptor.model)
+            if descriptor.by_subscription:
+                found = self._limits_of_subscription(descriptor)
+                if found is None:
+                    ignored.append("bad_token_limits")
+                    if not settles:
+                        refusal = "no_subscription"
+                    admission.skip()
+                    continue
+                applicable = found
+            else:
+                applicable = self._limits_for(table, tier, descriptor.model)
             outcome = descriptor.outcome
             if outcome is None and descriptor.charge_kind is None:
                 admission.add(applicable, descriptor, tier, user)
@@ -335,6 +378,13 @@ class RateLimiter:
                 if unusable:
                     ignored.append(unusable)
 
+        if refusal is not None:  # before any bucket is touched: nothing taken anywhere
+            return Verdict(
+                True,
+                tuple(_REFUSED for _ in descriptors),
+                ignored=tuple(ignored),
+                refusal=refusal,
+            )
         admitted, verdicts = await self._admit(admission, now_ms, request_id)
         if settlement is None:
             return Verdict(

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from maas_common.config import Duration, StrictModel, parse_yaml_text, validate
 from maas_common.errors import ConfigError
-from maas_ratelimit.bucket import DEBT_WINDOWS, MAX_EXACT, BucketSpec
+from maas_ratelimit.bucket import BucketSpec, countable
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 Kind = Literal["requests", "tokens"]
@@ -91,7 +91,7 @@ class LimitSpec(StrictModel):
 
     @model_validator(mode="after")
     def _exact(self) -> LimitSpec:
-        if (DEBT_WINDOWS + 1) * self.limit * round(self.window * 1000) >= MAX_EXACT:
+        if not countable(self.limit, round(self.window * 1000)):
             raise ValueError(
                 f"limit x window is too large to count exactly ({self.limit} per {self.window}s); "
                 "use a shorter window"
@@ -136,6 +136,8 @@ class Limit:
     shadow: bool
     prompt_weight: float = 1.0
     completion_weight: float = 1.0
+    # a MaaSSubscription's token limit: `tier` holds the subscription (namespace/name)
+    subscription: bool = False
     _key_prefix: str = field(init=False, repr=False, compare=False)  # see counter_key
 
     def __post_init__(self) -> None:
@@ -160,7 +162,8 @@ class Limit:
     def description(self) -> str:
         """What a client is told, e.g. "free tier: 5 requests per 2m"."""
         window = format_window(self.spec.window_ms)
-        return f"{self.tier} tier: {self.spec.limit} {self.kind} per {window}"
+        scope = f"subscription {self.tier}" if self.subscription else f"{self.tier} tier"
+        return f"{scope}: {self.spec.limit} {self.kind} per {window}"
 
     @property
     def unit(self) -> str:
@@ -191,6 +194,40 @@ class LimitTable:
     def for_tier(self, tier: str, model: str | None) -> Sequence[Limit]:
         limits: dict[str, tuple[Limit, ...]] = self._by_tier  # type: ignore[attr-defined]
         return [limit for limit in limits.get(tier, ()) if limit.applies_to(model)]
+
+
+MAX_SUBSCRIPTION_LIMITS = 16  # token limits one subscription may set on one model
+
+
+def subscription_limits(subscription: str, text: str) -> tuple[Limit, ...] | None:
+    """A subscription's token limits for one model, from maas-authz's `token_limits` entry
+    (`limit/window_seconds`, comma-separated): one bucket per user and model each; None when
+    the entry is not that (a bug upstream of us: refused, never taken for "no limit")."""
+    limits: list[Limit] = []
+    for index, part in enumerate(text.split(",")):
+        limit_text, slash, window_text = part.partition("/")
+        if not (slash and limit_text.isdigit() and window_text.isdigit()):
+            return None
+        if not (limit_text.isascii() and window_text.isascii()) or len(part) > 24:
+            return None
+        limit, window_ms = int(limit_text), int(window_text) * 1000
+        if limit < 1 or window_ms < 1000 or not countable(limit, window_ms):
+            return None
+        limits.append(
+            Limit(
+                name=f"{subscription}/tokens-{index}",
+                tier=subscription,
+                kind="tokens",
+                spec=BucketSpec(limit, window_ms),
+                per_model=True,
+                models=frozenset(),
+                shadow=False,
+                subscription=True,
+            )
+        )
+    if not limits or len(limits) > MAX_SUBSCRIPTION_LIMITS:
+        return None
+    return tuple(limits)
 
 
 def parse_limits(text: str, source: str) -> LimitTable:

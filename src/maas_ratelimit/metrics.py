@@ -6,11 +6,15 @@ the hot path instead of prometheus_client's lock per increment (maas-ratelimit i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from maas_common.metrics import FastCounter, FastHistogram, config_reload_counter
+
+_RATES: dict[str, float] = {}  # billing_rate text -> per-token price
 
 
 class RateLimitMetrics:
@@ -51,6 +55,13 @@ class RateLimitMetrics:
             ["tier", "model"],
             registry,
         )
+        self.cost = FastCounter(
+            "maas_ratelimit_cost_charged",
+            "Cost of the LLM tokens charged, at the subscription's billingRate (perToken), by "
+            "subscription (the tier label) and model",
+            ["tier", "model"],
+            registry,
+        )
         self.reported = FastCounter(
             "maas_ratelimit_usage_responses",
             "Responses the usage reader reported on, by outcome: charged, or why nothing was "
@@ -88,6 +99,20 @@ class RateLimitMetrics:
             "Live buckets held in memory (memory store)",
             registry=registry,
         )
+
+    def charge_cost(self, tier: str, model: str, tokens: int, billing_rate: str) -> None:
+        rate = _RATES.get(billing_rate)
+        if rate is None:
+            try:
+                rate = float(Decimal(billing_rate))
+            except InvalidOperation:
+                rate = -1.0
+            if not (rate >= 0 and math.isfinite(rate)):
+                rate = -1.0  # unusable: counted nowhere (maas-authz only sends valid rates)
+            if len(_RATES) < 1024:
+                _RATES[billing_rate] = rate
+        if rate >= 0:
+            self.cost.inc(tier, model, amount=tokens * rate)
 
     def track_buckets(self, count: Callable[[], int]) -> None:
         self.buckets.set_function(lambda: float(count()))

@@ -71,7 +71,20 @@ def build(verdict: Verdict) -> RateLimitResponse:
         if descriptor.reported is not None:
             _set_status(status, descriptor.reported)
     binding = verdict.binding if verdict.over_limit else None
-    if binding is not None:
+    if verdict.refusal is not None:
+        response.response_headers_to_add.append(
+            HeaderValue(key="content-type", value="application/json")
+        )
+        response.raw_body = json.dumps(
+            {
+                "error": {
+                    "message": "no subscription entitles this request to the model",
+                    "type": "tokens",
+                    "code": verdict.refusal,
+                }
+            }
+        ).encode()
+    elif binding is not None:
         response.response_headers_to_add.extend(
             [
                 HeaderValue(key="retry-after", value=str(retry_after_seconds(binding))),

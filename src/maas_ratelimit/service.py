@@ -132,6 +132,10 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         for charge in verdict.charges:
             if charge.status is ChargeStatus.APPLIED:
                 metrics.charged.inc(charge.tier, charge.model, charge.kind, amount=charge.tokens)
+                if charge.billing_rate is not None:
+                    metrics.charge_cost(
+                        charge.tier, charge.model, charge.tokens, charge.billing_rate
+                    )
             else:
                 metrics.skipped.inc(charge.status.value)
         for tier, outcome in verdict.outcomes:

@@ -345,6 +345,19 @@ def test_windows_outside_the_crd_pattern_are_refused(window: object) -> None:
             "got '1d'",
         ),
         (
+            {
+                "modelRefs": [
+                    {
+                        "namespace": "llm",
+                        "name": "tiny",
+                        "tokenRateLimits": [{"limit": 1_000_000_000, "window": "24h"}],
+                    }
+                ]
+            },
+            "spec.modelRefs[0].tokenRateLimits[0]",
+            "too large to count exactly",
+        ),
+        (
             {"modelRefs": [{"namespace": "LLM", "name": "tiny", "tokenRateLimits": PER_MINUTE}]},
             "spec.modelRefs[0].namespace",
             "is not a namespace name",
