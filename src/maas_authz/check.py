@@ -98,8 +98,10 @@ class CheckPipeline:
             target = named
         else:
             target = routed
+        # the subscription flow refuses client X-MaaS-Username/Group outright (the tier flow
+        # strips them, as ever); before authentication, so a forger learns nothing of the key
         flow = self._subscriptions
-        if flow is not None:
+        if flow is not None and flow.for_tokens:
             forged = flow.forged_headers(headers)
             if forged is not None:
                 return forged
@@ -112,6 +114,9 @@ class CheckPipeline:
                 401, token.code, token.message, token_presented=token.code == "invalid_token"
             )
         if flow is not None and is_api_key(token):
+            forged = flow.forged_headers(headers)
+            if forged is not None:
+                return forged
             try:
                 return await flow.decide_for_key(token, target, headers)
             except BackendUnavailable as exc:

@@ -110,7 +110,6 @@ class ModelsSection(StrictModel):
     body_routes: list[str] = Field(
         default_factory=lambda: ["/v1/chat/completions", "/v1/completions"]
     )
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     @field_validator("body_routes")
     @classmethod

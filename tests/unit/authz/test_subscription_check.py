@@ -277,8 +277,19 @@ async def test_client_identity_headers_are_refused_before_anything_else(header: 
         "identity_header_forbidden",
     )
     assert header in deny.message
-    # before authentication: no key lookup tells a forger whether the key was good
-    deny = denied(await check("/v1/models", None, headers={header: "x"}), 403, deny.code)
+    # before the key is looked up: a forger learns nothing of whether the key was good
+    unknown = "sk-oai-nobody_NoSuchSecret"
+    denied(await check("/v1/models", unknown, headers={header: "x"}), 403, deny.code)
+    # in mode `subscriptions`, before authentication of any credential
+    denied(
+        await check("/v1/models", None, headers={header: "x"}, mode="subscriptions"),
+        403,
+        deny.code,
+    )
+    # in mode `both` the tier flow keeps its behaviour: allowed, the header stripped
+    allow = allowed(await check("/llm/tiny/v1/completions", "free", headers={header: "x"}))
+    message = wire(allow, (header,))
+    assert header in message["okResponse"]["headersToRemove"]  # type: ignore[index]
 
 
 @pytest.mark.asyncio
