@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
+from typing import Any
 
 import pytest
 import yaml
@@ -87,6 +88,16 @@ def start_stack(workdir: pathlib.Path, authz_config: pathlib.Path) -> LocalStack
     return stack
 
 
+def demo_authz_config() -> dict[str, Any]:
+    """The demo's authz.yaml with every file it names made absolute, to be written elsewhere."""
+    authz: dict[str, Any] = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
+    static = authz["identity"]["static"]
+    static["keys_file"] = str(CONFIG_DIR / static["keys_file"])
+    for section in ("tiers", "subscriptions", "api_keys"):
+        authz[section]["file"] = str(CONFIG_DIR / authz[section]["file"])
+    return authz
+
+
 def stack_configs(
     work: pathlib.Path,
     users: dict[str, tuple[str, str]],
@@ -99,11 +110,8 @@ def stack_configs(
         for key, (name, group) in users.items()
     ]
     (work / "keys.yaml").write_text(yaml.safe_dump({"keys": keys}))
-    authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
+    authz = demo_authz_config()
     authz["identity"]["static"]["keys_file"] = str(work / "keys.yaml")
-    authz["tiers"]["file"] = str(CONFIG_DIR / "tiers.yaml")
-    authz["subscriptions"]["file"] = str(CONFIG_DIR / "subscriptions.yaml")
-    authz["api_keys"]["file"] = str(CONFIG_DIR / "api-keys.yaml")
     (work / "authz.yaml").write_text(yaml.safe_dump(authz))
     configs = {"authz_config": work / "authz.yaml"}
     if limits is not None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from maas_demo.stack import CONFIG_DIR
-from tests.e2e.conftest import Gateway, http, start_stack, wait_for
+from tests.e2e.conftest import Gateway, demo_authz_config, http, start_stack, wait_for
 
 pytestmark = pytest.mark.e2e
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -79,7 +79,7 @@ def mounted_config(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
         shutil.copy(CONFIG_DIR / name, first / name)
         (mount / name).symlink_to(pathlib.Path("..data") / name)
     (mount / "..data").symlink_to(first.name)
-    config = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
+    config = demo_authz_config()
     config["identity"]["static"] = {
         "keys_file": str(mount / "keys.yaml"),
         "reload_interval": "100ms",

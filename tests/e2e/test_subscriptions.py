@@ -15,7 +15,7 @@ import yaml
 
 from maas_authz.api_keys import hash_key
 from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
-from tests.e2e.conftest import Gateway, HttpResult, wait_for
+from tests.e2e.conftest import Gateway, HttpResult, demo_authz_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -66,14 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ]
     keys_file = work / "api-keys.yaml"
     keys_file.write_text(yaml.safe_dump(keys))
-    authz = yaml.safe_load((CONFIG_DIR / "authz.yaml").read_text())
-    for section, name in (
-        ("static", "keys.yaml"),
-        ("tiers", "tiers.yaml"),
-        ("subscriptions", "subscriptions.yaml"),
-    ):
-        target = authz["identity"]["static"] if section == "static" else authz[section]
-        target["keys_file" if section == "static" else "file"] = str(CONFIG_DIR / name)
+    authz = demo_authz_config()
     authz["api_keys"]["file"] = str(keys_file)
     (work / "authz.yaml").write_text(yaml.safe_dump(authz))
     local = LocalStack(work / "run", Ports.free(), authz_config=work / "authz.yaml")
