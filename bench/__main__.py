@@ -42,6 +42,7 @@ def _ratelimit_redis(ctx: Context) -> list[Figure]:
 
 SCENARIOS: dict[str, Scenario] = {
     "check-static": servers.check_static_key,
+    "check-api-key": servers.check_api_key,
     "check-workers": servers.check_workers,
     "kubernetes": check_kubernetes,
     "ratelimit-memory": _ratelimit_memory,

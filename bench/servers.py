@@ -29,6 +29,7 @@ CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 RLS_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 DEMO_CONFIG = REPO / "src" / "maas_demo" / "config"
 MODEL_PATH = "/llm/tiny/v1/chat/completions"
+DEMO_API_KEY = "sk-oai-demobasic_DemoBasicSecret1"  # src/maas_demo/config/api-keys.yaml
 
 
 def check_request(token: str, path: str = MODEL_PATH) -> external_auth_pb2.CheckRequest:
@@ -139,9 +140,11 @@ def compare(
     throughput_floor: float | None,
     cpu_floor: float | None = None,
     before_stop: Callable[[Side], None] = lambda _subject: None,
+    baseline_body: bytes | None = None,
 ) -> list[Figure]:
     """The subject against the baseline, each started afresh every round by its `start_*`;
-    `before_stop` sees each subject process after its round (e.g. to read its metrics)."""
+    `before_stop` sees each subject process after its round (e.g. to read its metrics). The
+    baseline gets `baseline_body` where given, else the same `body`."""
     sizes = ctx.sizes
     base, ours = Runs(), Runs()
     warm = Load(sizes.warmup_requests)
@@ -154,9 +157,10 @@ def compare(
         pairs = [(baseline, Runs()), (subject, Runs())]
         for side, runs in pairs if index % 2 == 0 else pairs[::-1]:
             url = _url(side, method_path)
-            warmed_up = run_h2load(url, warm, body=body, headers=GRPC_HEADERS).requests
-            runs.saturate(side, url, saturate, body)
-            runs.fixed.append(run_h2load(url, fixed, body=body, headers=GRPC_HEADERS))
+            sent = baseline_body if side is baseline and baseline_body is not None else body
+            warmed_up = run_h2load(url, warm, body=sent, headers=GRPC_HEADERS).requests
+            runs.saturate(side, url, saturate, sent)
+            runs.fixed.append(run_h2load(url, fixed, body=sent, headers=GRPC_HEADERS))
             problem = side.verify(runs.sent() + warmed_up)
             if problem:
                 raise RuntimeError(f"{scenario}: {side.name} did not answer as expected: {problem}")
@@ -287,6 +291,22 @@ def check_static_key(ctx: Context) -> list[Figure]:
             lambda: start_authz(ctx, "maas-authz (static keys)", config), method_path=CHECK_PATH,
             body=grpc_frame(check_request("sk-demo-enterprise")), throughput_floor=0.8,
             cpu_floor=1.25,
+        )  # fmt: skip
+
+
+def check_api_key(ctx: Context) -> list[Figure]:
+    """An sk-oai- API key in the subscription flow (key file, MaaSAuthPolicy, MaaSSubscription)
+    vs a static key in the tier flow, the same server and config: the subscription flow's
+    in-memory path must cost no more (the ratio is ours/static)."""
+    config = str(DEMO_CONFIG / "authz.yaml")
+    with ctx.services():
+        return compare(
+            ctx, "Check, sk-oai- key vs static key",
+            lambda: start_authz(ctx, "maas-authz, static key", config),
+            lambda: start_authz(ctx, "maas-authz, sk-oai- key", config), method_path=CHECK_PATH,
+            body=grpc_frame(check_request(DEMO_API_KEY)),
+            baseline_body=grpc_frame(check_request("sk-demo-enterprise")),
+            throughput_floor=0.95, cpu_floor=1.05,
         )  # fmt: skip
 
 
