@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs for real: redis-server, luajit (the Lua of Envoy, for
-# envoy/lua/usage.lua), and h2load (nghttp2-client, the load generator of `make bench`).
+# envoy/lua/usage.lua), h2load (nghttp2-client, the load generator of `make bench`) and
+# PostgreSQL (postgresql: maas-api's api_keys table; the tests start their own server).
 # Installs only what is missing.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v luajit >/dev/null 2>&1 || missing+=(luajit)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 ((${#missing[@]})) || exit 0
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -22,5 +24,6 @@ if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${mis
     tail -n 40 "$log" >&2
     exit 1
 fi
-# The package starts a system-wide Redis on 6379; the tests start their own on free ports.
+# The packages start a system-wide Redis on 6379 (and PostgreSQL on 5432 where services run);
+# the tests start their own on free ports.
 rm -f "$log"

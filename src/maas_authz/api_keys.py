@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 PREFIX = "sk-oai-"
 _BASE62 = re.compile(r"^[0-9A-Za-z]+$")
@@ -82,6 +82,14 @@ class KeyIdentity:
     username: str
     groups: tuple[str, ...]
     subscription: str
+    expires_at: datetime | None = None  # caches never keep a verdict past it
+
+
+class KeyValidator(Protocol):
+    """An sk-oai- key -> who it is, or maas-api's reason to refuse it. Raises
+    maas_common.errors.BackendUnavailable when it cannot tell (the database, maas-api)."""
+
+    async def verify(self, token: str) -> KeyIdentity | Rejection: ...
 
 
 def judge(record: ApiKeyRecord | None, now: datetime) -> KeyIdentity | Rejection:
@@ -100,4 +108,5 @@ def judge(record: ApiKeyRecord | None, now: datetime) -> KeyIdentity | Rejection
         username=record.username,
         groups=record.groups,
         subscription=record.subscription.strip(),
+        expires_at=record.expires_at,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,13 @@ from prometheus_client import CollectorRegistry
 
 from maas_authz import service
 from maas_authz.access import AccessReviewer, Grant, StaticAccessReviewer
+from maas_authz.api_key_maas_api import MaasApiKeyValidator
+from maas_authz.api_key_postgres import PostgresApiKeys
 from maas_authz.api_key_store import ApiKeyFile, ApiKeyVerifier, parse_api_key_file
-from maas_authz.caching import CachedAccessReviewer, CachedTokenReviewer
+from maas_authz.api_keys import KeyValidator
+from maas_authz.caching import CachedAccessReviewer, CachedKeyValidator, CachedTokenReviewer
 from maas_authz.check import CheckLimits, CheckPipeline
-from maas_authz.config import AuthzConfig
+from maas_authz.config import ApiKeysSection, AuthzConfig
 from maas_authz.identity import Identity, TokenReviewer
 from maas_authz.kube_reviews import ResourceCheck
 from maas_authz.kubernetes import (
@@ -214,6 +217,8 @@ class _Subscriptions:
     flow: SubscriptionFlow
     watched: list[WatchedFile[Any]]
     background: list[Callable[[], Coroutine[Any, Any, None]]]
+    key_cache: CachedKeyValidator | None
+    closers: list[Callable[[], Awaitable[None]]]
 
 
 def _build_subscriptions(
@@ -271,25 +276,92 @@ def _build_subscriptions(
 
         background.append(run_watch)
         catalog = current
-    keys: ApiKeyVerifier | None = None
-    if config.api_keys is not None:
-        assert config.api_keys.file is not None
-        key_file: WatchedFile[ApiKeyFile] = _watch(
-            resolve_path(base_dir, config.api_keys.file),
-            parse_api_key_file,
-            "api_keys",
-            config.api_keys.reload_interval,
-            metrics,
-        )
-        watched.append(key_file)
-        keys = ApiKeyVerifier(lambda: key_file.value, clock)
+    keys, key_cache, closers = (
+        _build_api_keys(config.api_keys, base_dir, clock, metrics, watched)
+        if config.api_keys is not None
+        else (None, None, [])
+    )
     flow = SubscriptionFlow(
         catalog=catalog,
         keys=keys,
         for_tokens=config.authorization.mode == "subscriptions",
         default_namespace=config.models.default_namespace,
     )
-    return _Subscriptions(flow, watched, background)
+    return _Subscriptions(flow, watched, background, key_cache, closers)
+
+
+def _build_api_keys(
+    section: ApiKeysSection,
+    base_dir: Path,
+    clock: Clock,
+    metrics: AuthzMetrics,
+    watched: list[WatchedFile[Any]],
+) -> tuple[KeyValidator, CachedKeyValidator | None, list[Callable[[], Awaitable[None]]]]:
+    """sk-oai- key validation from its source; a database or maas-api behind a short cache."""
+    if section.source == "file":
+        assert section.file is not None
+        key_file: WatchedFile[ApiKeyFile] = _watch(
+            resolve_path(base_dir, section.file),
+            parse_api_key_file,
+            "api_keys",
+            section.reload_interval,
+            metrics,
+        )
+        watched.append(key_file)
+        # in memory: no cache in front, so a key file edit applies at the next reload
+        return ApiKeyVerifier(lambda: key_file.value, clock), None, []
+    inner: KeyValidator
+    closers: list[Callable[[], Awaitable[None]]] = []
+    if section.source == "postgresql":
+        pg = section.postgresql
+        assert pg is not None
+        store = PostgresApiKeys(
+            pg.dsn,
+            password=_password_reader(resolve_path(base_dir, pg.password_file))
+            if pg.password_file
+            else lambda: None,
+            tenant=pg.tenant,
+            max_connections=pg.max_connections,
+            timeout=pg.timeout,
+            connect_timeout=pg.connect_timeout,
+            observe=metrics.key_lookup_observer("postgresql"),
+        )
+        inner = ApiKeyVerifier(lambda: store, clock)
+        closers.append(store.close)
+    else:
+        api = section.maas_api
+        assert api is not None
+        validator = MaasApiKeyValidator(
+            api.url,
+            timeout=api.timeout,
+            max_concurrency=api.max_concurrency,
+            observe=metrics.key_lookup_observer("maas-api"),
+        )
+        inner = validator
+        closers.append(validator.close)
+    cache = section.cache
+    cached = CachedKeyValidator(
+        inner,
+        ttl=cache.ttl,
+        negative_ttl=cache.negative_ttl,
+        stale_if_error=cache.stale_if_error,
+        max_entries=cache.max_entries,
+        clock=clock,
+        on_event=metrics.cache_observer("api_keys"),
+        on_stale=metrics.stale_key_served,
+    )
+    return cached, cached, closers
+
+
+def _password_reader(path: Path) -> Callable[[], str | None]:
+    def read() -> str | None:
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:  # the connect fails without it; the lookup answers 503
+            log.warning("cannot read the database password file %s: %s", path, exc)
+            return None
+
+    return read
 
 
 async def build_app(
@@ -351,9 +423,11 @@ async def build_app(
         pipeline, metrics, forward_authorization=config.response.forward_authorization
     )
 
+    key_cache = subscriptions.key_cache if subscriptions else None
+
     async def purge(request: web.Request) -> web.Response:
         username = request.query.get("user")
-        return web.json_response(_purge(identity_cache, access_cache, username))
+        return web.json_response(_purge(identity_cache, access_cache, key_cache, username))
 
     runtime = ServerRuntime(
         name="maas-authz",
@@ -366,7 +440,10 @@ async def build_app(
             *(w.watch for w in watched),
             *(subscriptions.background if subscriptions else ()),
         ],
-        on_close=[api.close] if api else [],
+        on_close=[
+            *([api.close] if api else []),
+            *(subscriptions.closers if subscriptions else ()),
+        ],
         admin_addr=config.server.admin_addr,
         admin_routes=[web.post("/admin/purge", purge)],
     )
@@ -379,10 +456,14 @@ async def build_app(
 def _purge(
     identities: CachedTokenReviewer | None,
     access: CachedAccessReviewer | None,
+    api_keys: CachedKeyValidator | None,
     username: str | None,
 ) -> dict[str, int]:
-    """Drop cached identities and access decisions (all, or one user's) for instant revocation."""
-    counts = {"identities": 0, "access_decisions": 0}
+    """Drop cached identities, access decisions and API key verdicts (all, or one user's) for
+    instant revocation."""
+    counts = {"identities": 0, "access_decisions": 0, "api_keys": 0}
+    if api_keys is not None:
+        counts["api_keys"] = api_keys.forget_user(username) if username else api_keys.clear()
     if identities is not None:
         counts["identities"] = (
             identities.forget_user(username) if username else identities.cache.clear()

@@ -179,16 +179,66 @@ class SubscriptionsSection(StrictModel):
         return self
 
 
+class PostgresSection(StrictModel):
+    # maas-api's database; no password here: password_file (a mounted Secret), re-read at each
+    # connect, or the libpq environment (PGPASSWORD, PGPASSFILE)
+    dsn: str
+    password_file: Path | None = None
+    tenant: str = "models-as-a-service"  # maas-api's tenant column, as its lookups filter
+    max_connections: int = Field(8, ge=1, le=256)
+    timeout: PositiveDuration = 0.5  # per lookup, including the wait for a free connection
+    connect_timeout: PositiveDuration = 2.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"expected a postgresql:// URL, got {value.rsplit('@', maxsplit=1)[-1]!r}"
+            )
+        if ":" in value.split("://", 1)[1].split("@", 1)[0] and "@" in value:
+            raise ValueError("keep the password out of the DSN: use password_file")
+        return value
+
+
+class MaasApiSection(StrictModel):
+    url: str  # e.g. http://maas-api.maas-api.svc:8080; POST /internal/v1/api-keys/validate
+    timeout: PositiveDuration = 0.5
+    max_concurrency: int = Field(32, ge=1, le=4096)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+
+class KeyCacheSection(StrictModel):
+    ttl: Duration = 1.0  # a key revoked in the database stops working within this (+ a lookup)
+    negative_ttl: Duration = 1.0
+    stale_if_error: Duration = 30.0  # a key valid this recently keeps working while the store fails
+    max_entries: int = Field(100_000, ge=1)
+
+
 class ApiKeysSection(StrictModel):
-    # file: maas-api's api_keys rows as YAML, hashes only (demo, clusterless)
-    source: Literal["file"] = "file"
+    # file: maas-api's api_keys rows as YAML, hashes only (demo, clusterless);
+    # postgresql: maas-api's table, read-only; maas-api: its validate endpoint over HTTP
+    source: Literal["file", "postgresql", "maas-api"] = "file"
     file: Path | None = None
     reload_interval: PositiveDuration = 1.0
+    postgresql: PostgresSection | None = None
+    maas_api: MaasApiSection | None = None
+    cache: KeyCacheSection = KeyCacheSection()
 
     @model_validator(mode="after")
-    def _file_needs_path(self) -> ApiKeysSection:
+    def _source_has_settings(self) -> ApiKeysSection:
         if self.source == "file" and self.file is None:
             raise ValueError("source 'file' needs file:")
+        if self.source == "postgresql" and self.postgresql is None:
+            raise ValueError("source 'postgresql' needs a postgresql: section (at least dsn)")
+        if self.source == "maas-api" and self.maas_api is None:
+            raise ValueError("source 'maas-api' needs a maas_api: section (at least url)")
         return self
 
 

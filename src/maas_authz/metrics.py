@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from maas_authz.subscriptions import InvalidObject, ObjectKey
@@ -55,12 +57,35 @@ class AuthzMetrics:
             ["informer", "kind"],
             registry=registry,
         )
+        self.key_lookup_seconds = Histogram(
+            "maas_authz_api_key_lookup_duration_seconds",
+            "sk-oai- key lookups in the key store (postgresql, maas-api), by source and outcome "
+            "(found, not_found, http_200, timeout, connect, ...)",
+            ["source", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stale_keys = Counter(
+            "maas_authz_api_key_stale_served",
+            "sk-oai- keys let through on an earlier verdict because the key store failed "
+            "(api_keys.cache.stale_if_error)",
+            registry=registry,
+        )
         self.config_reloads = config_reload_counter(registry)
         self._decisions = LabelledCounter(self.decisions)
 
     def object_skipped(self, problem: InvalidObject) -> None:
         key = problem.key
         self.objects_skipped.labels(key.kind if isinstance(key, ObjectKey) else "unknown").inc()
+
+    def key_lookup_observer(self, source: str) -> Callable[[float, str], None]:
+        def observe(seconds: float, outcome: str) -> None:
+            self.key_lookup_seconds.labels(source, outcome).observe(seconds)
+
+        return observe
+
+    def stale_key_served(self) -> None:
+        self.stale_keys.inc()
 
     def watch_error(self, informer: str, kind: str) -> None:
         self.watch_errors.labels(informer, kind).inc()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from maas_authz.api_key_store import ApiKeyVerifier
+from maas_authz.api_keys import KeyValidator
 from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef, OpenPath
@@ -35,7 +35,7 @@ class SubscriptionFlow:
         self,
         *,
         catalog: Callable[[], SubscriptionCatalog],  # the snapshot in force for each request
-        keys: ApiKeyVerifier | None,
+        keys: KeyValidator | None,
         for_tokens: bool,  # mode `subscriptions`: tokens too, not only API keys
         default_namespace: str | None = None,
     ) -> None:
