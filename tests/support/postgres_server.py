@@ -136,12 +136,63 @@ class PostgresServer:
         return answer.stdout
 
     def stop(self) -> None:
-        """SIGTERM (a smart shutdown; SIGKILL if it does not end) and wait. Idempotent."""
+        """A fast shutdown (clients disconnected, data consistent), as an operator's
+        `pg_ctl stop -m fast`; the process group killed if that fails. Idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            stop_process_group(proc, grace=15.0)
+            if proc.poll() is None:
+                subprocess.run(
+                    [*self._as, self._tool("pg_ctl"), "stop", "-D", str(self.data), "-m", "fast",
+                     "-w", "-t", "15"],
+                    capture_output=True, timeout=30, check=False,
+                )  # fmt: skip
+            stop_process_group(proc, grace=5.0)
         _LIVE.discard(self)
 
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+SCHEMA = pathlib.Path(__file__).resolve().parent / "sql" / "maas_api_keys.sql"
+GATEWAY_ROLE = "maas_gateway"  # SELECT on api_keys only (the schema file grants it)
+
+
+def maas_api_database() -> PostgresServer:
+    """A started server holding maas-api's api_keys table (empty)."""
+    server = PostgresServer()
+    server.start()
+    server.psql(SCHEMA.read_text())
+    return server
+
+
+def gateway_dsn(server: PostgresServer) -> str:
+    """The gateway's read-only DSN."""
+    return f"postgresql://{GATEWAY_ROLE}@127.0.0.1:{server.port}/{DATABASE}"
+
+
+def insert_key(
+    server: PostgresServer,
+    *,
+    key_id: str,
+    username: str,
+    key_hash: str,
+    groups: list[str],
+    subscription: str,
+    status: str = "active",
+    expires_at: str | None = None,
+    tenant: str = "models-as-a-service",
+) -> None:
+    """One row as maas-api writes it (values are the test's own: quoted, not parameterised)."""
+
+    def quote(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    array = "ARRAY[" + ",".join(quote(g) for g in groups) + "]::text[]"
+    expiry = quote(expires_at) if expires_at else "NULL"
+    server.psql(
+        "INSERT INTO api_keys (id, username, name, key_hash, status, user_groups, expires_at, "
+        f"subscription, tenant) VALUES ({quote(key_id)}, {quote(username)}, 'test key', "
+        f"{quote(key_hash)}, {quote(status)}, {array}, {expiry}, {quote(subscription)}, "
+        f"{quote(tenant)})"
+    )
