@@ -42,6 +42,17 @@ The MaaS gateway is up on {url}
   curl -si {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-noaccess' -d '{{}}'
   curl -si {url}/nothing -H 'Authorization: Bearer sk-demo-free'
 
+  # MaaS's subscription flow: an sk-oai- key, the model named in the body
+  curl -s {url}/v1/chat/completions -H 'Authorization: Bearer sk-oai-demobasic_DemoBasicSecret1' \
+       -H 'Content-Type: application/json' \
+       -d '{{"model":"tiny","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":8}}'
+
+  # subscription demo-small: 10 tokens a minute, so the 3rd gets 429
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}}\n' {url}/v1/chat/completions \
+       -H 'Authorization: Bearer sk-oai-demosmall_DemoSmallSecret1' \
+       -H 'Content-Type: application/json' \
+       -d '{{"model":"tiny","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4}}'; done
+
   # the servers themselves
   .venv/bin/grpcurl -plaintext 127.0.0.1:{authz_grpc} list
   .venv/bin/grpcurl -plaintext 127.0.0.1:{ratelimit_grpc} list
@@ -49,7 +60,8 @@ The MaaS gateway is up on {url}
   curl -s http://127.0.0.1:{ratelimit_http}/metrics | grep maas_ratelimit_decisions
 
 Keys: sk-demo-free, sk-demo-tokens (free), sk-demo-premium, sk-demo-enterprise,
-sk-demo-noaccess.
+sk-demo-noaccess (tiers); sk-oai-demobasic_DemoBasicSecret1, sk-oai-demosmall_DemoSmallSecret1,
+sk-oai-demorevoked_DemoRevokedSecret1 (subscriptions).
 Logs: {logs}.  Ctrl-C stops everything.
 """
 
