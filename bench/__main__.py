@@ -26,6 +26,8 @@ from bench.load import find_h2load
 from bench.memory import memory
 from bench.noop_servers import EVENT_LOOP_ENV
 from bench.report import Figure, table, write_chart, write_json
+from maas_authz.api_keys import hash_key
+from tests.support.postgres_server import gateway_dsn, insert_key, maas_api_database
 from tests.support.redis_server import RedisServer
 
 Scenario = Callable[[Context], list[Figure]]
@@ -40,9 +42,26 @@ def _ratelimit_redis(ctx: Context) -> list[Figure]:
         return servers.should_rate_limit(ctx, redis.url)
 
 
+def _check_api_key(ctx: Context) -> list[Figure]:
+    figures = servers.check_api_key(ctx)
+    database = maas_api_database()
+    try:
+        insert_key(
+            database,
+            key_id="bench",
+            username="demo-oai",
+            key_hash=hash_key(servers.DEMO_API_KEY) or "",
+            groups=["demo-team", "system:authenticated"],
+            subscription="demo-basic",
+        )
+        return figures + servers.check_api_key(ctx, gateway_dsn(database))
+    finally:
+        database.cleanup()
+
+
 SCENARIOS: dict[str, Scenario] = {
     "check-static": servers.check_static_key,
-    "check-api-key": servers.check_api_key,
+    "check-api-key": _check_api_key,
     "check-workers": servers.check_workers,
     "kubernetes": check_kubernetes,
     "ratelimit-memory": _ratelimit_memory,

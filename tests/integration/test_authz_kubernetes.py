@@ -256,7 +256,7 @@ async def test_admin_purge_drops_a_users_cached_decisions_on_the_admin_port_only
             f"http://127.0.0.1:{runtime.admin_port}/admin/purge", params={"user": username}
         )
         assert purged.status == 200
-        assert await purged.json() == {"identities": 1, "access_decisions": 1}
+        assert await purged.json() == {"identities": 1, "access_decisions": 1, "api_keys": 0}
 
     count = "maas_authz_kubernetes_request_duration_seconds_count"
     before = authz.sample(count, {"call": "tokenreview"})

@@ -243,9 +243,10 @@ async def test_purge_on_the_supervisor_reaches_every_worker(authz: Supervised) -
     assert body == {
         "identities": 0,
         "access_decisions": 0,
+        "api_keys": 0,
         "workers": {
-            "0": {"identities": 0, "access_decisions": 0},
-            "1": {"identities": 0, "access_decisions": 0},
+            "0": {"identities": 0, "access_decisions": 0, "api_keys": 0},
+            "1": {"identities": 0, "access_decisions": 0, "api_keys": 0},
         },
     }
     # the public HTTP listener does not purge
@@ -380,9 +381,10 @@ async def test_each_worker_has_its_own_caches_and_purge_sums_them(
         assert body == {
             "identities": 2,
             "access_decisions": 2,
+            "api_keys": 0,
             "workers": {
-                "0": {"identities": 1, "access_decisions": 1},
-                "1": {"identities": 1, "access_decisions": 1},
+                "0": {"identities": 1, "access_decisions": 1, "api_keys": 0},
+                "1": {"identities": 1, "access_decisions": 1, "api_keys": 0},
             },
         }
         assert server.purge(f"?user={username}")[1]["identities"] == 0

@@ -82,6 +82,7 @@ def test_an_active_unexpired_key_names_its_owner_groups_and_subscription() -> No
         username="alice",
         groups=("team-a", "system:authenticated"),
         subscription="premium",
+        expires_at=record().expires_at,  # so that caches never keep the verdict beyond it
     )
     assert isinstance(judge(record(expires_at=None), NOW), KeyIdentity)
 
