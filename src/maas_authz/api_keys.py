@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 PREFIX = "sk-oai-"
-_BASE62 = re.compile(r"^[0-9A-Za-z]+$")
+_KEY = re.compile(r"sk-oai-([0-9A-Za-z]+)_([0-9A-Za-z]+)", re.ASCII)
 # far beyond what maas-api mints (16 + 43 base62 characters), short enough to refuse junk cheaply
 MAX_KEY_LENGTH = 256
 
@@ -42,12 +42,10 @@ def is_api_key(token: str) -> bool:
 
 def parse_key(token: str) -> KeyParts | None:
     """The key's two parts, or None when it is not a well-formed `sk-oai-` key."""
-    if not token.startswith(PREFIX) or len(token) > MAX_KEY_LENGTH:
+    if len(token) > MAX_KEY_LENGTH:
         return None
-    key_id, separator, secret = token[len(PREFIX) :].partition("_")
-    if not separator or not _BASE62.match(key_id) or not _BASE62.match(secret):
-        return None
-    return KeyParts(key_id, secret)
+    found = _KEY.fullmatch(token)
+    return KeyParts(found[1], found[2]) if found else None
 
 
 def hash_parts(key_id: str, secret: str) -> str:

@@ -193,37 +193,7 @@ def _subscription_key(allow: Allow) -> Hashable:
     identity = allow.identity
     groups = identity.groups if identity is not None else ()
     selection = allow.selection
-    if selection is None:
-        return (groups, allow.key_id)
-    return (groups, allow.key_id, *_selection_metadata(allow).items())
-
-
-def token_limits_text(allow: Allow) -> str:
-    """The selected subscription's token limits for the model, as maas-ratelimit reads them:
-    `limit/window_seconds`, comma-separated (e.g. `100/60,5000/3600`)."""
-    assert allow.selection is not None
-    return ",".join(
-        f"{limit.limit}/{limit.window_seconds}" for limit in allow.selection.model.token_limits
-    )
-
-
-def _selection_metadata(allow: Allow) -> dict[str, str]:
-    selection = allow.selection
-    assert selection is not None
-    subscription = selection.subscription
-    metadata = {
-        "subscription": subscription.qualified_name,
-        "subscription_name": subscription.name,
-        "token_limits": token_limits_text(allow),
-    }
-    if selection.model.billing_per_token is not None:
-        # travels with the usage (the limiter's after-response descriptors), for budgets
-        metadata["billing_rate"] = str(selection.model.billing_per_token)
-    if subscription.organization_id:
-        metadata["organization_id"] = subscription.organization_id
-    if subscription.cost_center:
-        metadata["cost_center"] = subscription.cost_center
-    return metadata
+    return (groups, allow.key_id, selection.terms if selection is not None else None)
 
 
 def _subscription_parts(allow: Allow) -> tuple[list[HeaderValueOption], dict[str, str]]:
@@ -239,7 +209,7 @@ def _subscription_parts(allow: Allow) -> tuple[list[HeaderValueOption], dict[str
         metadata["key_id"] = allow.key_id
     if allow.selection is not None:
         headers.append(_header(SUBSCRIPTION_HEADER, allow.selection.subscription.name))
-        metadata.update(_selection_metadata(allow))
+        metadata.update(allow.selection.terms)
     if allow.model is not None:
         headers.append(_header(GATEWAY_MODEL_HEADER, allow.model.name))
     return headers, metadata

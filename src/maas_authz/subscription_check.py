@@ -8,7 +8,7 @@ body, the code in x-ext-auth-reason), so clients and runbooks written for MaaS r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 from maas_authz.api_keys import KeyValidator
 from maas_authz.decision import Allow, Decision, Deny
@@ -21,6 +21,7 @@ SUBSCRIPTION_HEADER = "x-maas-subscription"
 FORGEABLE_HEADERS = ("x-maas-username", "x-maas-group")
 AUTHENTICATED = "system:authenticated"
 _MAX_REQUESTED = 253 + 1 + 63  # namespace/name
+_MAX_DECIDED = 4096
 
 
 def token_groups(groups: tuple[str, ...]) -> tuple[str, ...]:
@@ -43,6 +44,10 @@ class SubscriptionFlow:
         self._keys = keys
         self.for_tokens = for_tokens
         self._default_namespace = default_namespace
+        # the decisions made on one catalog snapshot, by everything they depend on: the same
+        # few (identity, model) pairs come again and again; a new snapshot starts afresh
+        self._decided_on: SubscriptionCatalog | None = None
+        self._decided: dict[Hashable, Decision] = {}
 
     def forged_headers(self, headers: Mapping[str, str]) -> Deny | None:
         for name in FORGEABLE_HEADERS:
@@ -92,6 +97,25 @@ class SubscriptionFlow:
         if isinstance(target, OpenPath):  # e.g. /v1/models: authenticated, no subscription
             return Allow(identity, None, None, subscription_flow=True, key_id=key_id)
         catalog = self._catalog()
+        if catalog is not self._decided_on:
+            self._decided_on, self._decided = catalog, {}
+        memo = (identity, target, requested, key_id)
+        decision = self._decided.get(memo)
+        if decision is None:
+            decision = self._decide(catalog, identity, target, requested, key_id)
+            if len(self._decided) >= _MAX_DECIDED:
+                self._decided.clear()
+            self._decided[memo] = decision
+        return decision
+
+    def _decide(
+        self,
+        catalog: SubscriptionCatalog,
+        identity: Identity,
+        target: ModelRef | str,
+        requested: str | None,
+        key_id: str,
+    ) -> Decision:
         if isinstance(target, str):
             resolved = catalog.resolve(target, self._default_namespace)
             if resolved is None:

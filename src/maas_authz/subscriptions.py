@@ -155,6 +155,33 @@ class SubscriptionDenied:
 class Selection:
     subscription: Subscription
     model: SubscribedModel
+    # what the request runs under, as the metadata hands it on (computed once per selection)
+    terms: tuple[tuple[str, str], ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "terms", _terms(self.subscription, self.model))
+
+
+def token_limits_text(model: SubscribedModel) -> str:
+    """The token limits as maas-ratelimit reads them (its `token_limits` descriptor entry):
+    `limit/window_seconds`, comma-separated, e.g. `100/60,5000/3600`."""
+    return ",".join(f"{lim.limit}/{lim.window_seconds}" for lim in model.token_limits)
+
+
+def _terms(subscription: Subscription, model: SubscribedModel) -> tuple[tuple[str, str], ...]:
+    terms = [
+        ("subscription", subscription.qualified_name),
+        ("subscription_name", subscription.name),
+        ("token_limits", token_limits_text(model)),
+    ]
+    if model.billing_per_token is not None:
+        # travels with the usage (the limiter's after-response descriptors), for budgets
+        terms.append(("billing_rate", str(model.billing_per_token)))
+    if subscription.organization_id:
+        terms.append(("organization_id", subscription.organization_id))
+    if subscription.cost_center:
+        terms.append(("cost_center", subscription.cost_center))
+    return tuple(terms)
 
 
 NO_ACCESS = SubscriptionDenied("unauthorized", "Access denied")
