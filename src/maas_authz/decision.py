@@ -19,6 +19,9 @@ class Allow:
     subscription_flow: bool = False
     selection: Selection | None = None  # the subscription and its terms for `model`
     key_id: str = ""  # the sk-oai- key's id (never the key), when one authenticated
+    # on open paths (no selection): the subscription the request names (a key's bound one, or
+    # the client's X-MaaS-Subscription), passed on as upstream does, e.g. for maas-api's listing
+    named_subscription: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,7 +193,9 @@ def _subscription_key(allow: Allow) -> Hashable:
     identity = allow.identity
     groups = identity.groups if identity is not None else ()
     selection = allow.selection
-    return (groups, allow.key_id, selection.terms if selection is not None else None)
+    if selection is None:
+        return (groups, allow.key_id, allow.named_subscription)
+    return (groups, allow.key_id, selection.terms)
 
 
 def _subscription_parts(allow: Allow) -> tuple[list[HeaderValueOption], dict[str, str]]:
@@ -210,6 +212,8 @@ def _subscription_parts(allow: Allow) -> tuple[list[HeaderValueOption], dict[str
     if allow.selection is not None:
         headers.append(_header(SUBSCRIPTION_HEADER, allow.selection.subscription.name))
         metadata.update(allow.selection.terms)
+    elif allow.named_subscription:
+        headers.append(_header(SUBSCRIPTION_HEADER, allow.named_subscription))
     if allow.model is not None:
         headers.append(_header(GATEWAY_MODEL_HEADER, allow.model.name))
     return headers, metadata

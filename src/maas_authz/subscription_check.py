@@ -95,7 +95,14 @@ class SubscriptionFlow:
         key_id: str,
     ) -> Decision:
         if isinstance(target, OpenPath):  # e.g. /v1/models: authenticated, no subscription
-            return Allow(identity, None, None, subscription_flow=True, key_id=key_id)
+            return Allow(
+                identity,
+                None,
+                None,
+                subscription_flow=True,
+                key_id=key_id,
+                named_subscription=requested or "",
+            )
         catalog = self._catalog()
         if catalog is not self._decided_on:
             self._decided_on, self._decided = catalog, {}

@@ -253,6 +253,20 @@ async def test_in_mode_both_other_credentials_keep_the_tier_flow() -> None:
 async def test_models_listing_is_authenticated_but_needs_no_subscription() -> None:
     allow = allowed(await check("/v1/models", BASIC))
     assert allow.model is None and allow.selection is None and allow.subscription_flow
+    # the subscription it names still goes upstream (maas-api filters its listing by it)
+    added = headers_of(wire(allow, ("x-maas-subscription",)), "okResponse")
+    assert added["x-maas-subscription"] == "demo-basic"
+    token = allowed(
+        await check(
+            "/v1/models",
+            "dana-token",
+            mode="subscriptions",
+            headers={"x-maas-subscription": "demo-small"},
+        )
+    )
+    assert headers_of(wire(token), "okResponse")["x-maas-subscription"] == "demo-small"
+    bare = allowed(await check("/v1/models", "dana-token", mode="subscriptions"))
+    assert "x-maas-subscription" not in headers_of(wire(bare), "okResponse")
 
 
 @pytest.mark.asyncio
