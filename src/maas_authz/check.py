@@ -20,7 +20,7 @@ from maas_authz.credentials import BadCredentials, bearer_token
 from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity, TokenReviewer
 from maas_authz.model_path import BadPath, BodyRoute, ModelRef, OpenPath, PathRouting
-from maas_authz.subscription_check import SubscriptionFlow
+from maas_authz.subscription_check import Subject, SubscriptionFlow
 from maas_authz.tiers import Tier, TierMapping
 from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
@@ -90,14 +90,6 @@ class CheckPipeline:
             return Deny(routed.status, routed.code, routed.message)
         if isinstance(routed, OpenPath) and not routed.authenticate:
             return Allow(identity=None, tier=None, model=None)
-        target: ModelRef | OpenPath | str
-        if isinstance(routed, BodyRoute):
-            named = await _body_model(body)
-            if isinstance(named, BadPath):
-                return Deny(named.status, named.code, named.message)
-            target = named
-        else:
-            target = routed
         # the subscription flow refuses client X-MaaS-Username/Group outright (the tier flow
         # strips them, as ever); before authentication, so a forger learns nothing of the key
         flow = self._subscriptions
@@ -106,7 +98,7 @@ class CheckPipeline:
             if forged is not None:
                 return forged
 
-        # 2. authenticate
+        # 2. authenticate (a body is read only once the caller is known)
         token = bearer_token(authorization, self._limits.max_token_length)
         if isinstance(token, BadCredentials):
             # RFC 6750: only a presented bearer token gets error="invalid_token" in the challenge
@@ -118,9 +110,10 @@ class CheckPipeline:
             if forged is not None:
                 return forged
             try:
-                return await flow.decide_for_key(token, target, headers)
+                subject = await flow.key_subject(token)
             except BackendUnavailable as exc:
-                return self._unavailable(exc, "API key or subscription check")
+                return self._unavailable(exc, "API key validation")
+            return await self._subscribed(flow, subject, routed, body)
         try:
             identity = await self._identities.review(token)
         except BackendUnavailable as exc:
@@ -133,10 +126,10 @@ class CheckPipeline:
                 token_presented=True,
             )
         if flow is not None and flow.for_tokens:
-            try:
-                return flow.decide_for_token(identity, target, headers)
-            except BackendUnavailable as exc:
-                return self._unavailable(exc, "subscription check")
+            return await self._subscribed(flow, flow.token_subject(identity, headers), routed, body)
+        target = await _target(routed, body)
+        if isinstance(target, Deny):
+            return target
         if isinstance(target, str):  # a body's model: the tier flow names it in one namespace
             if self._default_namespace is None:
                 return Deny(
@@ -174,6 +167,24 @@ class CheckPipeline:
             )
         return Allow(identity, tier, target)
 
+    async def _subscribed(
+        self,
+        flow: SubscriptionFlow,
+        subject: Subject | Deny,
+        routed: ModelRef | OpenPath | BodyRoute,
+        body: bytes,
+    ) -> Decision:
+        """3-4 of the subscription flow: MaaSAuthPolicy access, then the subscription."""
+        if isinstance(subject, Deny):
+            return subject
+        target = await _target(routed, body)
+        if isinstance(target, Deny):
+            return target
+        try:
+            return flow.authorize(subject, target)
+        except BackendUnavailable as exc:
+            return self._unavailable(exc, "subscription check")
+
     def _unavailable(self, exc: BackendUnavailable, phase: str, tier: Tier | None = None) -> Deny:
         suppressed = self._unavailable_log.allow()
         if suppressed is not None:
@@ -192,10 +203,19 @@ class CheckPipeline:
         )
 
 
-async def _body_model(body: bytes) -> str | BadPath:
+async def _target(
+    routed: ModelRef | OpenPath | BodyRoute, body: bytes
+) -> ModelRef | OpenPath | str | Deny:
+    """What the request is for: the path's model or open path, or the body's model name."""
+    if not isinstance(routed, BodyRoute):
+        return routed
     if len(body) > _BODY_OFF_LOOP:
-        return await asyncio.to_thread(model_in_body, body)
-    return model_in_body(body)
+        named = await asyncio.to_thread(model_in_body, body)
+    else:
+        named = model_in_body(body)
+    if isinstance(named, BadPath):
+        return Deny(named.status, named.code, named.message)
+    return named
 
 
 def _who(identity: Identity, tier: Tier) -> str:

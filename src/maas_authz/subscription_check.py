@@ -9,6 +9,7 @@ body, the code in x-ext-auth-reason), so clients and runbooks written for MaaS r
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 
 from maas_authz.api_keys import KeyValidator
 from maas_authz.decision import Allow, Decision, Deny
@@ -29,6 +30,15 @@ def token_groups(groups: tuple[str, ...]) -> tuple[str, ...]:
     renders them (the default subscription is granted to it), each group once."""
     rest = tuple(dict.fromkeys(g for g in groups if g != AUTHENTICATED))
     return (AUTHENTICATED, *rest)
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who a request in the subscription flow is, before its model is known."""
+
+    identity: Identity
+    requested: str | None  # the subscription it names: a key's bound one, or the header's
+    key_id: str = ""
 
 
 class SubscriptionFlow:
@@ -60,22 +70,21 @@ class SubscriptionFlow:
                 )
         return None
 
-    async def decide_for_key(
-        self, token: str, target: ModelRef | OpenPath | str, headers: Mapping[str, str]
-    ) -> Decision:
-        """An sk-oai- key: its own groups, and the subscription it is bound to (a client's
-        X-MaaS-Subscription cannot move a key to another subscription, as upstream)."""
+    async def key_subject(self, token: str) -> Subject | Deny:
+        """Who an sk-oai- key is: its own groups, and the subscription it is bound to (a
+        client's X-MaaS-Subscription cannot move a key to another subscription, as upstream).
+        Raises BackendUnavailable when the key store cannot tell."""
         if self._keys is None:
             return Deny(401, "invalid_api_key", "API keys are not accepted here", plain=True)
         verdict = await self._keys.verify(token)
         if isinstance(verdict, str):
             return Deny(401, "invalid_api_key", verdict, token_presented=True, plain=True)
         identity = Identity(verdict.username, verdict.key_id, verdict.groups)
-        return self._authorize(identity, target, verdict.subscription, verdict.key_id)
+        return Subject(identity, verdict.subscription, verdict.key_id)
 
-    def decide_for_token(
-        self, identity: Identity, target: ModelRef | OpenPath | str, headers: Mapping[str, str]
-    ) -> Decision:
+    def token_subject(self, identity: Identity, headers: Mapping[str, str]) -> Subject | Deny:
+        """A token identity, its groups as upstream sends them, and the subscription its
+        X-MaaS-Subscription header names (if any)."""
         requested = headers.get(SUBSCRIPTION_HEADER, "").strip()
         if len(requested) > _MAX_REQUESTED:
             return Deny(
@@ -85,7 +94,12 @@ class SubscriptionFlow:
                 plain=True,
             )
         with_groups = Identity(identity.username, identity.uid, token_groups(identity.groups))
-        return self._authorize(with_groups, target, requested or None, "")
+        return Subject(with_groups, requested or None, "")
+
+    def authorize(self, subject: Subject, target: ModelRef | OpenPath | str) -> Decision:
+        """Access and subscription for `subject` on `target`. Raises BackendUnavailable while
+        the subscription objects are not listed yet."""
+        return self._authorize(subject.identity, target, subject.requested, subject.key_id)
 
     def _authorize(
         self,

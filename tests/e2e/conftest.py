@@ -130,6 +130,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
     return False
 
 
+def seconds_until(predicate: Callable[[], object], timeout: float = 5.0) -> float:
+    """How long until `predicate` holds (polled); fails the test after `timeout`."""
+    started = time.monotonic()
+    assert wait_for(predicate, timeout), f"not within {timeout}s"
+    return time.monotonic() - started
+
+
 @dataclass
 class Metrics:
     """maas-ratelimit's /metrics at one moment."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import yaml
 
 from maas_authz.api_keys import hash_key
 from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
-from tests.e2e.conftest import Gateway, HttpResult, demo_authz_config, wait_for
+from tests.e2e.conftest import Gateway, HttpResult, demo_authz_config, seconds_until, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -159,9 +158,7 @@ def test_the_tier_flows_keys_keep_working_on_both_kinds_of_route(stack: Stack) -
 def test_a_revoked_key_is_refused_within_2_seconds(stack: Stack) -> None:
     assert stack.chat(TO_REVOKE).status == 200
     stack.set_status(TO_REVOKE, "revoked")
-    revoked_at = time.monotonic()
-    assert wait_for(lambda: stack.chat(TO_REVOKE).status == 401, timeout=5.0)
-    took = time.monotonic() - revoked_at
+    took = seconds_until(lambda: stack.chat(TO_REVOKE).status == 401)
     assert took <= 2.0, f"refused after {took:.2f}s"
     stack.set_status(TO_REVOKE, "active")
     assert wait_for(lambda: stack.chat(TO_REVOKE).status == 200, timeout=5.0)

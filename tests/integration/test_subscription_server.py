@@ -39,8 +39,11 @@ CHAT = f"/{MODEL_NS}/tiny/v1/chat/completions"
 TEAM = f"system:serviceaccounts:{PREMIUM_NS}"  # every ServiceAccount of that namespace
 
 
-def _name(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(3)}"
+def _premium_token(kube: Kube) -> tuple[str, str]:
+    """(username, token) of a new ServiceAccount in the premium namespace (in group TEAM)."""
+    name = f"sub-user-{secrets.token_hex(3)}"
+    kube.service_account(PREMIUM_NS, name)
+    return f"system:serviceaccount:{PREMIUM_NS}:{name}", kube.mint_token(PREMIUM_NS, name)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,19 @@ class Objects:
             self.api.patch_namespaced_custom_object(
                 GROUP, VERSION, namespace, plural, name, {"spec": spec}
             )
+
+    def team_policy(self, name: str) -> None:
+        """A MaaSAuthPolicy: TEAM may call tiny."""
+        self.put(
+            "maasauthpolicies",
+            SUB_NS,
+            "MaaSAuthPolicy",
+            name,
+            {
+                "modelRefs": [{"name": "tiny", "namespace": MODEL_NS}],
+                "subjects": {"groups": [{"name": TEAM}]},
+            },
+        )
 
     def delete(self, plural: str, namespace: str, name: str) -> None:
         self.api.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
@@ -147,9 +163,7 @@ async def test_changes_apply_while_the_server_runs(
     kube: Kube, authz: tuple[AuthzApp, AuthzClient, Objects]
 ) -> None:
     app, authz_client, objects = authz
-    name = _name("sub-user")
-    kube.service_account(PREMIUM_NS, name)
-    token = kube.mint_token(PREMIUM_NS, name)
+    username, token = _premium_token(kube)
 
     async def check(**headers: str) -> CheckResult:
         return await authz_client.check(CHAT, token, **headers)
@@ -161,16 +175,7 @@ async def test_changes_apply_while_the_server_runs(
         "Access denied",
     )
 
-    objects.put(
-        "maasauthpolicies",
-        SUB_NS,
-        "MaaSAuthPolicy",
-        "team-tiny",
-        {
-            "modelRefs": [{"name": "tiny", "namespace": MODEL_NS}],
-            "subjects": {"groups": [{"name": TEAM}]},
-        },
-    )
+    objects.team_policy("team-tiny")
 
     async def reason_is(reason: str) -> bool:
         return (await check()).reason == reason
@@ -181,7 +186,7 @@ async def test_changes_apply_while_the_server_runs(
     allowed = await check()
     assert allowed.metadata["subscription"] == f"{SUB_NS}/team-basic"
     assert allowed.metadata["token_limits"] == "10/60"
-    assert allowed.headers["x-maas-username"] == f"system:serviceaccount:{PREMIUM_NS}:{name}"
+    assert allowed.headers["x-maas-username"] == username
     groups = json.loads(allowed.headers["x-maas-group"])
     assert groups[0] == "system:authenticated" and TEAM in groups
 
@@ -218,19 +223,8 @@ async def test_a_broken_object_is_counted_and_the_rest_keeps_serving(
     kube: Kube, authz: tuple[AuthzApp, AuthzClient, Objects]
 ) -> None:
     app, authz_client, objects = authz
-    name = _name("sub-user")
-    kube.service_account(PREMIUM_NS, name)
-    token = kube.mint_token(PREMIUM_NS, name)
-    objects.put(
-        "maasauthpolicies",
-        SUB_NS,
-        "MaaSAuthPolicy",
-        "team-tiny-2",
-        {
-            "modelRefs": [{"name": "tiny", "namespace": MODEL_NS}],
-            "subjects": {"groups": [{"name": TEAM}]},
-        },
-    )
+    _, token = _premium_token(kube)
+    objects.team_policy("team-tiny-2")
     objects.subscription("team-ok", 100)
     objects.put(
         "maassubscriptions",

@@ -392,3 +392,17 @@ def test_a_broken_subscription_file_names_the_object_and_the_field() -> None:
     with pytest.raises(ConfigError) as raised:
         parse_subscription_file("kind: ConfigMap\napiVersion: v1\n", "subs.yaml")
     assert raised.value.key == "document 1: kind"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["both", "subscriptions"])
+async def test_a_body_is_read_only_once_the_caller_is_known(mode: str) -> None:
+    # no credentials, or bad ones: 401 before the body is even parsed
+    assert denied(
+        await check("/v1/chat/completions", None, body="{", mode=mode), 401, "missing_token"
+    )
+    unknown = "sk-oai-nobody_NoSuchSecret"
+    denied(
+        await check("/v1/chat/completions", unknown, body="{", mode=mode), 401, "invalid_api_key"
+    )
+    denied(await check("/v1/chat/completions", "nobody", body="{", mode=mode), 401, "invalid_token")
