@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -265,7 +266,10 @@ def _build_subscriptions(
                 readiness().set("subscriptions", True)
                 await running
             finally:
+                # wait for the informers to close their streams before the API client closes
                 running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
 
         def current() -> SubscriptionCatalog:
             if not watch.synced:

@@ -91,8 +91,21 @@ class PostgresServer:
             return
         if not self.data.exists():
             self._initdb()
-        if not self.port:
-            self.port = free_port()
+        # a port picked here may be taken before postgres binds it: pick again, but only at the
+        # first start (a restart keeps its port, so DSNs stay valid)
+        attempts = 1 if self.port else 3
+        for attempt in range(attempts):
+            if attempts > 1:
+                self.port = free_port()
+            try:
+                self._spawn()
+                return
+            except RuntimeError:
+                self.stop()
+                if attempt + 1 == attempts:
+                    raise
+
+    def _spawn(self) -> None:
         args = [
             *self._as, self._tool("postgres"), "-D", str(self.data), "-p", str(self.port),
             "-k", str(self.sockets), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
