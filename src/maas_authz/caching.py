@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 
 from maas_authz.access import AccessReviewer
 from maas_authz.api_keys import KeyIdentity, KeyValidator, Rejection
-from maas_authz.credentials import jwt_expiry
+from maas_authz.credentials import jwt_expiry, token_digest
 from maas_authz.identity import Identity, TokenReviewer
 from maas_authz.model_path import ModelRef
 from maas_common.cache import CacheEvent, TtlCache
@@ -40,7 +39,7 @@ class CachedTokenReviewer:
         )
 
     async def review(self, token: str) -> Identity | None:
-        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        key = token_digest(token)
         return await self.cache.get_or_load(key, self._load, token)
 
     async def _load(self, token: str) -> tuple[Identity | None, float]:
@@ -124,7 +123,7 @@ class CachedKeyValidator:
         self._last_good: OrderedDict[bytes, tuple[float, KeyIdentity]] = OrderedDict()
 
     async def verify(self, token: str) -> KeyIdentity | Rejection:
-        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        key = token_digest(token)
         try:
             return await self.cache.get_or_load(key, self._load, token, key)
         except BackendUnavailable:

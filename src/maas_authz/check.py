@@ -106,7 +106,7 @@ class CheckPipeline:
                 401, token.code, token.message, token_presented=token.code == "invalid_token"
             )
         if flow is not None and is_api_key(token):
-            forged = flow.forged_headers(headers)
+            forged = None if flow.for_tokens else flow.forged_headers(headers)  # else done above
             if forged is not None:
                 return forged
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ def bearer_token(header: str | None, max_length: int) -> str | BadCredentials:
             "(a single token is expected, without spaces or commas)",
         )
     return token
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a credential: what caches key on and key files store, never the credential."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def jwt_expiry(token: str) -> float | None:

@@ -11,12 +11,12 @@ File format:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 
 from pydantic import Field, field_validator
 
+from maas_authz.credentials import token_digest
 from maas_authz.identity import Identity
 from maas_common.config import StrictModel, parse_yaml_text, validate
 from maas_common.errors import ConfigError
@@ -54,7 +54,7 @@ class StaticKeyReviewer:
         self._entries = entries
 
     async def review(self, token: str) -> Identity | None:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        digest = token_digest(token)
         found: Identity | None = None
         for stored, identity in self._entries:
             if hmac.compare_digest(stored, digest):

@@ -8,18 +8,18 @@ body, the code in x-ext-auth-reason), so clients and runbooks written for MaaS r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from maas_authz.api_keys import KeyValidator
 from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef, OpenPath
+from maas_authz.responses import GROUP_HEADER, SUBSCRIPTION_HEADER, USERNAME_HEADER
 from maas_authz.subscriptions import NO_ACCESS, SubscriptionCatalog, SubscriptionDenied
 
-SUBSCRIPTION_HEADER = "x-maas-subscription"
 # identity headers only the gateway may set: a request that brings its own is refused outright
-FORGEABLE_HEADERS = ("x-maas-username", "x-maas-group")
+FORGEABLE_HEADERS = (USERNAME_HEADER, GROUP_HEADER)
 AUTHENTICATED = "system:authenticated"
 _MAX_REQUESTED = 253 + 1 + 63  # namespace/name
 _MAX_DECIDED = 4096
@@ -57,7 +57,7 @@ class SubscriptionFlow:
         # the decisions made on one catalog snapshot, by everything they depend on: the same
         # few (identity, model) pairs come again and again; a new snapshot starts afresh
         self._decided_on: SubscriptionCatalog | None = None
-        self._decided: dict[Hashable, Decision] = {}
+        self._decided: dict[tuple[Subject, ModelRef | str], Decision] = {}
 
     def forged_headers(self, headers: Mapping[str, str]) -> Deny | None:
         for name in FORGEABLE_HEADERS:
@@ -99,44 +99,31 @@ class SubscriptionFlow:
     def authorize(self, subject: Subject, target: ModelRef | OpenPath | str) -> Decision:
         """Access and subscription for `subject` on `target`. Raises BackendUnavailable while
         the subscription objects are not listed yet."""
-        return self._authorize(subject.identity, target, subject.requested, subject.key_id)
-
-    def _authorize(
-        self,
-        identity: Identity,
-        target: ModelRef | OpenPath | str,
-        requested: str | None,
-        key_id: str,
-    ) -> Decision:
         if isinstance(target, OpenPath):  # e.g. /v1/models: authenticated, no subscription
             return Allow(
-                identity,
+                subject.identity,
                 None,
                 None,
                 subscription_flow=True,
-                key_id=key_id,
-                named_subscription=requested or "",
+                key_id=subject.key_id,
+                named_subscription=subject.requested or "",
             )
         catalog = self._catalog()
         if catalog is not self._decided_on:
             self._decided_on, self._decided = catalog, {}
-        memo = (identity, target, requested, key_id)
+        memo = (subject, target)
         decision = self._decided.get(memo)
         if decision is None:
-            decision = self._decide(catalog, identity, target, requested, key_id)
+            decision = self._decide(catalog, subject, target)
             if len(self._decided) >= _MAX_DECIDED:
                 self._decided.clear()
             self._decided[memo] = decision
         return decision
 
     def _decide(
-        self,
-        catalog: SubscriptionCatalog,
-        identity: Identity,
-        target: ModelRef | str,
-        requested: str | None,
-        key_id: str,
+        self, catalog: SubscriptionCatalog, subject: Subject, target: ModelRef | str
     ) -> Decision:
+        identity = subject.identity
         if isinstance(target, str):
             resolved = catalog.resolve(target, self._default_namespace)
             if resolved is None:
@@ -146,11 +133,11 @@ class SubscriptionFlow:
             target = resolved
         if not catalog.allowed(identity, target):
             return _denied(NO_ACCESS)
-        chosen = catalog.select(identity, target, requested)
+        chosen = catalog.select(identity, target, subject.requested)
         if isinstance(chosen, SubscriptionDenied):
             return _denied(chosen)
         return Allow(
-            identity, None, target, subscription_flow=True, selection=chosen, key_id=key_id
+            identity, None, target, subscription_flow=True, selection=chosen, key_id=subject.key_id
         )
 
 
