@@ -158,3 +158,48 @@ class HistogramChild:
 def _bound_text(bound: float) -> str:
     text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]  # as prometheus_client writes `le`
     return text
+
+
+OTHER = "other"  # the label value for whatever a BoundedLabel no longer admits
+
+
+class BoundedLabel:
+    """Label values from the wire, bounded: a series per value would let any client grow
+    /metrics without limit (a fuzzed ShouldRateLimit once made 738 series of random tiers).
+
+    A value in `known()` (the configured names) is itself; up to `spare` other values that
+    `admits` accepts are admitted as they come, for good (e.g. subscriptions, which only the
+    authorization server knows); anything else is OTHER. `known` is re-read when its result
+    changes identity (a reloaded configuration).
+    """
+
+    def __init__(
+        self,
+        known: Callable[[], frozenset[str]],
+        spare: int = 0,
+        admits: Callable[[str], bool] = lambda _value: True,
+    ) -> None:
+        self._known_source = known
+        self._known: frozenset[str] | None = None
+        self._spare = spare
+        self._admits = admits
+        self._seen: dict[str, str] = {}  # value -> its label (a cache)
+        self._spares: set[str] = set()  # values admitted beyond the known ones, for good
+
+    def __call__(self, value: str) -> str:
+        known = self._known_source()
+        if known is not self._known:
+            self._known, self._seen = known, {}  # a reload: known names may have changed
+        label = self._seen.get(value)
+        if label is not None:
+            return label
+        if value in known or value in self._spares:
+            label = value
+        elif len(self._spares) < self._spare and self._admits(value):
+            self._spares.add(value)
+            label = value
+        else:
+            label = OTHER
+        if len(self._seen) < 4 * (len(known) + self._spare) + 64:  # the cache is bounded too
+            self._seen[value] = label
+        return label

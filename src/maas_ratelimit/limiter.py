@@ -306,6 +306,10 @@ class RateLimiter:
         # (subscription, token_limits) -> its limits (None: an unusable token_limits entry)
         self._subscribed: dict[tuple[str, str], _Applicable | None] = {}
 
+    def table(self) -> LimitTable:
+        """The limits table in force."""
+        return self._limits()
+
     def _limits_for(self, table: LimitTable, tier: str, model: str | None) -> _Applicable:
         if table is not self._table:  # a reload: start afresh
             self._table, self._applicable = table, {}

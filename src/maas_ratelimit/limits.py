@@ -190,6 +190,16 @@ class LimitTable:
         for limit in self.limits:
             by_tier.setdefault(limit.tier, []).append(limit)
         object.__setattr__(self, "_by_tier", {t: tuple(ls) for t, ls in by_tier.items()})
+        # the configured names, for bounded metric labels (maas_common.metrics.BoundedLabel)
+        object.__setattr__(self, "tiers", frozenset(by_tier))
+        object.__setattr__(self, "names", frozenset(limit.name for limit in self.limits))
+        object.__setattr__(
+            self, "models", frozenset(model for limit in self.limits for model in limit.models)
+        )
+
+    tiers: frozenset[str] = field(init=False)
+    names: frozenset[str] = field(init=False)
+    models: frozenset[str] = field(init=False)
 
     def for_tier(self, tier: str, model: str | None) -> Sequence[Limit]:
         limits: dict[str, tuple[Limit, ...]] = self._by_tier  # type: ignore[attr-defined]

@@ -7,14 +7,48 @@ the hot path instead of prometheus_client's lock per increment (maas-ratelimit i
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from maas_common.metrics import FastCounter, FastHistogram, config_reload_counter
+from maas_common.metrics import BoundedLabel, FastCounter, FastHistogram, config_reload_counter
+from maas_ratelimit.limits import LimitTable
 
 _RATES: dict[str, float] = {}  # billing_rate text -> per-token price
+# what a model or a subscription is on the wire: a Kubernetes object's "namespace/name"
+_OBJECT_REF = re.compile(
+    r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
+)
+# the usage reader's outcomes (envoy/lua/usage.lua M.outcome, and "incomplete")
+OUTCOMES = frozenset(
+    {"charged", "no_usage", "upstream_error", "client_error", "rate_limited", "incomplete"}
+)
+MAX_SUBSCRIPTIONS, MAX_MODELS = 256, 512  # label values beyond the configured names
+
+
+def _is_object_ref(value: str) -> bool:
+    return _OBJECT_REF.fullmatch(value) is not None
+
+
+class WireLabels:
+    """Label values taken from descriptors, bounded to the configured names: tiers, limit names
+    and models of the limits table, plus, as they come, up to MAX_SUBSCRIPTIONS subscriptions
+    (and their limits) and MAX_MODELS models that have the form of an object reference; every
+    other value is counted as "other"."""
+
+    def __init__(self, table: Callable[[], LimitTable]) -> None:
+        self.tier = BoundedLabel(lambda: table().tiers, MAX_SUBSCRIPTIONS, _is_object_ref)
+        self.limit = BoundedLabel(
+            lambda: table().names,
+            MAX_SUBSCRIPTIONS * 2,
+            lambda name: _is_object_ref(name.rpartition("/")[0]),
+        )
+        self.model = BoundedLabel(
+            lambda: table().models, MAX_MODELS, lambda model: not model or _is_object_ref(model)
+        )
+        self.outcome = BoundedLabel(lambda: OUTCOMES)
 
 
 class RateLimitMetrics:
@@ -27,7 +61,8 @@ class RateLimitMetrics:
         )
         self.answers = FastCounter(
             "maas_ratelimit_calls",
-            "ShouldRateLimit calls by answer (ok, over_limit, failure_open, unavailable, error)",
+            "ShouldRateLimit calls by answer (ok, over_limit, peek, failure_open, unavailable, "
+            "error)",
             ["answer"],
             registry,
         )

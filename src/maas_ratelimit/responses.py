@@ -1,4 +1,13 @@
-"""Verdict -> envoy.service.ratelimit.v3.RateLimitResponse. The one place that knows the format."""
+"""Verdict -> envoy.service.ratelimit.v3.RateLimitResponse. The one place that knows the format.
+
+Besides the statuses Envoy reads, an answer carries:
+- on admission, OpenAI-style `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers for
+  the client, each from the enforced limit of that kind with the least room left (Envoy's own
+  DRAFT_VERSION_03 headers show one status per descriptor, requests and tokens mixed);
+- on a refusal, dynamic metadata naming the limit (for access logs: the decisions view);
+- on a peek (every descriptor check-only, hits_addend 0: nothing is consumed), dynamic metadata
+  listing every limit that applies with what it has left (maas-authz's /v1/quota and explain).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 
 from maas_ratelimit.bucket import ceil_div
-from maas_ratelimit.limiter import LimitState, Verdict
+from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
 from maas_ratelimit.limits import Limit
 
 OK = RateLimitResponse.OK
@@ -63,15 +72,92 @@ def error_body(state: LimitState) -> bytes:
     ).encode()
 
 
-def build(verdict: Verdict) -> RateLimitResponse:
+def reset_text(milliseconds: int) -> str:
+    """A wait as OpenAI's reset headers write it ("1s", "6m0s"), rounded up to the second."""
+    seconds = ceil_div(milliseconds, 1000)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{seconds}s"
+
+
+def tightest(descriptors: tuple[DescriptorVerdict, ...]) -> tuple[LimitState | None, ...]:
+    """(requests, tokens): the enforced limit of each kind with the least room left, as a
+    fraction of its limit (a refusing one first), over every descriptor of the call."""
+    best: list[LimitState | None] = [None, None]
+    for descriptor in descriptors:
+        for state in descriptor.limits:
+            limit = state.limit
+            if limit.shadow:
+                continue
+            index = limit.kind == "tokens"
+            current = best[index]
+            if current is None or _tighter(state, current):
+                best[index] = state
+    return tuple(best)
+
+
+def _tighter(state: LimitState, other: LimitState) -> bool:
+    if state.sufficient != other.sufficient:
+        return not state.sufficient
+    return state.remaining * other.limit.spec.limit < other.remaining * state.limit.spec.limit
+
+
+def quota_headers(verdict: Verdict) -> list[tuple[str, str]]:
+    """The x-ratelimit-*-requests / -tokens headers for an admission's verdict."""
+    headers: list[tuple[str, str]] = []
+    for suffix, state in zip(("requests", "tokens"), tightest(verdict.descriptors), strict=True):
+        if state is not None:
+            headers += (
+                (f"x-ratelimit-limit-{suffix}", str(state.limit.spec.limit)),
+                (f"x-ratelimit-remaining-{suffix}", str(state.remaining)),
+                (f"x-ratelimit-reset-{suffix}", reset_text(state.reset_ms)),
+            )
+    return headers
+
+
+def limit_report(state: LimitState) -> dict[str, Any]:
+    """One limit as /v1/quota lists it."""
+    limit = state.limit
+    report: dict[str, Any] = {
+        "name": limit.name,
+        "unit": limit.kind,
+        "limit": limit.spec.limit,
+        "remaining": state.remaining,
+        "reset_seconds": state.reset_ms / 1000,
+        "window_seconds": limit.spec.window_ms / 1000,
+        "description": limit.description,
+        "subscription" if limit.subscription else "tier": limit.tier,
+        "shadow": limit.shadow,
+        "would_allow": state.sufficient,
+    }
+    return report
+
+
+def peek_metadata(verdict: Verdict) -> dict[str, Any]:
+    limits = [limit_report(s) for d in verdict.descriptors for s in d.limits]
+    out: dict[str, Any] = {"limits": limits}
+    if verdict.refusal is not None:
+        out["refusal"] = verdict.refusal
+    return out
+
+
+def build(verdict: Verdict, *, peek: bool = False) -> RateLimitResponse:
     response = RateLimitResponse(overall_code=OVER_LIMIT if verdict.over_limit else OK)
     for descriptor in verdict.descriptors:
         status = response.statuses.add()
         status.code = OVER_LIMIT if descriptor.over_limit else OK
         if descriptor.reported is not None:
             _set_status(status, descriptor.reported)
+    if peek:
+        response.dynamic_metadata.update(peek_metadata(verdict))
     binding = verdict.binding if verdict.over_limit else None
     if verdict.refusal is not None:
+        if not peek:
+            response.dynamic_metadata.update({"refusal": verdict.refusal})
         response.response_headers_to_add.append(
             HeaderValue(key="content-type", value="application/json")
         )
@@ -93,6 +179,17 @@ def build(verdict: Verdict) -> RateLimitResponse:
             ]
         )
         response.raw_body = error_body(binding)
+        if not peek:  # what refused, for the access log (the decisions view)
+            response.dynamic_metadata.update(
+                {
+                    "limit": binding.limit.name,
+                    "unit": binding.limit.kind,
+                    "retry_after_seconds": retry_after_seconds(binding),
+                }
+            )
+    response.response_headers_to_add.extend(
+        HeaderValue(key=key, value=value) for key, value in quota_headers(verdict)
+    )
     return response
 
 
@@ -122,12 +219,25 @@ def _varint(value: int) -> bytes:
 _NANOS_OF_MILLIS = [b""] + [b"\x10" + _varint(millis * 1_000_000) for millis in range(1, 1000)]
 
 
-def encode(verdict: Verdict) -> bytes:
-    """The response's wire bytes, as build(verdict).SerializeToString() gives them (tests hold
-    the two to it). Calls that are not refused, nearly all of them, are encoded directly from
-    each limit's cached bytes: no message is built only to be serialized."""
-    if verdict.over_limit:  # headers and a body: rare, through the message
-        return bytes(build(verdict).SerializeToString())
+_HEADER = b"\x1a"  # RateLimitResponse.response_headers_to_add (3, length-delimited)
+
+
+def _string_field(tag: bytes, text: str) -> bytes:
+    data = text.encode()
+    return tag + _varint(len(data)) + data
+
+
+def _header_bytes(key: str, value: str) -> bytes:
+    header = _string_field(b"\n", key) + _string_field(b"\x12", value)  # HeaderValue key 1, value 2
+    return _HEADER + _varint(len(header)) + header
+
+
+def encode(verdict: Verdict, *, peek: bool = False) -> bytes:
+    """The response's wire bytes, as build(verdict, peek=peek).SerializeToString() gives them
+    (tests hold the two to it). Calls that are not refused, nearly all of them, are encoded
+    directly from each limit's cached bytes: no message is built only to be serialized."""
+    if verdict.over_limit or peek:  # a body or metadata: rare, through the message
+        return bytes(build(verdict, peek=peek).SerializeToString())
     parts = [_OVERALL_OK]
     for descriptor in verdict.descriptors:
         code = _CODES[descriptor.over_limit]
@@ -152,6 +262,7 @@ def encode(verdict: Verdict) -> bytes:
             )
         )
         parts += (_STATUS, _varint(len(status)), status)
+    parts += (_header_bytes(key, value) for key, value in quota_headers(verdict))
     return b"".join(parts)
 
 

@@ -1,5 +1,8 @@
 """The gRPC adapter: RateLimitService/ShouldRateLimit -> RateLimiter -> RateLimitResponse.
 
+A call whose descriptors are all check-only (hits_addend 0) is a peek: nothing is consumed and
+the answer lists every limit that applies (responses.py); maas-authz peeks for /v1/quota.
+
 Failure policy, decided here: a store that cannot answer either fails open (allow, count it) or
 fails closed with gRPC UNAVAILABLE, so that Envoy's `failure_mode_deny` decides — the same
 contract Limitador has. A domain this server does not serve is INVALID_ARGUMENT, loudly, rather
@@ -22,7 +25,7 @@ from maas_common.server import register_serialized_unary
 from maas_ratelimit import responses
 from maas_ratelimit.descriptors import CHARGE, Descriptor, effective_hits
 from maas_ratelimit.limiter import RateLimiter, UnknownDomain, Verdict
-from maas_ratelimit.metrics import RateLimitMetrics
+from maas_ratelimit.metrics import RateLimitMetrics, WireLabels
 from maas_ratelimit.store import ChargeStatus
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._failure_mode = failure_mode
         self._failure_log = LogThrottle(clock or SystemClock(), seconds=5.0)
         self._call_seconds = metrics.call_seconds.child()
+        self._labels = WireLabels(limiter.table)
 
     def register(self, server: grpc.aio.Server) -> None:
         # the method sends should_rate_limit_serialized's bytes (responses.encode)
@@ -83,6 +87,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         try:
             descriptors = to_descriptors(request)
             verdict = await self._limiter.decide(request.domain, descriptors)
+            # every descriptor check-only (hits_addend 0): a peek, which consumes nothing and
+            # gets every limit's state in its metadata; counted apart from decisions
+            if descriptors and all(d.check_only for d in descriptors):
+                self._metrics.answers.inc("peek")
+                return responses.encode(verdict, peek=True)
             self._record(verdict)
             return responses.encode(verdict)
         except UnknownDomain as exc:
@@ -126,23 +135,26 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         metrics = self._metrics
         metrics.answers.inc("over_limit" if verdict.over_limit else "ok")
         decisions = metrics.decisions
+        # every label value that came from a descriptor goes through `labels` (bounded)
+        labels = self._labels
+        tier_of, model_of = labels.tier, labels.model
         for descriptor in verdict.descriptors:
             for state in descriptor.limits:
-                decisions.inc(state.result, state.limit.tier, state.limit.name)
+                limit = state.limit
+                decisions.inc(state.result, tier_of(limit.tier), labels.limit(limit.name))
         for charge in verdict.charges:
             if charge.status is ChargeStatus.APPLIED:
-                metrics.charged.inc(charge.tier, charge.model, charge.kind, amount=charge.tokens)
+                tier, model = tier_of(charge.tier), model_of(charge.model)
+                metrics.charged.inc(tier, model, charge.kind, amount=charge.tokens)
                 if charge.billing_rate is not None:
-                    metrics.charge_cost(
-                        charge.tier, charge.model, charge.tokens, charge.billing_rate
-                    )
+                    metrics.charge_cost(tier, model, charge.tokens, charge.billing_rate)
             else:
                 metrics.skipped.inc(charge.status.value)
         for tier, outcome in verdict.outcomes:
-            metrics.reported.inc(tier, outcome)
+            metrics.reported.inc(tier_of(tier), labels.outcome(outcome))
         for tier, model, tokens in verdict.reserved:
-            metrics.reserved.inc(tier, model, amount=tokens)
+            metrics.reserved.inc(tier_of(tier), model_of(model), amount=tokens)
         for tier, model, tokens in verdict.refunded:
-            metrics.refunded.inc(tier, model, amount=tokens)
+            metrics.refunded.inc(tier_of(tier), model_of(model), amount=tokens)
         for reason in verdict.ignored:
             metrics.ignored.inc(reason)

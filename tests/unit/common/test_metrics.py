@@ -7,7 +7,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from maas_common.metrics import LATENCY_BUCKETS, FastCounter, FastHistogram
+from maas_common.metrics import LATENCY_BUCKETS, OTHER, BoundedLabel, FastCounter, FastHistogram
 
 OBSERVATIONS = [0.00005, 0.0001, 0.0001001, 0.0003, 0.002, 0.0025, 0.7, 2.5, 3.0, 40.0]
 
@@ -83,3 +83,19 @@ def test_scraping_from_another_thread_while_the_loop_counts() -> None:
     assert errors == []
     assert registry.get_sample_value("c_total", {"n": "42"}) == 4
     assert registry.get_sample_value("h_count", {"n": "7"}) == 40
+
+
+def test_bounded_label_admits_known_names_then_a_few_others_for_good() -> None:
+    known = [frozenset({"free", "premium"})]
+    label = BoundedLabel(lambda: known[0], spare=2, admits=lambda v: "/" in v)
+    assert label("free") == "free"
+    assert label("random") == OTHER  # not of the admitted form
+    assert label("ns/a") == "ns/a"
+    assert label("ns/b") == "ns/b"
+    assert label("ns/c") == OTHER  # the spares are taken
+    assert label("premium") == "premium"
+    known[0] = frozenset({"gold"})  # a reload
+    assert label("free") == OTHER
+    assert label("gold") == "gold"
+    assert label("ns/a") == "ns/a"  # admitted before the reload: still itself
+    assert label("ns/c") == OTHER

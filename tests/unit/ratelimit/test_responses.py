@@ -7,6 +7,7 @@ import json
 import pytest
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 from google.protobuf.internal.encoder import _VarintBytes  # protobuf's own, to check ours
+from google.protobuf.json_format import MessageToDict
 
 from maas_ratelimit import responses
 from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
@@ -72,7 +73,12 @@ def test_ok_with_limit_information() -> None:
     assert status.limit_remaining == 4
     assert status.duration_until_reset.ToMilliseconds() == 24_000
     assert status.duration_until_reset.seconds == 24
-    assert headers(response) == []
+    # OpenAI-style headers for the client, exact for the one limit of the kind
+    assert headers(response) == [
+        ("x-ratelimit-limit-requests", "5"),
+        ("x-ratelimit-remaining-requests", "4"),
+        ("x-ratelimit-reset-requests", "24s"),
+    ]
     assert response.raw_body == b""
     assert len(response.request_headers_to_add) == 0
 
@@ -136,8 +142,19 @@ def test_over_limit_response() -> None:
     assert status.current_limit.requests_per_unit == 5
     assert status.limit_remaining == 0
     assert status.duration_until_reset.ToMilliseconds() == 120_000
-    assert headers(response) == free_requests_refusal_headers(24)
+    assert headers(response) == [
+        *free_requests_refusal_headers(24),
+        ("x-ratelimit-limit-requests", "5"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "2m0s"),
+    ]
     assert json.loads(response.raw_body) == free_requests_refusal_body(24)
+    # what refused, as dynamic metadata for the access log (the decisions view)
+    assert MessageToDict(response.dynamic_metadata) == {
+        "limit": "free-requests",
+        "unit": "requests",
+        "retry_after_seconds": 24,
+    }
 
 
 def test_over_limit_for_tokens() -> None:
@@ -268,3 +285,60 @@ def test_allow_all(count: int) -> None:
         assert not status.HasField("current_limit")
     assert headers(response) == []
     assert response.raw_body == b""
+
+
+# --- x-ratelimit-* headers, peeks -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("milliseconds", "text"),
+    [(0, "0s"), (1, "1s"), (59_000, "59s"), (59_001, "1m0s"), (120_000, "2m0s"),
+     (3_599_000, "59m59s"), (3_600_000, "1h0m0s"), (90_061_000, "25h1m1s")],
+)  # fmt: skip
+def test_reset_text(milliseconds: int, text: str) -> None:
+    assert responses.reset_text(milliseconds) == text
+
+
+def test_headers_per_kind_from_the_tightest_enforced_limit_of_every_descriptor() -> None:
+    verdict = Verdict(
+        False,
+        (
+            one(state(REQUESTS, reset_ms=48_000), refused(SHADOW, 5_000)),  # shadow: never shown
+            one(state(TOKENS, reset_ms=18_000), state(ODD, reset_ms=1_000)),
+        ),
+    )
+    # REQUESTS has 3 of 5 left (60 %), ODD 1 of 3 (33 %): ODD is the tighter
+    assert dict(responses.quota_headers(verdict)) == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": str(state(ODD, reset_ms=1_000).remaining),
+        "x-ratelimit-reset-requests": "1s",
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "70",
+        "x-ratelimit-reset-tokens": "18s",
+    }
+
+
+def test_no_headers_for_a_call_without_limits() -> None:
+    assert responses.quota_headers(Verdict(False, (DescriptorVerdict(False, None, ()),))) == []
+
+
+def test_a_peek_lists_every_limit_in_the_metadata() -> None:
+    verdict = Verdict(False, (one(state(REQUESTS, reset_ms=48_000), state(TOKENS)),))
+    response = responses.build(verdict, peek=True)
+    limits = MessageToDict(response.dynamic_metadata)["limits"]
+    assert [(x["name"], x["unit"], x["limit"], x["remaining"]) for x in limits] == [
+        ("free-requests", "requests", 5, 3),
+        ("free-tokens", "tokens", 100, 100),
+    ]
+    assert limits[0]["reset_seconds"] == 48.0
+    assert limits[0]["window_seconds"] == 120.0
+    assert limits[0]["tier"] == "free"
+    assert limits[0]["would_allow"] is True
+    assert responses.encode(verdict, peek=True) == response.SerializeToString()
+
+
+def test_a_refused_peek_carries_no_refusal_metadata_of_its_own() -> None:
+    verdict = Verdict(True, (one(refused()),))
+    metadata = MessageToDict(responses.build(verdict, peek=True).dynamic_metadata)
+    assert set(metadata) == {"limits"}
+    assert metadata["limits"][0]["would_allow"] is False

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
+from google.protobuf.json_format import MessageToDict
 from prometheus_client import CollectorRegistry, generate_latest
 
 from maas_common.clock import ManualClock
@@ -208,9 +209,15 @@ async def test_five_ok_then_over_limit_with_the_429_body() -> None:
     assert response.overall_code == OVER_LIMIT
     assert response.statuses[0].code == OVER_LIMIT
     assert response.statuses[0].current_limit.name == "free tier: 5 requests per 2m"
-    assert [
-        (h.key, h.value) for h in response.response_headers_to_add
-    ] == free_requests_refusal_headers(24)
+    assert [(h.key, h.value) for h in response.response_headers_to_add] == [
+        *free_requests_refusal_headers(24),
+        ("x-ratelimit-limit-requests", "5"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "2m0s"),
+        ("x-ratelimit-limit-tokens", "100"),
+        ("x-ratelimit-remaining-tokens", "100"),
+        ("x-ratelimit-reset-tokens", "0s"),
+    ]
     assert json.loads(response.raw_body) == free_requests_refusal_body(24)
     assert rig.context.aborts == []
     assert rig.calls("ok") == 5
@@ -579,3 +586,60 @@ async def test_no_user_or_request_id_in_any_metric() -> None:
         'maas_ratelimit_tokens_charged_total{kind="total_tokens",model="llm/tiny",tier="free"} 10.0'
         in text
     )
+
+
+# --- peeks and bounded labels ---------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_peek_consumes_nothing_and_lists_every_limit() -> None:
+    rig = Rig()
+    await rig.call(request(user_descriptor()))  # one request taken
+    for _ in range(3):
+        response = await rig.call(request(user_descriptor(0)))
+        assert response.overall_code == OK
+        limits = MessageToDict(response.dynamic_metadata)["limits"]
+        assert {x["name"]: x["remaining"] for x in limits} == {
+            "free-requests": 4,
+            "free-tokens": 100,
+        }
+    assert rig.calls("peek") == 3
+    assert rig.calls("ok") == 1
+    assert rig.decisions("allowed", "free-requests") == 1  # the peeks are not decisions
+
+
+@pytest.mark.asyncio
+async def test_label_values_from_descriptors_are_bounded_to_configured_names() -> None:
+    rig = Rig()
+    for n in range(300):  # what a fuzzer sends: tiers, models and outcomes no one configured
+        await rig.call(
+            request(outcome_descriptor(f"outcome-{n}", tier=f"tier-{n}", model=f"Model {n}"))
+        )
+        await rig.call(request(descriptor(5, tier=f"tier-{n}", user=USER, charge="total_tokens")))
+    text = generate_latest(rig.registry).decode()
+    assert "tier-1" not in text
+    assert "outcome-1" not in text
+    assert "Model" not in text
+    series = [line for line in text.splitlines() if line.startswith("maas_ratelimit_usage")]
+    assert series == ['maas_ratelimit_usage_responses_total{outcome="other",tier="other"} 300.0']
+
+
+@pytest.mark.asyncio
+async def test_subscriptions_and_models_keep_their_own_label_values_up_to_a_bound() -> None:
+    rig = Rig()
+    for n in range(3):
+        await rig.call(
+            request(
+                descriptor(
+                    subscription=f"team-a/sub-{n}",
+                    token_limits="100/60",
+                    user=USER,
+                    model=f"llm/model-{n}",
+                    outcome="no_usage",
+                )
+            )
+        )
+    text = generate_latest(rig.registry).decode()
+    for n in range(3):
+        assert f'tier="team-a/sub-{n}"' in text
+    assert USER not in text  # never a user
