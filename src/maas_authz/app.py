@@ -13,8 +13,19 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from maas_authz import access_log as access_log_service
 from maas_authz import service
 from maas_authz.access import AccessReviewer, Grant, StaticAccessReviewer
+from maas_authz.access_log import AccessLogService
+from maas_authz.admin_api import OperatorApi
+from maas_authz.admin_auth import (
+    AdminAuthenticator,
+    AdminKeys,
+    AdminVerdict,
+    KubernetesAdmins,
+    Verb,
+    parse_admin_keys,
+)
 from maas_authz.api_key_maas_api import MaasApiKeyValidator
 from maas_authz.api_key_postgres import PostgresApiKeys
 from maas_authz.api_key_store import ApiKeyFile, ApiKeyVerifier, parse_api_key_file
@@ -22,6 +33,8 @@ from maas_authz.api_keys import KeyValidator
 from maas_authz.caching import CachedAccessReviewer, CachedKeyValidator, CachedTokenReviewer
 from maas_authz.check import CheckLimits, CheckPipeline
 from maas_authz.config import ApiKeysSection, AuthzConfig
+from maas_authz.decisions import DecisionLog
+from maas_authz.explain import Explainer
 from maas_authz.identity import Identity, TokenReviewer
 from maas_authz.kube_reviews import ResourceCheck
 from maas_authz.kubernetes import (
@@ -32,6 +45,8 @@ from maas_authz.kubernetes import (
 )
 from maas_authz.metrics import AuthzMetrics
 from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
+from maas_authz.policy_view import PolicyView
+from maas_authz.quota import QuotaEndpoint, RateLimitPeeker
 from maas_authz.static_keys import StaticKeyReviewer, parse_static_keys
 from maas_authz.subscription_check import SubscriptionFlow
 from maas_authz.subscription_file import parse_subscription_file
@@ -43,7 +58,7 @@ from maas_common.config import resolve_path
 from maas_common.errors import BackendUnavailable, ConfigError
 from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import WatchedFile
-from maas_common.server import GrpcService, Readiness, ServerRuntime
+from maas_common.server import GrpcService, HttpSite, Readiness, ServerRuntime
 from maas_common.settings import CommandLine, load_server_config
 
 log = logging.getLogger(__name__)
@@ -216,6 +231,8 @@ def _build_access(
 @dataclass
 class _Subscriptions:
     flow: SubscriptionFlow
+    catalog: Callable[[], SubscriptionCatalog]
+    source: str
     watched: list[WatchedFile[Any]]
     background: list[Callable[[], Coroutine[Any, Any, None]]]
     key_cache: CachedKeyValidator | None
@@ -291,7 +308,12 @@ def _build_subscriptions(
         for_tokens=config.authorization.mode == "subscriptions",
         default_namespace=config.models.default_namespace,
     )
-    return _Subscriptions(flow, watched, background, key_cache, closers)
+    source = (
+        f"file {resolve_path(base_dir, section.file)}"
+        if section.source == "file" and section.file is not None
+        else "the cluster's MaaSModelRef, MaaSAuthPolicy and MaaSSubscription objects (watched)"
+    )
+    return _Subscriptions(flow, catalog, source, watched, background, key_cache, closers)
 
 
 def _build_api_keys(
@@ -381,7 +403,10 @@ async def build_app(
 
     tiers, tier_file = _build_tiers(config, base_dir, metrics)
     api: KubernetesApi | None = None
-    if config.uses_kubernetes():
+    admin_by_kubernetes = (
+        config.server.admin_api_addr is not None and config.admin.auth.source == "kubernetes"
+    )
+    if config.uses_kubernetes() or admin_by_kubernetes:
         kube = config.kubernetes
         api = await KubernetesApi.connect(
             kubeconfig=resolve_path(base_dir, kube.kubeconfig) if kube.kubeconfig else None,
@@ -423,8 +448,16 @@ async def build_app(
         subscriptions=subscriptions.flow if subscriptions else None,
         default_namespace=models.default_namespace,
     )
+    peeker = _build_peeker(config)
     servicer = service.AuthorizationService(
-        pipeline, metrics, forward_authorization=config.response.forward_authorization
+        pipeline,
+        metrics,
+        forward_authorization=config.response.forward_authorization,
+        quota=QuotaEndpoint(pipeline, peeker, config.quota.path) if peeker else None,
+    )
+    decisions = DecisionLog(config.admin.decisions, max_readers=config.admin.max_followers)
+    access_log = AccessLogService(
+        decisions, lambda result: metrics.access_log_entries.labels(result).inc()
     )
 
     key_cache = subscriptions.key_cache if subscriptions else None
@@ -433,19 +466,53 @@ async def build_app(
         username = request.query.get("user")
         return web.json_response(_purge(identity_cache, access_cache, key_cache, username))
 
+    policy = PolicyView(
+        config,
+        tiers,
+        str(resolve_path(base_dir, config.tiers.file)) if config.tiers.file else "built-in",
+        subscriptions.catalog if subscriptions else None,
+        subscriptions.source if subscriptions else "",
+        peeker,
+    )
+    sites: list[HttpSite] = []
+    if config.server.admin_api_addr is not None:
+        operator = OperatorApi(
+            auth=_build_admin_auth(config, base_dir, api, metrics, watched),
+            explainer=Explainer(pipeline, peeker),
+            decisions=decisions,
+            peeker=peeker,
+            policy=policy.show,
+            purge=lambda user: _purge(identity_cache, access_cache, key_cache, user),
+            tier_of_groups=policy.tier_of,
+            token_limits_of=policy.token_limits_of,
+            on_request=lambda route, outcome: metrics.admin_requests.labels(route, outcome).inc(),
+        )
+        sites.append(
+            HttpSite(config.server.admin_api_addr, operator.routes(), "server.admin_api_addr")
+        )
+
+    async def close_decisions() -> None:
+        decisions.close()  # ends live streams first, so the listener closes at once
+
     runtime = ServerRuntime(
         name="maas-authz",
         grpc_addr=config.server.grpc_addr,
         http_addr=config.server.http_addr,
-        services=[GrpcService(service.SERVICE_NAME, servicer.register)],
+        services=[
+            GrpcService(service.SERVICE_NAME, servicer.register),
+            GrpcService(access_log_service.SERVICE_NAME, access_log.register),
+        ],
+        sites=sites,
         registry=registry,
         drain_timeout=config.server.drain_timeout,
         background=[
             *(w.watch for w in watched),
             *(subscriptions.background if subscriptions else ()),
         ],
+        on_drain=[close_decisions, access_log.close],
         on_close=[
             *([api.close] if api else []),
+            *([peeker.close] if peeker else []),
             *(subscriptions.closers if subscriptions else ()),
         ],
         admin_addr=config.server.admin_addr,
@@ -455,6 +522,51 @@ async def build_app(
         # not ready until the watch has listed every kind (run_watch sets it ready)
         runtime.readiness.set("subscriptions", False, "listing")
     return AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
+
+
+def _build_peeker(config: AuthzConfig) -> RateLimitPeeker | None:
+    section = config.ratelimit
+    if section.target is None:
+        return None
+    return RateLimitPeeker(
+        section.target,
+        section.domain,
+        timeout=section.timeout,
+        max_concurrency=section.max_concurrency,
+    )
+
+
+class _ReloadingAdminKeys:
+    def __init__(self, watched: WatchedFile[AdminKeys]) -> None:
+        self._watched = watched
+
+    async def check(self, token: str, verb: Verb) -> AdminVerdict:
+        return await self._watched.value.check(token, verb)
+
+
+def _build_admin_auth(
+    config: AuthzConfig,
+    base_dir: Path,
+    api: KubernetesApi | None,
+    metrics: AuthzMetrics,
+    watched: list[WatchedFile[Any]],
+) -> AdminAuthenticator:
+    auth = config.admin.auth
+    if auth.source == "keys":
+        assert auth.keys_file is not None
+        keys: WatchedFile[AdminKeys] = _watch(
+            resolve_path(base_dir, auth.keys_file), parse_admin_keys, "admin_keys", 2.0, metrics
+        )
+        watched.append(keys)
+        return _ReloadingAdminKeys(keys)
+    assert api is not None
+    return KubernetesAdmins(
+        api,
+        group=auth.group,
+        resource=auth.resource,
+        namespace=auth.namespace,
+        audiences=auth.audiences,
+    )
 
 
 def _purge(

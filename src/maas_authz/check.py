@@ -76,6 +76,10 @@ class CheckPipeline:
                 self._routes[path] = target
         return target
 
+    def route(self, path: str) -> ModelRef | OpenPath | BodyRoute | BadPath:
+        """What `path` is for (cached)."""
+        return self._route(path)
+
     async def decide(
         self,
         path: str,
@@ -90,6 +94,17 @@ class CheckPipeline:
             return Deny(routed.status, routed.code, routed.message)
         if isinstance(routed, OpenPath) and not routed.authenticate:
             return Allow(identity=None, tier=None, model=None)
+        return await self.decide_routed(routed, authorization, headers=headers, body=body)
+
+    async def decide_routed(
+        self,
+        routed: ModelRef | OpenPath | BodyRoute,
+        authorization: str | None,
+        *,
+        headers: Mapping[str, str] = _NO_HEADERS,
+        body: bytes = b"",
+    ) -> Decision:
+        """2-4 for a request already routed (also /v1/quota and explain, which route their own)."""
         # the subscription flow refuses client X-MaaS-Username/Group outright (the tier flow
         # strips them, as ever); before authentication, so a forger learns nothing of the key
         flow = self._subscriptions
@@ -125,6 +140,18 @@ class CheckPipeline:
                 "the token is not valid: expired, revoked, or issued for another audience",
                 token_presented=True,
             )
+        return await self.decide_for(identity, routed, headers=headers, body=body)
+
+    async def decide_for(
+        self,
+        identity: Identity,
+        routed: ModelRef | OpenPath | BodyRoute,
+        *,
+        headers: Mapping[str, str] = _NO_HEADERS,
+        body: bytes = b"",
+    ) -> Decision:
+        """3-4 for an authenticated identity (explain calls it with a synthetic one)."""
+        flow = self._subscriptions
         if flow is not None and flow.for_tokens:
             return await self._subscribed(flow, flow.token_subject(identity, headers), routed, body)
         target = await _target(routed, body)
@@ -148,6 +175,7 @@ class CheckPipeline:
                 "no_tier",
                 f"user {identity.userid!r} belongs to no tier; ask an administrator to add one "
                 "of your groups to a tier",
+                user=identity.username,
             )
 
         # 4. authorize model
@@ -164,6 +192,7 @@ class CheckPipeline:
                 f"{_who(identity, tier)} has no access to model {target.name!r} "
                 f"in namespace {target.namespace!r}",
                 tier=tier.name,
+                user=identity.username,
             )
         return Allow(identity, tier, target)
 

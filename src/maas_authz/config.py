@@ -20,6 +20,9 @@ class AuthzServerSection(ServerSection):
     # POST /admin/purge, off unless set; keep it on loopback (127.0.0.1:8091): kubectl
     # port-forward still reaches it, the network does not
     admin_addr: Address | None = None
+    # the operator API and console (admin: section), off unless set; never the public gateway:
+    # loopback, or a Service only operators reach (`make demo`: 127.0.0.1:8090)
+    admin_api_addr: Address | None = None
     # processes serving grpc_addr together (SO_REUSEPORT) under a supervisor that owns the HTTP
     # and admin listeners; 1 = this process serves, as ever (docs/operations.md, "Worker processes")
     workers: int = 1
@@ -242,6 +245,50 @@ class ApiKeysSection(StrictModel):
         return self
 
 
+class RateLimitPeekSection(StrictModel):
+    # maas-ratelimit's gRPC address: /v1/quota and explain peek at it (consuming nothing)
+    target: str | None = None
+    domain: str = "maas"  # as the Envoy rate limit filter's `domain`
+    timeout: PositiveDuration = 0.5
+    max_concurrency: int = Field(16, ge=1, le=1024)
+
+
+class QuotaSection(StrictModel):
+    # answered in Check for callers with their own credentials; needs ratelimit.target
+    path: str = "/v1/quota"
+
+    @field_validator("path")
+    @classmethod
+    def _quota_path(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or value.endswith("/"):
+            raise ValueError(f"{value!r} must be a path starting with '/', without a query")
+        return value
+
+
+class AdminAuthSection(StrictModel):
+    # kubernetes: TokenReview, then a SubjectAccessReview of `verb` (get to read, update to
+    # change: purge, policy edits) on group/resource; keys: a file of admin key hashes
+    source: Literal["kubernetes", "keys"] = "kubernetes"
+    keys_file: Path | None = None
+    group: str = "maas.opendatahub.io"
+    resource: str = "gatewayadmin"
+    namespace: str = ""  # "" = a cluster-wide permission
+    audiences: list[str] = Field(default_factory=list)  # [] = the API server's own
+
+    @model_validator(mode="after")
+    def _keys_need_a_file(self) -> AdminAuthSection:
+        if self.source == "keys" and self.keys_file is None:
+            raise ValueError("source 'keys' needs keys_file:")
+        return self
+
+
+class AdminSection(StrictModel):
+    # the operator API and console, served on server.admin_api_addr (docs/operations.md)
+    auth: AdminAuthSection = AdminAuthSection()
+    decisions: int = Field(2000, ge=10, le=1_000_000)  # recent decisions kept in memory
+    max_followers: int = Field(32, ge=1, le=1024)  # live decision streams at once
+
+
 class ResponseSection(StrictModel):
     forward_authorization: bool = False
     retry_after: int = Field(5, ge=1, le=3600)  # seconds, sent with 503
@@ -258,6 +305,18 @@ class AuthzConfig(StrictModel):
     authorization: AuthorizationSection = AuthorizationSection()
     subscriptions: SubscriptionsSection = SubscriptionsSection()
     api_keys: ApiKeysSection | None = None
+    ratelimit: RateLimitPeekSection = RateLimitPeekSection()
+    quota: QuotaSection = QuotaSection()
+    admin: AdminSection = AdminSection()
+
+    @model_validator(mode="after")
+    def _operator_api_in_one_process(self) -> AuthzConfig:
+        if self.server.admin_api_addr is not None and self.server.workers > 1:
+            raise ValueError(
+                "server.admin_api_addr (the operator API) keeps its decisions in one process: "
+                f"it needs server.workers 1, not {self.server.workers}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _subscription_flow_needs_its_parts(self) -> AuthzConfig:

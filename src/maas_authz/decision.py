@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef
@@ -30,10 +31,20 @@ class Deny:
     code: str  # machine-readable reason; also the `reason` metric label
     message: str  # for the client: says what is wrong, never echoes a credential
     tier: str = ""  # known once the tier is resolved; for metrics
+    user: str = ""  # known once authenticated; for the access log (never sent to the client)
     retry_after: int | None = None
     token_presented: bool = False  # selects the RFC 6750 form of WWW-Authenticate
     # upstream MaaS's form: the message as a text/plain body, the code in x-ext-auth-reason
     plain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaReply:
+    """A 200 answer to /v1/quota (quota.py), with what the access log should record."""
+
+    body: dict[str, Any]
+    headers: list[tuple[str, str]]
+    metadata: dict[str, str]
 
 
 Decision = Allow | Deny

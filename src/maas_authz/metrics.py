@@ -71,6 +71,20 @@ class AuthzMetrics:
             "(api_keys.cache.stale_if_error)",
             registry=registry,
         )
+        self.access_log_entries = Counter(
+            "maas_authz_access_log_entries",
+            "Envoy access log entries received for the decisions view, by result (recorded, "
+            "skipped: unreadable)",
+            ["result"],
+            registry=registry,
+        )
+        self.admin_requests = Counter(
+            "maas_authz_admin_requests",
+            "Operator API requests by route and outcome (ok, unauthenticated, forbidden, "
+            "bad_request, unavailable)",
+            ["route", "outcome"],
+            registry=registry,
+        )
         self.config_reloads = config_reload_counter(registry)
         self._decisions = LabelledCounter(self.decisions)
 

@@ -11,7 +11,7 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from google.rpc import code_pb2
 
-from maas_authz.decision import Allow, Deny
+from maas_authz.decision import Allow, Deny, QuotaReply
 
 USER_HEADER = "x-maas-user"
 TIER_HEADER = "x-maas-tier"
@@ -113,6 +113,34 @@ def _build_denied(deny: Deny) -> bytes:
         headers.append(_header("retry-after", str(deny.retry_after)))
     out.headers.extend(headers)
     out.body = deny.message if deny.plain else error_body(deny.status, deny.code, deny.message)
+    # for the access log (the operator's decisions view), under names no rate limit reads:
+    # a denied request must never be counted or charged
+    metadata = {"reason": deny.code}
+    if deny.user:
+        metadata["log_user"] = deny.user
+    if deny.tier:
+        metadata["log_tier"] = deny.tier
+    response.dynamic_metadata.update(metadata)
+    data: bytes = response.SerializeToString()
+    return data
+
+
+def quota_serialized(reply: QuotaReply) -> bytes:
+    """A /v1/quota answer: a 200 that Envoy sends as a local reply (the denied_response form),
+    so nothing after maas-authz runs: no rate limit is taken, no model called."""
+    response = CheckResponse()
+    response.status.code = code_pb2.PERMISSION_DENIED  # "not for the upstream", not an error
+    out = response.denied_response
+    out.status.code = 200
+    out.headers.extend(
+        [
+            _header("content-type", "application/json"),
+            _header("cache-control", "no-store"),
+            *(_header(key, value) for key, value in reply.headers),
+        ]
+    )
+    out.body = json.dumps(reply.body)
+    response.dynamic_metadata.update(reply.metadata)
     data: bytes = response.SerializeToString()
     return data
 

@@ -16,6 +16,7 @@ from maas_authz import responses
 from maas_authz.check import CheckPipeline
 from maas_authz.decision import Allow, Deny
 from maas_authz.metrics import AuthzMetrics
+from maas_authz.quota import QuotaEndpoint
 from maas_common.server import register_serialized_unary
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,15 @@ _INTERNAL = Deny(500, "internal_error", "the authorization server failed; this i
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(
-        self, pipeline: CheckPipeline, metrics: AuthzMetrics, *, forward_authorization: bool
+        self,
+        pipeline: CheckPipeline,
+        metrics: AuthzMetrics,
+        *,
+        forward_authorization: bool,
+        quota: QuotaEndpoint | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._quota = quota  # GET /v1/quota, answered here (quota.py)
         self._metrics = metrics
         self._forward_authorization = forward_authorization
 
@@ -62,6 +69,16 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             body = http.raw_body or (
                 http.body.encode("utf-8", "surrogatepass") if http.body else b""
             )
+            quota = self._quota
+            if quota is not None and quota.handles(http.path):
+                reply = await quota.answer(
+                    http.method, http.path, headers.get("authorization"), headers
+                )
+                if isinstance(reply, Deny):
+                    self._metrics.decision("denied", reply.code, reply.tier)
+                    return responses.denied_serialized(reply)
+                self._metrics.decision("allowed", "quota", reply.metadata.get("log_tier", ""))
+                return responses.quota_serialized(reply)
             decision = await self._pipeline.decide(
                 http.path, headers.get("authorization"), headers=headers, body=body
             )

@@ -132,14 +132,14 @@ class SubscriptionFlow:
                 )
             target = resolved
         if not catalog.allowed(identity, target):
-            return _denied(NO_ACCESS)
+            return _denied(NO_ACCESS, identity.username)
         chosen = catalog.select(identity, target, subject.requested)
         if isinstance(chosen, SubscriptionDenied):
-            return _denied(chosen)
+            return _denied(chosen, identity.username)
         return Allow(
             identity, None, target, subscription_flow=True, selection=chosen, key_id=subject.key_id
         )
 
 
-def _denied(denial: SubscriptionDenied) -> Deny:
-    return Deny(403, denial.code, denial.message, plain=True)
+def _denied(denial: SubscriptionDenied, user: str) -> Deny:
+    return Deny(403, denial.code, denial.message, plain=True, user=user)

@@ -80,6 +80,15 @@ class Readiness:
 ReadinessReport = Callable[[], tuple[bool, dict[str, object]]]  # (ready, the /readyz JSON)
 
 
+@dataclass(frozen=True)
+class HttpSite:
+    """One more HTTP listener of the server's own (e.g. maas-authz's operator API)."""
+
+    addr: str
+    routes: Sequence[web.RouteDef]
+    setting: str  # the configuration key of `addr`, for a listen error
+
+
 def probe_routes(registry: CollectorRegistry, readiness: ReadinessReport) -> list[web.RouteDef]:
     """/metrics (the registry, as Prometheus text), /healthz and /readyz (200 or 503)."""
 
@@ -131,6 +140,8 @@ class ServerRuntime:
         admin_routes: Sequence[web.RouteDef] = (),
         grpc_options: Sequence[tuple[str, Any]] = (),
         reuse_port: bool = False,
+        sites: Sequence[HttpSite] = (),
+        on_drain: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self.name = name
         self.readiness = Readiness()
@@ -148,6 +159,12 @@ class ServerRuntime:
         self._admin_routes = admin_routes
         self._admin: web.AppRunner | None = None
         self.admin_port = 0
+        self._sites = sites
+        # run first on stop: end streams that never finish by themselves (Envoy's access log,
+        # live decision readers), so the drain waits only for real calls
+        self._on_drain = on_drain
+        self._site_runners: list[web.AppRunner] = []
+        self.site_ports: list[int] = []
         # SO_REUSEPORT off: a second server on a busy port must fail loudly, not share it silently.
         # Only the worker processes of one supervisor (maas_common.workers) turn it on, to share
         # one port; the supervisor has checked that port was free first. Read at start().
@@ -194,6 +211,10 @@ class ServerRuntime:
                 self._admin, self.admin_port = await serve_http(
                     self._admin_addr, self._admin_routes, "server.admin_addr"
                 )
+            for site in self._sites:
+                runner, port = await serve_http(site.addr, site.routes, site.setting)
+                self._site_runners.append(runner)
+                self.site_ports.append(port)
         except ConfigError:
             await self._close_http()
             await server.stop(None)
@@ -231,6 +252,11 @@ class ServerRuntime:
         """Drain: report not-ready, let in-flight calls finish (up to drain_timeout), then close."""
         self.readiness.set("shutdown", False, "draining")
         await self._health.enter_graceful_shutdown()
+        for drain in self._on_drain:
+            try:
+                await drain()
+            except Exception:
+                log.exception("error while draining")
         if self._grpc is not None:
             log.info("%s draining in-flight calls (up to %.1fs)", self.name, self._drain_timeout)
             await self._grpc.stop(self._drain_timeout)
@@ -250,10 +276,11 @@ class ServerRuntime:
         log.info("%s stopped", self.name)
 
     async def _close_http(self) -> None:
-        for runner in (self._admin, self._http):
+        for runner in (*self._site_runners, self._admin, self._http):
             if runner is not None:
                 await runner.cleanup()
         self._admin = self._http = None
+        self._site_runners = []
 
     async def run_until_signal(self) -> None:
         stop = asyncio.Event()

@@ -51,8 +51,9 @@ def parse_command_line(
     argv: Sequence[str] | None = None,
     extra_flags: Mapping[str, tuple[str, str]] | None = None,
 ) -> CommandLine:
-    """`extra_flags`: server settings only this server has, `{key: (flag, help)}`; like the
-    shared ones they override `server.<key>` and read `<env_prefix>_<KEY>` from the environment.
+    """`extra_flags`: settings only this server has, `{key: (flag, help)}`; like the shared
+    ones they override `server.<key>` (or, for a dotted key `section.name`, that setting) and
+    read `<env_prefix>_<KEY>` (dots as underscores) from the environment.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     env = os.environ
@@ -71,7 +72,7 @@ def parse_command_line(
         **(extra_flags or {}),
     }
     for key, (flag, help_text) in flags.items():
-        env_name = f"{env_prefix}_{key.upper()}"
+        env_name = _env_name(env_prefix, key)
         parser.add_argument(flag, dest=key, help=f"{help_text} (env {env_name})")
     parser.add_argument(
         "--check-config",
@@ -82,7 +83,7 @@ def parse_command_line(
 
     overrides: dict[str, str] = {}
     for key, (flag, _) in flags.items():
-        env_name = f"{env_prefix}_{key.upper()}"
+        env_name = _env_name(env_prefix, key)
         value, source = getattr(args, key), flag
         if value is None and env.get(env_name):
             value, source = env[env_name], env_name
@@ -112,12 +113,24 @@ def load_server_config(model: type[M], command_line: CommandLine) -> M:
     return validate(model, apply_server_overrides(command_line.raw, command_line.overrides), source)
 
 
+def _env_name(prefix: str, key: str) -> str:
+    return f"{prefix}_{key.upper().replace('.', '_')}"
+
+
 def apply_server_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
-    """A copy of the raw config with flag/env values placed into its `server:` section."""
+    """A copy of the raw config with flag/env values placed into its `server:` section (or, for
+    a dotted key, the section it names)."""
     merged = dict(raw)
-    server = merged.get("server")
-    server = dict(server) if isinstance(server, dict) else ({} if server is None else server)
-    if isinstance(server, dict):
-        server.update(overrides)
-    merged["server"] = server
+    by_section: dict[str, dict[str, str]] = {}
+    for key, value in overrides.items():
+        prefix, _, name = key.rpartition(".")
+        by_section.setdefault(prefix or "server", {})[name] = value
+    for section_name, values in by_section.items():
+        found = merged.get(section_name)
+        section = dict(found) if isinstance(found, dict) else ({} if found is None else found)
+        if isinstance(section, dict):  # else validation names the bad section
+            section.update(values)
+        merged[section_name] = section
+    if merged.get("server") is None:
+        merged["server"] = {}
     return merged

@@ -33,6 +33,7 @@ class Ports:
     ratelimit_grpc: int = 50052
     ratelimit_http: int = 8082
     backend: int = 8000
+    authz_admin: int = 8090
     envoy_host: str = "127.0.0.1"
 
     @classmethod
@@ -45,6 +46,7 @@ class Ports:
             ratelimit_grpc=free_port(),
             ratelimit_http=free_port(),
             backend=free_port(),
+            authz_admin=free_port(),
         )
 
 
@@ -183,7 +185,9 @@ class LocalStack:
                 "authz",
                 [python, "-m", "maas_authz", "--config", str(self.authz_config),
                  "--grpc-addr", f"127.0.0.1:{p.authz_grpc}",
-                 "--http-addr", f"127.0.0.1:{p.authz_http}"],
+                 "--http-addr", f"127.0.0.1:{p.authz_http}",
+                 "--admin-api-addr", f"127.0.0.1:{p.authz_admin}",
+                 "--ratelimit-target", f"127.0.0.1:{p.ratelimit_grpc}"],
                 self.authz_env,
                 f"http://127.0.0.1:{p.authz_http}/readyz",
             ),

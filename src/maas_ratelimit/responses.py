@@ -17,6 +17,7 @@ from typing import Any
 from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 
+from maas_common.quota_headers import quota_header_triple
 from maas_ratelimit.bucket import ceil_div
 from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
 from maas_ratelimit.limits import Limit
@@ -72,18 +73,6 @@ def error_body(state: LimitState) -> bytes:
     ).encode()
 
 
-def reset_text(milliseconds: int) -> str:
-    """A wait as OpenAI's reset headers write it ("1s", "6m0s"), rounded up to the second."""
-    seconds = ceil_div(milliseconds, 1000)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes}m{seconds}s"
-
-
 def tightest(descriptors: tuple[DescriptorVerdict, ...]) -> tuple[LimitState | None, ...]:
     """(requests, tokens): the enforced limit of each kind with the least room left, as a
     fraction of its limit (a refusing one first), over every descriptor of the call."""
@@ -111,10 +100,8 @@ def quota_headers(verdict: Verdict) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     for suffix, state in zip(("requests", "tokens"), tightest(verdict.descriptors), strict=True):
         if state is not None:
-            headers += (
-                (f"x-ratelimit-limit-{suffix}", str(state.limit.spec.limit)),
-                (f"x-ratelimit-remaining-{suffix}", str(state.remaining)),
-                (f"x-ratelimit-reset-{suffix}", reset_text(state.reset_ms)),
+            headers += quota_header_triple(
+                suffix, state.limit.spec.limit, state.remaining, state.reset_ms
             )
     return headers
 

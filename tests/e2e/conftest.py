@@ -95,6 +95,8 @@ def demo_authz_config() -> dict[str, Any]:
     static["keys_file"] = str(CONFIG_DIR / static["keys_file"])
     for section in ("tiers", "subscriptions", "api_keys"):
         authz[section]["file"] = str(CONFIG_DIR / authz[section]["file"])
+    admin_auth = authz["admin"]["auth"]
+    admin_auth["keys_file"] = str(CONFIG_DIR / admin_auth["keys_file"])
     return authz
 
 

@@ -96,8 +96,8 @@ def test_unknown_identity_source() -> None:
         (
             {"serverr": {}},
             "authz.yaml: serverr: unknown key "
-            "(expected one of: access, api_keys, authorization, identity, kubernetes, models, "
-            "response, server, subscriptions, tiers)",
+            "(expected one of: access, admin, api_keys, authorization, identity, kubernetes, "
+            "models, quota, ratelimit, response, server, subscriptions, tiers)",
         ),
         (
             {"identity": {"cach": {}}},
@@ -127,7 +127,8 @@ def test_unknown_identity_source() -> None:
         (
             {"server": {"grpc_address": "x"}},
             "authz.yaml: server.grpc_address: unknown key (expected one of: admin_addr, "
-            "drain_timeout, event_loop, grpc_addr, http_addr, log_format, log_level, workers)",
+            "admin_api_addr, drain_timeout, event_loop, grpc_addr, http_addr, log_format, "
+            "log_level, workers)",
         ),
     ],
 )

@@ -536,3 +536,13 @@ def test_apply_server_overrides_leaves_a_malformed_section_for_validation() -> N
     with pytest.raises(ConfigError) as excinfo:
         validate(ServerSection, merged["server"], "f.yaml", prefix="server")
     assert excinfo.value.key == "server"
+
+
+def test_apply_server_overrides_puts_a_dotted_key_in_its_section() -> None:
+    raw = {"ratelimit": {"domain": "maas"}, "server": {"grpc_addr": "a:1"}}
+    merged = apply_server_overrides(raw, {"ratelimit.target": "h:2", "http_addr": "c:3"})
+    assert merged == {
+        "ratelimit": {"domain": "maas", "target": "h:2"},
+        "server": {"grpc_addr": "a:1", "http_addr": "c:3"},
+    }
+    assert raw == {"ratelimit": {"domain": "maas"}, "server": {"grpc_addr": "a:1"}}  # a copy

@@ -9,6 +9,7 @@ from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 from google.protobuf.internal.encoder import _VarintBytes  # protobuf's own, to check ours
 from google.protobuf.json_format import MessageToDict
 
+from maas_common.quota_headers import reset_text
 from maas_ratelimit import responses
 from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
 from maas_ratelimit.limits import Limit, parse_limits
@@ -296,7 +297,7 @@ def test_allow_all(count: int) -> None:
      (3_599_000, "59m59s"), (3_600_000, "1h0m0s"), (90_061_000, "25h1m1s")],
 )  # fmt: skip
 def test_reset_text(milliseconds: int, text: str) -> None:
-    assert responses.reset_text(milliseconds) == text
+    assert reset_text(milliseconds) == text
 
 
 def test_headers_per_kind_from_the_tightest_enforced_limit_of_every_descriptor() -> None:

@@ -1,0 +1,286 @@
+"""The operator API (HTTP, JSON) on its own listener, server.admin_api_addr: never the gateway.
+
+Every /admin/v1 route needs `Authorization: Bearer <admin credential>` (admin_auth.py): 401
+without one, 403 without the permission. Reads need `get`; purge needs `update`.
+
+  GET  /admin/v1/whoami                     who the credential is
+  POST /admin/v1/explain                    the whole decision for a request never made
+  GET  /admin/v1/decisions                  recent decisions (filters: allowed, denied, reason,
+                                            tier, subscription, model, user; limit)
+  GET  /admin/v1/decisions?follow=true      the same, live, as server-sent events
+  GET  /admin/v1/quota?user=U               what U has left (tier= / groups= / subscription=,
+                                            model=; without them, U's latest decision says)
+  GET  /admin/v1/policy                     the effective policy and where each part came from
+  POST /admin/v1/purge[?user=U]             drop cached credentials and decisions (all, or U's)
+  GET  /                                    the console (console.html)
+
+Bad input gets a 400 naming the problem; a backend that cannot answer, a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from maas_authz.admin_auth import AdminAuthenticator, Verb
+from maas_authz.credentials import BadCredentials, bearer_token
+from maas_authz.decisions import DecisionFilter, DecisionLog, TooManyReaders
+from maas_authz.explain import Explainer, ExplainRequest
+from maas_authz.quota import RateLimitPeeker, caller_view, target_of
+from maas_common.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+_MAX_BODY = 1024 * 1024
+_KEEPALIVE_SECONDS = 15.0
+_OPERATOR = web.RequestKey("operator", str)
+
+
+@dataclass
+class OperatorApi:
+    auth: AdminAuthenticator
+    explainer: Explainer
+    decisions: DecisionLog
+    peeker: RateLimitPeeker | None
+    policy: Callable[[], Awaitable[dict[str, Any]]]
+    purge: Callable[[str | None], dict[str, int]]
+    tier_of_groups: Callable[[tuple[str, ...]], str | None]
+    # (subscription namespace/name, model namespace/name) -> its token_limits entry, or None
+    token_limits_of: Callable[[str, str], str | None]
+    on_request: Callable[[str, str], None] = lambda _route, _outcome: None  # metrics
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/", self._console),
+            web.get("/admin/v1/whoami", self._guard("get", self._whoami)),
+            web.post("/admin/v1/explain", self._guard("get", self._explain)),
+            web.get("/admin/v1/decisions", self._guard("get", self._decisions)),
+            web.get("/admin/v1/quota", self._guard("get", self._quota)),
+            web.get("/admin/v1/policy", self._guard("get", self._policy)),
+            web.post("/admin/v1/purge", self._guard("update", self._purge)),
+        ]
+
+    # --- authentication ------------------------------------------------------------------------
+
+    def _guard(
+        self, verb: Verb, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            route = request.path
+            token = bearer_token(request.headers.get("Authorization"), 16384)
+            if isinstance(token, BadCredentials):
+                self.on_request(route, "unauthenticated")
+                return _error(401, token.code, token.message, challenge=True)
+            try:
+                verdict = await self.auth.check(token, verb)
+            except BackendUnavailable as exc:
+                self.on_request(route, "unavailable")
+                return _error(
+                    503, "auth_backend_unavailable", f"cannot check the credential: {exc}"
+                )
+            if verdict.status == "unauthenticated":
+                self.on_request(route, "unauthenticated")
+                return _error(401, "invalid_token", "the credential is not an admin credential",
+                              challenge=True)  # fmt: skip
+            if verdict.status == "forbidden":
+                self.on_request(route, "forbidden")
+                return _error(
+                    403, "forbidden", f"{verdict.operator} may not {verb} the gateway's admin API"
+                )
+            request[_OPERATOR] = verdict.operator
+            try:
+                response = await handler(request)
+            except _BadRequest as exc:
+                self.on_request(route, "bad_request")
+                return _error(400, "bad_request", str(exc))
+            except BackendUnavailable as exc:
+                self.on_request(route, "unavailable")
+                return _error(503, "backend_unavailable", str(exc))
+            self.on_request(route, "ok")
+            if verb == "update":
+                log.info(
+                    "admin %s by %s",
+                    route,
+                    verdict.operator,
+                    extra={"query": request.query_string[:200]},
+                )
+            return response
+
+        return guarded
+
+    # --- the routes ----------------------------------------------------------------------------
+
+    async def _console(self, _request: web.Request) -> web.StreamResponse:
+        page = resources.files("maas_authz").joinpath("console.html").read_text()
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            headers={
+                "Cache-Control": "no-store",
+                # the page is self-contained: nothing from elsewhere, no inline-script injection
+                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    async def _whoami(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"operator": request[_OPERATOR]})
+
+    async def _explain(self, request: web.Request) -> web.StreamResponse:
+        data = await _json_body(request)
+        try:
+            explain_request = ExplainRequest.from_json(data)
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        return web.json_response(await self.explainer.explain(explain_request))
+
+    async def _decisions(self, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        try:
+            wanted = DecisionFilter.from_query(query)
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        limit = _int(query, "limit", 100, 1, 10_000)
+        follow = query.get("follow") == "true" or "text/event-stream" in request.headers.get(
+            "Accept", ""
+        )
+        recent = self.decisions.recent(wanted, limit)
+        if not follow:
+            return web.json_response({"decisions": [d.as_json() for d in recent]})
+        return await self._stream(request, wanted, recent)
+
+    async def _stream(
+        self, request: web.Request, wanted: DecisionFilter, recent: list[Any]
+    ) -> web.StreamResponse:
+        try:
+            async with self.decisions.follow(wanted) as reader:
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-store",
+                        "X-Accel-Buffering": "no",
+                    }
+                )
+                await response.prepare(request)
+                for decision in recent:
+                    await response.write(_event(decision.as_json(), decision.seq))
+                while True:  # until the client goes away (the write fails) or the server stops
+                    try:
+                        async with asyncio.timeout(_KEEPALIVE_SECONDS):
+                            decision = await reader.next()
+                    except TimeoutError:
+                        await response.write(b": keep-alive\n\n")
+                        continue
+                    if decision is None:  # the server is stopping
+                        return response
+                    await response.write(_event(decision.as_json(), decision.seq))
+        except TooManyReaders as exc:
+            return _error(503, "too_many_followers", str(exc))
+
+    async def _quota(self, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        user = query.get("user")
+        if not user:
+            raise _BadRequest("user= is required")
+        if self.peeker is None:
+            raise _BadRequest("ratelimit.target is not set: quotas cannot be read")
+        entries: dict[str, str] = {}
+        source = "query"
+        if query.get("tier"):
+            entries["tier"] = query["tier"]
+        elif query.get("groups"):
+            groups = tuple(g for g in query["groups"].split(",") if g)
+            tier = self.tier_of_groups(groups)
+            if tier is None:
+                raise _BadRequest(f"groups {list(groups)} belong to no tier")
+            entries["tier"] = tier
+            source = "groups"
+        elif not query.get("subscription"):
+            latest = self.decisions.latest_for(user)
+            if latest is None:
+                raise _BadRequest(
+                    f"no recent decision about {user!r} says their tier: add tier=, groups= "
+                    "or subscription= (with model=)"
+                )
+            source = f"decision {latest.seq} at {latest.time}"
+            if latest.tier:
+                entries["tier"] = latest.tier
+            else:
+                entries["subscription"] = latest.subscription
+        if query.get("subscription"):
+            entries["subscription"] = query["subscription"]
+        model = query.get("model")
+        if model:
+            target = target_of(model)
+            if "/" not in model or not isinstance(target, tuple):
+                raise _BadRequest("model= must be 'namespace/name' here")
+            entries["model"] = model
+        entries["user"] = user
+        if "subscription" in entries and "tier" not in entries:
+            limits = self.token_limits_of(entries["subscription"], entries.get("model", ""))
+            if limits is None:
+                raise _BadRequest(
+                    "a subscription's limits are per model: give model= (namespace/name) of a "
+                    "model the subscription includes"
+                )
+            entries["token_limits"] = limits
+        peek = await self.peeker.peek([entries])
+        return web.json_response(
+            {
+                "user": user,
+                **{k: v for k, v in entries.items() if k in ("tier", "subscription", "model")},
+                "resolved_from": source,
+                "limits": [
+                    {**caller_view(x), "shadow": x.get("shadow", False)} for x in peek.limits
+                ],
+            }
+        )
+
+    async def _policy(self, _request: web.Request) -> web.StreamResponse:
+        return web.json_response(await self.policy())
+
+    async def _purge(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"purged": self.purge(request.query.get("user") or None)})
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _event(data: dict[str, Any], seq: int) -> bytes:
+    return f"id: {seq}\nevent: decision\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _int(query: Any, name: str, default: int, low: int, high: int) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise _BadRequest(f"{name} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > _MAX_BODY:
+        raise _BadRequest(f"the body is over {_MAX_BODY} bytes")
+    raw = await request.content.read(_MAX_BODY + 1)
+    if len(raw) > _MAX_BODY:
+        raise _BadRequest(f"the body is over {_MAX_BODY} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        raise _BadRequest("the body is not valid JSON") from None
+
+
+def _error(status: int, code: str, message: str, *, challenge: bool = False) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="maas-admin"'} if challenge else {}
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
