@@ -33,7 +33,7 @@ from maas_authz.admin_auth import AdminAuthenticator, Verb
 from maas_authz.credentials import BadCredentials, bearer_token
 from maas_authz.decisions import DecisionFilter, DecisionLog, TooManyReaders
 from maas_authz.explain import Explainer, ExplainRequest
-from maas_authz.quota import RateLimitPeeker, caller_view, target_of
+from maas_authz.quota import Peeker, caller_view, target_of
 from maas_common.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class OperatorApi:
     auth: AdminAuthenticator
     explainer: Explainer
     decisions: DecisionLog
-    peeker: RateLimitPeeker | None
+    peeker: Peeker | None
     policy: Callable[[], Awaitable[dict[str, Any]]]
     purge: Callable[[str | None], dict[str, int]]
     tier_of_groups: Callable[[tuple[str, ...]], str | None]

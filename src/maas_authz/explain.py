@@ -17,7 +17,7 @@ from maas_authz.check import CheckPipeline
 from maas_authz.decision import Allow, Decision, Deny
 from maas_authz.identity import Identity
 from maas_authz.model_path import BadPath, BodyRoute, ModelRef, OpenPath
-from maas_authz.quota import RateLimitPeeker, descriptor_for, target_of
+from maas_authz.quota import Peeker, descriptor_for, target_of
 from maas_authz.responses import SUBSCRIPTION_HEADER
 from maas_common.errors import BackendUnavailable
 
@@ -96,7 +96,7 @@ def phase_of(deny: Deny) -> str:
 
 
 class Explainer:
-    def __init__(self, pipeline: CheckPipeline, peeker: RateLimitPeeker | None) -> None:
+    def __init__(self, pipeline: CheckPipeline, peeker: Peeker | None) -> None:
         self._pipeline = pipeline
         self._peeker = peeker
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from maas_authz.config import AuthzConfig
 from maas_authz.model_path import ModelRef
-from maas_authz.quota import RateLimitPeeker
+from maas_authz.quota import Peeker
 from maas_authz.subscriptions import SubscriptionCatalog, token_limits_text
 from maas_authz.tiers import TierMapping
 from maas_common.errors import BackendUnavailable
@@ -23,7 +23,7 @@ class PolicyView:
     tiers_source: str  # a file path, or "built-in"
     catalog: Callable[[], SubscriptionCatalog] | None
     catalog_source: str
-    peeker: RateLimitPeeker | None
+    peeker: Peeker | None
 
     def tier_of(self, groups: tuple[str, ...]) -> str | None:
         tier = self.tiers().resolve(groups)

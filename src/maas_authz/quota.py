@@ -17,7 +17,7 @@ import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import grpc
@@ -60,6 +60,12 @@ class Peek:
 
     def enforced(self) -> list[dict[str, Any]]:
         return [limit for limit in self.limits if not limit.get("shadow")]
+
+
+class Peeker(Protocol):
+    """Raises BackendUnavailable when maas-ratelimit cannot answer."""
+
+    async def peek(self, descriptors: Sequence[Mapping[str, str]]) -> Peek: ...
 
 
 class RateLimitPeeker:
@@ -155,7 +161,7 @@ def target_of(model: str | None) -> tuple[ModelRef | OpenPath | BodyRoute, bytes
 class QuotaEndpoint:
     """GET /v1/quota with the caller's own credentials."""
 
-    def __init__(self, pipeline: CheckPipeline, peeker: RateLimitPeeker, path: str = QUOTA_PATH):
+    def __init__(self, pipeline: CheckPipeline, peeker: Peeker, path: str = QUOTA_PATH):
         self._pipeline = pipeline
         self._peeker = peeker
         self.path = path
