@@ -1,7 +1,8 @@
 """The operator API (HTTP, JSON) on its own listener, server.admin_api_addr: never the gateway.
 
 Every /admin/v1 route needs `Authorization: Bearer <admin credential>` (admin_auth.py): 401
-without one, 403 without the permission. Reads need `get`; purge needs `update`.
+without one, 403 without the permission. Reads need `get`; purge and policy edits (dry runs
+too) need `update`.
 
   GET  /admin/v1/whoami                     who the credential is
   POST /admin/v1/explain                    the whole decision for a request never made
@@ -11,6 +12,10 @@ without one, 403 without the permission. Reads need `get`; purge needs `update`.
   GET  /admin/v1/quota?user=U               what U has left (tier= / groups= / subscription=,
                                             model=; without them, U's latest decision says)
   GET  /admin/v1/policy                     the effective policy and where each part came from
+  GET  /admin/v1/policy/{part}              a part's document as its source holds it
+                                            (part: tiers, subscriptions)
+  POST /admin/v1/policy/{part}[?dry_run=true]  a new document: validated, diffed, applied
+                                            through its source (a dry run applies nothing)
   POST /admin/v1/purge[?user=U]             drop cached credentials and decisions (all, or U's)
   GET  /                                    the console (console.html)
 
@@ -33,8 +38,9 @@ from maas_authz.admin_auth import AdminAuthenticator, Verb
 from maas_authz.credentials import BadCredentials, bearer_token
 from maas_authz.decisions import DecisionFilter, DecisionLog, TooManyReaders
 from maas_authz.explain import Explainer, ExplainRequest
+from maas_authz.policy_edit import PolicyEditor
 from maas_authz.quota import Peeker, caller_view, target_of
-from maas_common.errors import BackendUnavailable
+from maas_common.errors import BackendUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
 _MAX_BODY = 1024 * 1024
@@ -51,6 +57,7 @@ class OperatorApi:
     policy: Callable[[], Awaitable[dict[str, Any]]]
     purge: Callable[[str | None], dict[str, int]]
     tier_of_groups: Callable[[tuple[str, ...]], str | None]
+    editor: PolicyEditor
     # (subscription namespace/name, model namespace/name) -> its token_limits entry, or None
     token_limits_of: Callable[[str, str], str | None]
     on_request: Callable[[str, str], None] = lambda _route, _outcome: None  # metrics
@@ -63,6 +70,8 @@ class OperatorApi:
             web.get("/admin/v1/decisions", self._guard("get", self._decisions)),
             web.get("/admin/v1/quota", self._guard("get", self._quota)),
             web.get("/admin/v1/policy", self._guard("get", self._policy)),
+            web.get("/admin/v1/policy/{part}", self._guard("get", self._policy_document)),
+            web.post("/admin/v1/policy/{part}", self._guard("update", self._policy_edit)),
             web.post("/admin/v1/purge", self._guard("update", self._purge)),
         ]
 
@@ -246,6 +255,46 @@ class OperatorApi:
     async def _policy(self, _request: web.Request) -> web.StreamResponse:
         return web.json_response(await self.policy())
 
+    async def _policy_document(self, request: web.Request) -> web.StreamResponse:
+        name = self._editable(request)
+        return web.json_response(await self.editor.read(name))
+
+    async def _policy_edit(self, request: web.Request) -> web.StreamResponse:
+        name = self._editable(request)
+        dry_run = request.query.get("dry_run", "false")
+        if dry_run not in ("true", "false"):
+            raise _BadRequest(f"dry_run must be true or false, got {dry_run!r}")
+        raw = await _body(request)
+        if request.content_type == "application/json":
+            data = _json(raw)
+            if not isinstance(data, dict) or not isinstance(data.get("document"), str):
+                raise _BadRequest('expected {"document": "<the YAML text>"}')
+            text = data["document"]
+        else:  # the YAML itself (text/yaml, text/plain, application/yaml)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _BadRequest("the document is not UTF-8 text") from None
+        try:
+            result = await self.editor.edit(name, text, dry_run=dry_run == "true")
+        except ConfigError as exc:
+            return _error(422, "invalid_policy", str(exc))
+        log.info(
+            "policy %s %s by %s",
+            name,
+            "dry run" if result.dry_run else ("applied" if result.applied else "unchanged"),
+            request[_OPERATOR],
+            extra={"source": result.source},
+        )
+        return web.json_response(result.as_json())
+
+    def _editable(self, request: web.Request) -> str:
+        name = request.match_info["part"]
+        if self.editor.part(name) is None:
+            editable = ", ".join(self.editor.parts) or "none here"
+            raise _BadRequest(f"{name!r} cannot be edited here (editable: {editable})")
+        return name
+
     async def _purge(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"purged": self.purge(request.query.get("user") or None)})
 
@@ -267,16 +316,24 @@ def _int(query: Any, name: str, default: int, low: int, high: int) -> int:
     return int(text)
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > _MAX_BODY:
         raise _BadRequest(f"the body is over {_MAX_BODY} bytes")
     raw = await request.content.read(_MAX_BODY + 1)
     if len(raw) > _MAX_BODY:
         raise _BadRequest(f"the body is over {_MAX_BODY} bytes")
+    return raw
+
+
+def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw or b"null")
     except ValueError:
         raise _BadRequest("the body is not valid JSON") from None
+
+
+async def _json_body(request: web.Request) -> Any:
+    return _json(await _body(request))
 
 
 def _error(status: int, code: str, message: str, *, challenge: bool = False) -> web.Response:

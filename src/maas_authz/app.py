@@ -45,6 +45,14 @@ from maas_authz.kubernetes import (
 )
 from maas_authz.metrics import AuthzMetrics
 from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
+from maas_authz.policy_edit import (
+    ConfigMapStore,
+    EditablePart,
+    FileStore,
+    ObjectsStore,
+    PolicyEditor,
+    PolicyStore,
+)
 from maas_authz.policy_view import PolicyView
 from maas_authz.quota import QuotaEndpoint, RateLimitPeeker
 from maas_authz.static_keys import StaticKeyReviewer, parse_static_keys
@@ -403,10 +411,10 @@ async def build_app(
 
     tiers, tier_file = _build_tiers(config, base_dir, metrics)
     api: KubernetesApi | None = None
-    admin_by_kubernetes = (
-        config.server.admin_api_addr is not None and config.admin.auth.source == "kubernetes"
+    admin_needs_api = config.server.admin_api_addr is not None and (
+        config.admin.auth.source == "kubernetes" or config.tiers.configmap is not None
     )
-    if config.uses_kubernetes() or admin_by_kubernetes:
+    if config.uses_kubernetes() or admin_needs_api:
         kube = config.kubernetes
         api = await KubernetesApi.connect(
             kubeconfig=resolve_path(base_dir, kube.kubeconfig) if kube.kubeconfig else None,
@@ -484,6 +492,7 @@ async def build_app(
             policy=policy.show,
             purge=lambda user: _purge(identity_cache, access_cache, key_cache, user),
             tier_of_groups=policy.tier_of,
+            editor=PolicyEditor(_editable_parts(config, base_dir, api, tier_file, subscriptions)),
             token_limits_of=policy.token_limits_of,
             on_request=lambda route, outcome: metrics.admin_requests.labels(route, outcome).inc(),
         )
@@ -522,6 +531,41 @@ async def build_app(
         # not ready until the watch has listed every kind (run_watch sets it ready)
         runtime.readiness.set("subscriptions", False, "listing")
     return AuthzApp(config, runtime, pipeline, registry, identity_cache, access_cache, watched)
+
+
+def _editable_parts(
+    config: AuthzConfig,
+    base_dir: Path,
+    api: KubernetesApi | None,
+    tier_file: WatchedFile[Any] | None,
+    subscriptions: _Subscriptions | None,
+) -> list[EditablePart]:
+    """What the operator API may edit, each through its source of truth (policy_edit.py)."""
+    parts: list[EditablePart] = []
+    instance = config.tiers.instance
+    tiers_store: PolicyStore | None = None
+    if config.tiers.configmap is not None and api is not None:
+        cm = config.tiers.configmap
+        tiers_store = ConfigMapStore(api, cm.namespace, cm.name, cm.key)
+    elif config.tiers.file is not None:
+        tiers_store = FileStore(resolve_path(base_dir, config.tiers.file), tier_file)
+    if tiers_store is not None:  # built-in tiers have no source to write to
+        parts.append(
+            EditablePart(
+                "tiers", tiers_store, lambda text, src: parse_tier_document(text, src, instance)
+            )
+        )
+    if subscriptions is not None:
+        section = config.subscriptions
+        store: PolicyStore | None = None
+        if section.source == "file" and section.file is not None:
+            watched = next((w for w in subscriptions.watched if w.name == "subscriptions"), None)
+            store = FileStore(resolve_path(base_dir, section.file), watched)
+        elif api is not None:
+            store = ObjectsStore(api)
+        if store is not None:
+            parts.append(EditablePart("subscriptions", store, parse_subscription_file))
+    return parts
 
 
 def _build_peeker(config: AuthzConfig) -> RateLimitPeeker | None:

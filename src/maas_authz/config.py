@@ -86,10 +86,19 @@ class IdentitySection(StrictModel):
         return self
 
 
+class ConfigMapKeySection(StrictModel):
+    namespace: str
+    name: str
+    key: str = "tiers"
+
+
 class TiersSection(StrictModel):
     file: Path | None = None  # unset: the platform's default free/premium/enterprise tiers
     instance: str = "maas-default-gateway"
     reload_interval: PositiveDuration = 2.0
+    # the ConfigMap `file` is mounted from (the platform's tier-to-group-mapping): policy edits
+    # from the operator API are applied to it; unset: to the file itself
+    configmap: ConfigMapKeySection | None = None
 
 
 class OpenPathSection(StrictModel):

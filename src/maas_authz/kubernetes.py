@@ -90,6 +90,20 @@ class KubernetesApi:
 
     async def create(self, call: str, path: str, body: dict[str, Any]) -> Any:
         """POST a review object and return the decoded answer."""
+        return await self.request(call, "POST", path, body)
+
+    async def request(
+        self,
+        call: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> Any:
+        """One API call with its timeout and concurrency slot: the decoded JSON answer of a
+        2xx; BackendUnavailable for anything else (its kind says the status: http_404)."""
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -97,11 +111,9 @@ class KubernetesApi:
                 async with self._slots:
                     response = await self._api.call_api(
                         path,
-                        "POST",
-                        header_params={
-                            "Content-Type": "application/json",
-                            "Accept": "application/json",
-                        },
+                        method,
+                        query_params=query or [],
+                        header_params={"Content-Type": content_type, "Accept": "application/json"},
                         body=body,
                         auth_settings=["BearerToken"],
                         _preload_content=False,

@@ -7,6 +7,7 @@ Used by `make demo` (in the foreground, logs echoed with a prefix) and by the en
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,8 +168,21 @@ class LocalStack:
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.envoy}"
 
+    def _own_config(self) -> None:
+        """The demo's own configuration is copied afresh into the workdir at every start and run
+        from there: policy edits from the operator console change those copies, never the
+        package (and the next start begins from the package again)."""
+        copies = self.workdir / "config"
+        shutil.rmtree(copies, ignore_errors=True)
+        shutil.copytree(CONFIG_DIR, copies)
+        if self.authz_config == DEMO_AUTHZ_CONFIG:
+            self.authz_config = copies / DEMO_AUTHZ_CONFIG.name
+        if self.ratelimit_config == DEMO_RATELIMIT_CONFIG:
+            self.ratelimit_config = copies / DEMO_RATELIMIT_CONFIG.name
+
     def start(self, timeout: float = 60.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._own_config()
         p = self.ports
         envoy_config = self.workdir / "envoy.yaml"
         envoy_config.write_text(gateway_config(p))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import pathlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -22,9 +23,11 @@ from maas_authz.decisions import DecisionLog
 from maas_authz.explain import Explainer, ExplainRequest
 from maas_authz.identity import Identity
 from maas_authz.model_path import ModelRef, PathRouting, PathTemplate
+from maas_authz.policy_edit import EditablePart, FileStore, PolicyEditor
 from maas_authz.quota import Peek, QuotaEndpoint, quota_headers, target_of
 from maas_authz.tiers import parse_tier_document
 from maas_common.errors import BackendUnavailable, ConfigError
+from maas_common.reload import WatchedFile
 from tests.support.fakes import FakeAccessReviewer, FakeTokenReviewer
 from tests.unit.authz.test_decisions import decision
 
@@ -274,8 +277,21 @@ def test_bad_admin_key_files_name_the_key(text: str, key: str) -> None:
 # --- the operator API over HTTP -------------------------------------------------------------------
 
 
+TIERS_TEXT = """\
+- {name: free, level: 0, groups: [tier-free-users]}
+"""
+
+
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, tiers_file: pathlib.Path) -> None:
+        tiers_file.write_text(TIERS_TEXT)
+        self.tiers_file = tiers_file
+        self.watched = WatchedFile(
+            tiers_file,
+            lambda text, src: parse_tier_document(text, src, "maas-default-gateway"),
+            name="tiers",
+        )
+        self.watched.load()
         self.decisions = DecisionLog()
         self.peeker = FakePeeker(limit("free-requests", "requests", 5, 2))
         self.purged: list[str | None] = []
@@ -300,12 +316,23 @@ class Rig:
             ),
             token_limits_of=lambda sub, model: "100/60" if model == "llm/tiny" else None,
             on_request=lambda route, outcome: self.requests.append((route, outcome)),
+            editor=PolicyEditor(
+                [
+                    EditablePart(
+                        "tiers",
+                        FileStore(tiers_file, self.watched),
+                        lambda text, src: parse_tier_document(text, src, "maas-default-gateway"),
+                    )
+                ]
+            ),
         )
 
 
 @pytest_asyncio.fixture
-async def admin() -> AsyncIterator[tuple[Rig, TestClient[web.Request, web.Application]]]:
-    rig = Rig()
+async def admin(
+    tmp_path: pathlib.Path,
+) -> AsyncIterator[tuple[Rig, TestClient[web.Request, web.Application]]]:
+    rig = Rig(tmp_path / "tiers.yaml")
     app = web.Application()
     app.add_routes(rig.api.routes())
     async with TestClient(TestServer(app)) as client:
@@ -421,3 +448,45 @@ async def test_policy(admin: tuple[Rig, TestClient]) -> None:  # type: ignore[ty
     _, client = admin
     response = await client.get("/admin/v1/policy", headers=VIEW)
     assert await response.json() == {"tiers": {"source": "built-in"}}
+
+
+@pytest.mark.asyncio
+async def test_policy_edit_dry_run_then_apply_through_the_file(
+    admin: tuple[Rig, TestClient],  # type: ignore[type-arg]
+) -> None:
+    rig, client = admin
+    document = await (await client.get("/admin/v1/policy/tiers", headers=VIEW)).json()
+    assert document["document"] == TIERS_TEXT
+    assert document["source"] == f"file {rig.tiers_file}"
+    new = TIERS_TEXT + "- {name: gold, level: 3, groups: [vip]}\n"
+    viewer = await client.post("/admin/v1/policy/tiers", headers=VIEW, data=new)
+    assert viewer.status == 403  # an edit, even a dry run, needs update
+    dry = await client.post("/admin/v1/policy/tiers?dry_run=true", headers=OPS, data=new)
+    result = await dry.json()
+    assert (result["dry_run"], result["changed"], result["applied"]) == (True, True, False)
+    assert "+- {name: gold, level: 3, groups: [vip]}" in result["diff"]
+    assert rig.tiers_file.read_text() == TIERS_TEXT  # nothing applied
+    applied = await client.post("/admin/v1/policy/tiers", headers=OPS, json={"document": new})
+    assert (await applied.json())["applied"] is True
+    assert rig.tiers_file.read_text() == new
+    assert [t.name for t in rig.watched.value.tiers] == ["free", "gold"]  # in force at once
+    again = await client.post("/admin/v1/policy/tiers", headers=OPS, data=new)
+    assert (await again.json())["changed"] is False
+
+
+@pytest.mark.asyncio
+async def test_a_bad_policy_edit_is_refused_naming_the_problem_and_changes_nothing(
+    admin: tuple[Rig, TestClient],  # type: ignore[type-arg]
+) -> None:
+    rig, client = admin
+    bad = await client.post(
+        "/admin/v1/policy/tiers", headers=OPS, data="- {name: Free!, level: 0, groups: []}\n"
+    )
+    assert bad.status == 422
+    error = (await bad.json())["error"]
+    assert error["code"] == "invalid_policy"
+    assert "the edit of tiers" in error["message"] and "name" in error["message"]
+    assert rig.tiers_file.read_text() == TIERS_TEXT
+    unknown = await client.get("/admin/v1/policy/limits", headers=VIEW)
+    assert unknown.status == 400
+    assert "editable: tiers" in (await unknown.json())["error"]["message"]
