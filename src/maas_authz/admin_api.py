@@ -253,7 +253,7 @@ class OperatorApi:
         )
 
     async def _policy(self, _request: web.Request) -> web.StreamResponse:
-        return web.json_response(await self.policy())
+        return web.json_response({**await self.policy(), "editable": self.editor.parts})
 
     async def _policy_document(self, request: web.Request) -> web.StreamResponse:
         name = self._editable(request)

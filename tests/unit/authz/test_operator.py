@@ -447,7 +447,7 @@ async def test_quota_for_any_user(admin: tuple[Rig, TestClient]) -> None:  # typ
 async def test_policy(admin: tuple[Rig, TestClient]) -> None:  # type: ignore[type-arg]
     _, client = admin
     response = await client.get("/admin/v1/policy", headers=VIEW)
-    assert await response.json() == {"tiers": {"source": "built-in"}}
+    assert await response.json() == {"tiers": {"source": "built-in"}, "editable": ["tiers"]}
 
 
 @pytest.mark.asyncio
