@@ -224,3 +224,91 @@ def test_grpcurl_lists_the_access_log_service_and_peeks(operator_gateway: Gatewa
     )  # fmt: skip
     names = [x["name"] for x in answer["dynamic_metadata"]["limits"]]  # grpcurl: proto names
     assert names == ["free-requests", "free-tokens"]
+
+
+# --- maas-ctl, the real command ------------------------------------------------------------------
+
+
+def maas_ctl(
+    gateway: Gateway, *args: str, token: str = "sk-demo-admin", stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MAAS_ADMIN_URL": admin_url(gateway, ""),
+        "MAAS_ADMIN_TOKEN": token,
+    }
+    return subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "maas-ctl"), *args],
+        capture_output=True, text=True, timeout=60, env=env, input=stdin, check=False,
+    )  # fmt: skip
+
+
+def test_maas_ctl_commands_and_exit_codes(
+    operator_gateway: Gateway, tmp_path: pathlib.Path
+) -> None:
+    gw = operator_gateway
+    allowed = maas_ctl(gw, "explain", "--user", "u1", "--groups", "tier-premium-users",
+                       "--model", "llm/tiny", "--tokens", "100")  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.startswith("ALLOWED: 200 ok")
+    assert "premium-tokens" in allowed.stdout and "49900 after the estimate" in allowed.stdout
+    credential = tmp_path / "credential"
+    credential.write_text("sk-demo-noaccess\n")
+    refused = maas_ctl(gw, "explain", "--credential-file", str(credential), "--path", CHAT)
+    assert refused.returncode == 1
+    assert refused.stdout.startswith("DENIED: 403 model_access_denied")
+    assert "sk-demo-noaccess" not in refused.stdout
+
+    quota_json = maas_ctl(gw, "--json", "quota", "someone", "--tier", "enterprise")
+    assert quota_json.returncode == 0, quota_json.stderr
+    assert {x["name"] for x in json.loads(quota_json.stdout)["limits"]} == {
+        "enterprise-requests",
+        "enterprise-tokens",
+    }
+    shown = maas_ctl(gw, "policy", "show")
+    assert shown.returncode == 0 and "premium (level 1)" in shown.stdout
+    assert "editable: tiers, subscriptions" in shown.stdout
+    document = maas_ctl(gw, "policy", "get", "tiers").stdout
+    extra = "- {name: extra, level: 9, groups: [extra-users]}\n"
+    dry = maas_ctl(gw, "policy", "apply", "tiers", "-", "--dry-run", stdin=document + extra)
+    assert dry.returncode == 0, dry.stderr
+    assert "+- {name: extra" in dry.stdout and "dry run: nothing applied" in dry.stdout
+    assert "extra" not in maas_ctl(gw, "policy", "get", "tiers").stdout
+    invalid = maas_ctl(gw, "policy", "apply", "tiers", "-", stdin="- {name: 'Bad Name'}\n")
+    assert invalid.returncode == 2 and "422" in invalid.stderr
+
+    gw.request(CHAT, "sk-demo-enterprise", BODY)
+    assert wait_for(lambda: "demo-enterprise" in maas_ctl(gw, "decisions", "--user",
+                                                            "demo-enterprise").stdout)  # fmt: skip
+    assert maas_ctl(gw, "purge", token="sk-demo-viewer").returncode == 3
+    assert maas_ctl(gw, "purge", "--user", "demo-free").stdout.startswith("purged ")
+    assert maas_ctl(gw, "whoami", token="").returncode == 2
+    assert maas_ctl(gw, "whoami", token="sk-demo-wrong").returncode == 3
+    unreachable = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "maas-ctl"), "--url", "http://127.0.0.1:9",
+         "whoami"],
+        capture_output=True, text=True, timeout=60, env={"MAAS_ADMIN_TOKEN": "x"}, check=False,
+    )  # fmt: skip
+    assert unreachable.returncode == 4 and "cannot reach" in unreachable.stderr
+
+
+def test_maas_ctl_follows_decisions(operator_gateway: Gateway) -> None:
+    gw = operator_gateway
+    env = {"MAAS_ADMIN_URL": admin_url(gw, ""), "MAAS_ADMIN_TOKEN": "sk-demo-admin"}
+    follower = subprocess.Popen(
+        [str(pathlib.Path(sys.executable).parent / "maas-ctl"), "decisions", "--follow",
+         "--limit", "1", "--user", "demo-premium", "--denied"],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert follower.stdout is not None
+        # 20 requests per 2 minutes: the premium tier's 21st is refused
+        for _ in range(22):
+            gw.request(CHAT, "sk-demo-premium", BODY)
+        line = follower.stdout.readline()
+        assert " 429 DENIED  rate_limited limit=premium-requests user=demo-premium" in line
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        assert follower.stdout is not None
+        follower.stdout.close()
