@@ -135,6 +135,13 @@ def test_envoyfilter_carries_exactly_the_local_gateways_filters_and_clusters() -
         "@type": HCM_TYPE,
         "normalize_path": True,
         "merge_slashes": False,
+        # the decisions view: every answer streamed to maas-authz (a MERGE appends it to the
+        # gateway's own access logs)
+        "access_log": hcm["typed_config"]["access_log"],
+    }
+    (access_log,) = hcm["typed_config"]["access_log"]
+    assert access_log["typed_config"]["common_config"]["grpc_service"] == {
+        "envoy_grpc": {"cluster_name": "maas_authz"}
     }
 
     added = {

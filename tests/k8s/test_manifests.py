@@ -62,6 +62,9 @@ def test_overlay_builds_with_the_expected_resources(overlay: str) -> None:
     assert kinds == {
         "ServiceAccount",
         "ClusterRoleBinding",
+        "ClusterRole",
+        "Role",
+        "RoleBinding",
         "ConfigMap",
         "Service",
         "Deployment",
@@ -78,7 +81,7 @@ def test_overlay_builds_with_the_expected_resources(overlay: str) -> None:
     assert not of_kind(resources, "Namespace")
     assert all(r["metadata"]["name"] != "tier-to-group-mapping" for r in resources)
     for resource in resources:
-        if resource["kind"] in {"ClusterRoleBinding"}:
+        if resource["kind"] in {"ClusterRoleBinding", "ClusterRole"}:
             assert "namespace" not in resource["metadata"]
         elif resource["kind"] == "EnvoyFilter":
             assert resource["metadata"]["namespace"] == GATEWAY_NAMESPACE
@@ -128,7 +131,18 @@ def test_subscriptions_component_reads_the_three_kinds_and_switches_the_flow(
     # the Deployment mounts the replaced ConfigMap (its name carries the new content's hash)
     volumes = pod_spec(one(resources, "Deployment", "maas-authz"))["volumes"]
     assert config["metadata"]["name"] in {v.get("configMap", {}).get("name") for v in volumes}
-    assert len(resources) == len(built(overlay)) + 2
+    # policy edits from the operator API: create and patch (server-side apply), never delete
+    edit = one(resources, "ClusterRole", "maas-authz-subscriptions-edit")
+    assert edit["rules"] == [
+        {
+            "apiGroups": ["maas.opendatahub.io"],
+            "resources": ["maasmodelrefs", "maasauthpolicies", "maassubscriptions"],
+            "verbs": ["create", "patch"],
+        }
+    ]
+    edit_binding = one(resources, "ClusterRoleBinding", "maas-authz-subscriptions-edit")
+    assert edit_binding["subjects"] == binding["subjects"]
+    assert len(resources) == len(built(overlay)) + 4
 
 
 def test_subscription_samples_parse_as_maas_authz_reads_them() -> None:
@@ -273,7 +287,8 @@ def test_servers_probe_their_http_side_and_outlive_the_drain(server: str) -> Non
     (container,) = spec["containers"]
     grpc_port, http_port = SERVERS[server]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": grpc_port, "http": http_port}
+    admin = {"admin": 8090} if server == "maas-authz" else {}  # the operator API
+    assert ports == {"grpc": grpc_port, "http": http_port, **admin}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["command"] == [f"/opt/maas/bin/{server}"]
@@ -381,18 +396,27 @@ def test_only_the_gateway_reaches_the_grpc_ports(overlay: str) -> None:
             policy["spec"]["podSelector"]["matchLabels"],
             deployment["spec"]["template"]["metadata"]["labels"],
         )
+    gateway = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": GATEWAY_NAMESPACE}},
+        "podSelector": {"matchLabels": GATEWAY_POD_LABELS},
+    }
     for server, (grpc_port, http_port) in SERVERS.items():
         policy = policies[server]
         allowed_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert allowed_ports == {grpc_port, http_port}
-        assert _peers(policy, grpc_port) == [
-            {
-                "namespaceSelector": {
-                    "matchLabels": {"kubernetes.io/metadata.name": GATEWAY_NAMESPACE}
-                },
-                "podSelector": {"matchLabels": GATEWAY_POD_LABELS},
-            }
-        ]
+        if server == "maas-authz":
+            # the operator API is open to the cluster: it authenticates every request itself
+            assert allowed_ports == {grpc_port, http_port, 8090}
+            assert [r for r in policy["spec"]["ingress"] if "from" not in r] == [
+                {"ports": [{"protocol": "TCP", "port": 8090}]}
+            ]
+            assert _peers(policy, grpc_port) == [gateway]
+        else:
+            assert allowed_ports == {grpc_port, http_port}
+            # the gateway, and maas-authz's peeks (/v1/quota, explain)
+            assert _peers(policy, grpc_port) == [
+                gateway,
+                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "maas-authz"}}},
+            ]
         (metrics,) = _peers(policy, http_port)
         assert set(metrics) == {"namespaceSelector"}  # monitoring only, never "everyone"
     redis = policies["maas-ratelimit-redis"]
@@ -415,9 +439,35 @@ def test_openshift_lets_its_monitoring_scrape() -> None:
 # -- RBAC ------------------------------------------------------------------------------------------
 
 
-def test_rbac_is_auth_delegator_for_maas_authz_only() -> None:
+def test_rbac_is_auth_delegator_and_the_tier_mapping_for_maas_authz_only() -> None:
     resources = built("kubernetes")
-    assert not [r for r in resources if r["kind"] in {"Role", "ClusterRole", "RoleBinding"}]
+    # the one object maas-authz may change: the tier mapping, for the operator API's edits
+    (role,) = of_kind(resources, "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["tier-to-group-mapping"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    (role_binding,) = of_kind(resources, "RoleBinding")
+    assert role_binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert role_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "maas-authz", "namespace": NAMESPACE}
+    ]
+    # for operators to be bound to (nothing is bound to them here): the operator API's verbs
+    cluster_roles = {r["metadata"]["name"]: r["rules"] for r in of_kind(resources, "ClusterRole")}
+    assert cluster_roles == {
+        "maas-gateway-admin": [
+            {"apiGroups": ["maas.opendatahub.io"], "resources": ["gatewayadmin"],
+             "verbs": ["get", "update"]}
+        ],
+        "maas-gateway-viewer": [
+            {"apiGroups": ["maas.opendatahub.io"], "resources": ["gatewayadmin"],
+             "verbs": ["get"]}
+        ],
+    }  # fmt: skip
     (binding,) = of_kind(resources, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
