@@ -11,6 +11,7 @@ schemas in tests/k8s/schemas.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pathlib
 from typing import Any
@@ -563,3 +564,29 @@ def test_the_documented_selector_leaves_out_only_the_envoyfilter() -> None:
             if r["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "maas-gateway"
         ]
         assert [r["kind"] for r in selected_out] == ["EnvoyFilter"]
+
+
+def test_the_monitoring_manifests_build() -> None:
+    monitoring = K8S / "monitoring"
+    resources = kustomize(monitoring)
+    kinds = sorted((r["kind"], r["metadata"]["name"]) for r in resources)
+    assert kinds == [
+        ("ConfigMap", "maas-gateway-dashboard"),
+        ("PrometheusRule", "maas-gateway"),
+        ("ServiceMonitor", "maas-authz"),
+        ("ServiceMonitor", "maas-ratelimit"),
+    ]
+    (configmap,) = [r for r in resources if r["kind"] == "ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["dashboard.json"])["uid"] == "maas-gateway"
+    # the ServiceMonitors find the servers' metrics ports as the base names them
+    base = {r["metadata"]["name"]: r for r in built("kubernetes") if r["kind"] == "Service"}
+    for monitor in (r for r in resources if r["kind"] == "ServiceMonitor"):
+        service = base[monitor["metadata"]["name"]]
+        assert (
+            monitor["spec"]["selector"]["matchLabels"].items()
+            <= service["metadata"]["labels"].items()
+        )
+        assert monitor["spec"]["endpoints"][0]["port"] in {
+            p["name"] for p in service["spec"]["ports"]
+        }
