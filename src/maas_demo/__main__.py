@@ -15,6 +15,14 @@ CURL_HELP = """
 The MaaS gateway is up on {url}
 (Envoy -> maas-authz -> maas-ratelimit -> demo model llm/tiny; the platform's default limits)
 
+The operator console: {console}  (admin key sk-demo-admin; sk-demo-viewer reads only)
+  and from a shell (maas-ctl --help):
+  MAAS_ADMIN_URL={console} MAAS_ADMIN_TOKEN=sk-demo-admin .venv/bin/maas-ctl decisions -f
+  Policy edits go to {workdir}/config/ (copied afresh from the package at every start).
+
+  # what the caller has left (consumes nothing)
+  curl -s {url}/v1/quota -H 'Authorization: Bearer sk-demo-free'
+
   # free tier, allowed
   curl -s {url}/llm/tiny/v1/chat/completions -H 'Authorization: Bearer sk-demo-free' \\
        -H 'Content-Type: application/json' \\
@@ -105,6 +113,8 @@ def main() -> int:
             ratelimit_grpc=p.ratelimit_grpc,
             ratelimit_http=p.ratelimit_http,
             logs=args.workdir.resolve(),
+            console=f"http://127.0.0.1:{p.authz_admin}/",
+            workdir=args.workdir.resolve(),
         ),
         flush=True,
     )
