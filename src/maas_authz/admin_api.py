@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -38,6 +39,7 @@ from maas_authz.admin_auth import AdminAuthenticator, Verb
 from maas_authz.credentials import BadCredentials, bearer_token
 from maas_authz.decisions import DecisionFilter, DecisionLog, TooManyReaders
 from maas_authz.explain import Explainer, ExplainRequest
+from maas_authz.peers import PeerAnswers, Peers, PeersUnknown
 from maas_authz.policy_edit import PolicyEditor
 from maas_authz.quota import Peeker, caller_view, target_of
 from maas_common.errors import BackendUnavailable, ConfigError
@@ -61,6 +63,7 @@ class OperatorApi:
     # (subscription namespace/name, model namespace/name) -> its token_limits entry, or None
     token_limits_of: Callable[[str, str], str | None]
     on_request: Callable[[str, str], None] = lambda _route, _outcome: None  # metrics
+    peers: Peers | None = None  # every replica (peers.py); None: this one only
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -156,14 +159,79 @@ class OperatorApi:
             wanted = DecisionFilter.from_query(query)
         except ValueError as exc:
             raise _BadRequest(str(exc)) from None
-        limit = _int(query, "limit", 100, 1, 10_000)
+        limit = _int(query, "limit", 100, 0, 10_000)
         follow = query.get("follow") == "true" or "text/event-stream" in request.headers.get(
             "Accept", ""
         )
-        recent = self.decisions.recent(wanted, limit)
+        if self.peers is not None and query.get("local") != "true":
+            return await self._decisions_of_every_replica(request, limit, follow)
+        recent = self.decisions.recent(wanted, limit) if limit else []
         if not follow:
             return web.json_response({"decisions": [d.as_json() for d in recent]})
         return await self._stream(request, wanted, recent)
+
+    async def _decisions_of_every_replica(
+        self, request: web.Request, limit: int, follow: bool
+    ) -> web.StreamResponse:
+        """Each replica keeps what Envoy sent it: ask them all (peers.py), merge by time."""
+        assert self.peers is not None
+        token = _token(request)
+        query = {k: v for k, v in request.query.items() if k not in ("follow", "local")}
+        listing = await self._fan_out(
+            "GET", "/admin/v1/decisions", {**query, "local": "true"}, token
+        )
+        merged = (
+            sorted(
+                (d for answer in listing.answers for d in answer.get("decisions", [])),
+                key=lambda d: d["time"],
+            )[-limit:]
+            if limit
+            else []
+        )
+        if not follow:
+            return web.json_response(
+                {
+                    "decisions": merged,
+                    "replicas": len(listing.answers),
+                    "unreachable": listing.unreachable,
+                }
+            )
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                     "X-Accel-Buffering": "no"}
+        )  # fmt: skip
+        await response.prepare(request)
+        for decision in merged:
+            await response.write(_event(decision))
+        for problem in listing.unreachable:
+            await response.write(_event({"unreachable": problem}, kind="replica"))
+        live = urlencode({**query, "local": "true", "follow": "true", "limit": "0"})
+        events = self.peers.stream(f"/admin/v1/decisions?{live}", token)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(_KEEPALIVE_SECONDS):
+                        event = await anext(events)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                except StopAsyncIteration:
+                    return response
+                if "unreachable" in event:
+                    await response.write(_event(event, kind="replica"))
+                else:
+                    await response.write(_event(event))
+        finally:
+            await events.aclose()
+
+    async def _fan_out(
+        self, method: str, path: str, query: dict[str, str], token: str
+    ) -> PeerAnswers:
+        assert self.peers is not None
+        try:
+            return await self.peers.call(method, f"{path}?{urlencode(query)}", token)
+        except PeersUnknown as exc:
+            raise BackendUnavailable("peers", "dns", str(exc)) from None
 
     async def _stream(
         self, request: web.Request, wanted: DecisionFilter, recent: list[Any]
@@ -296,15 +364,48 @@ class OperatorApi:
         return name
 
     async def _purge(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"purged": self.purge(request.query.get("user") or None)})
+        user = request.query.get("user") or None
+        if self.peers is None or request.query.get("local") == "true":
+            return web.json_response({"purged": self.purge(user)})
+        # every replica has its own caches: a revocation is instant only once all have purged
+        query = {"local": "true", **({"user": user} if user else {})}
+        done = await self._fan_out("POST", "/admin/v1/purge", query, _token(request))
+        totals: dict[str, int] = {}
+        for answer in done.answers:
+            for what, count in answer.get("purged", {}).items():
+                totals[what] = totals.get(what, 0) + int(count)
+        body: dict[str, Any] = {
+            "purged": totals,
+            "replicas": len(done.answers),
+            "unreachable": done.unreachable,
+        }
+        if not done.unreachable:
+            return web.json_response(body)
+        # not complete: say so with the status, not only in the body
+        body["error"] = {
+            "code": "partial_purge",
+            "message": f"purged on {len(done.answers)} replica(s); not on "
+            + "; ".join(done.unreachable),
+        }
+        return web.json_response(body, status=502)
 
 
 class _BadRequest(ValueError):
     pass
 
 
-def _event(data: dict[str, Any], seq: int) -> bytes:
-    return f"id: {seq}\nevent: decision\ndata: {json.dumps(data)}\n\n".encode()
+def _event(data: dict[str, Any], seq: int | None = None, kind: str = "decision") -> bytes:
+    """One server-sent event (an id only for one replica's own decisions: merged streams'
+    sequence numbers are per replica)."""
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _token(request: web.Request) -> str:
+    """The caller's credential (already checked by the guard), to pass on to the replicas."""
+    token = bearer_token(request.headers.get("Authorization"), 16384)
+    assert not isinstance(token, BadCredentials)
+    return token
 
 
 def _int(query: Any, name: str, default: int, low: int, high: int) -> int:

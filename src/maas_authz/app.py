@@ -45,6 +45,7 @@ from maas_authz.kubernetes import (
 )
 from maas_authz.metrics import AuthzMetrics
 from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
+from maas_authz.peers import Peers
 from maas_authz.policy_edit import (
     ConfigMapStore,
     EditablePart,
@@ -483,6 +484,7 @@ async def build_app(
         peeker,
     )
     sites: list[HttpSite] = []
+    peers = _build_peers(config)
     if config.server.admin_api_addr is not None:
         operator = OperatorApi(
             auth=_build_admin_auth(config, base_dir, api, metrics, watched),
@@ -495,6 +497,7 @@ async def build_app(
             editor=PolicyEditor(_editable_parts(config, base_dir, api, tier_file, subscriptions)),
             token_limits_of=policy.token_limits_of,
             on_request=lambda route, outcome: metrics.admin_requests.labels(route, outcome).inc(),
+            peers=peers,
         )
         sites.append(
             HttpSite(config.server.admin_api_addr, operator.routes(), "server.admin_api_addr")
@@ -522,6 +525,7 @@ async def build_app(
         on_close=[
             *([api.close] if api else []),
             *([peeker.close] if peeker else []),
+            *([peers.close] if peers else []),
             *(subscriptions.closers if subscriptions else ()),
         ],
         admin_addr=config.server.admin_addr,
@@ -566,6 +570,15 @@ def _editable_parts(
         if store is not None:
             parts.append(EditablePart("subscriptions", store, parse_subscription_file))
     return parts
+
+
+def _build_peers(config: AuthzConfig) -> Peers | None:
+    section = config.admin.peers
+    if section is None or config.server.admin_api_addr is None:
+        return None
+    return Peers(
+        dns=section.dns, port=section.port, addresses=section.addresses, timeout=section.timeout
+    )
 
 
 def _build_peeker(config: AuthzConfig) -> RateLimitPeeker | None:

@@ -291,11 +291,28 @@ class AdminAuthSection(StrictModel):
         return self
 
 
+class PeersSection(StrictModel):
+    # the replicas of this maas-authz, each holding its own decisions and caches: the operator
+    # API asks them all (decisions, purge). dns: the headless Service (one address per ready
+    # pod), with `port` their server.admin_api_addr port; and/or fixed host:port addresses
+    dns: str | None = None
+    port: int = Field(8090, ge=1, le=65535)
+    addresses: list[Address] = Field(default_factory=list)
+    timeout: PositiveDuration = 2.0
+
+    @model_validator(mode="after")
+    def _names_some(self) -> PeersSection:
+        if not self.dns and not self.addresses:
+            raise ValueError("peers needs dns (a headless Service) or addresses")
+        return self
+
+
 class AdminSection(StrictModel):
     # the operator API and console, served on server.admin_api_addr (docs/operations.md)
     auth: AdminAuthSection = AdminAuthSection()
     decisions: int = Field(2000, ge=10, le=1_000_000)  # recent decisions kept in memory
     max_followers: int = Field(32, ge=1, le=1024)  # live decision streams at once
+    peers: PeersSection | None = None  # unset: this process is the only replica
 
 
 class ResponseSection(StrictModel):

@@ -219,10 +219,15 @@ def cmd_decisions(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     )
     if args.follow:
         for decision in client.events(f"/admin/v1/decisions{query}"):
+            if "unreachable" in decision:  # a replica did not answer: the view is partial
+                print(f"maas-ctl: replica unreachable: {decision['unreachable']}", file=sys.stderr)
+                continue
             out.write((json.dumps(decision) if args.json else _decision_line(decision)) + "\n")
             out.flush()
         return OK
     answer = client.call("GET", f"/admin/v1/decisions{query}")
+    for problem in answer.get("unreachable", []):
+        print(f"maas-ctl: replica unreachable: {problem}", file=sys.stderr)
     if args.json:
         out.write(json.dumps(answer, indent=2) + "\n")
     else:
@@ -280,6 +285,7 @@ def cmd_policy(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_purge(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     answer = client.call("POST", f"/admin/v1/purge{_query(user=args.user)}", body=b"")
+    # (a purge that some replica missed is an HTTP 502: Failure, exit 4, says so)
     if args.json:
         out.write(json.dumps(answer) + "\n")
     else:
