@@ -17,7 +17,7 @@ from typing import Any
 from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 
-from maas_common.quota_headers import quota_header_triple
+from maas_common.quota_headers import quota_header_triple, reset_text
 from maas_ratelimit.bucket import ceil_div
 from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
 from maas_ratelimit.limits import Limit
@@ -76,17 +76,19 @@ def error_body(state: LimitState) -> bytes:
 def tightest(descriptors: tuple[DescriptorVerdict, ...]) -> tuple[LimitState | None, ...]:
     """(requests, tokens): the enforced limit of each kind with the least room left, as a
     fraction of its limit (a refusing one first), over every descriptor of the call."""
-    best: list[LimitState | None] = [None, None]
+    requests: LimitState | None = None
+    tokens: LimitState | None = None
     for descriptor in descriptors:
         for state in descriptor.limits:
             limit = state.limit
             if limit.shadow:
                 continue
-            index = limit.kind == "tokens"
-            current = best[index]
-            if current is None or _tighter(state, current):
-                best[index] = state
-    return tuple(best)
+            if limit.kind == "tokens":
+                if tokens is None or _tighter(state, tokens):
+                    tokens = state
+            elif requests is None or _tighter(state, requests):
+                requests = state
+    return requests, tokens
 
 
 def _tighter(state: LimitState, other: LimitState) -> bool:
@@ -249,8 +251,59 @@ def encode(verdict: Verdict, *, peek: bool = False) -> bytes:
             )
         )
         parts += (_STATUS, _varint(len(status)), status)
-    parts += (_header_bytes(key, value) for key, value in quota_headers(verdict))
+    parts += _quota_header_bytes(verdict.descriptors)
     return b"".join(parts)
+
+
+# The quota headers on the hot path: per limit, the whole `x-ratelimit-limit-<unit>` header and
+# the key fields of the other two, built once (and again after a reload replaces the limit);
+# reset texts by the second. quota_headers() is the same, readable (tests hold the two to it).
+_QUOTA_PARTS: dict[str, tuple[Limit, bytes, bytes, bytes]] = {}
+_RESET_TEXTS: dict[int, bytes] = {}
+
+
+def _quota_parts(limit: Limit) -> tuple[Limit, bytes, bytes, bytes]:
+    cached = _QUOTA_PARTS.get(limit.name)
+    if cached is not None and cached[0] is limit:
+        return cached
+    (limit_header, _), (remaining_key, _), (reset_key, _) = quota_header_triple(
+        limit.kind, limit.spec.limit, 0, 0
+    )
+    cached = (
+        limit,
+        _header_bytes(limit_header, str(limit.spec.limit)),
+        _string_field(b"\n", remaining_key),
+        _string_field(b"\n", reset_key),
+    )
+    if len(_QUOTA_PARTS) >= _MAX_RATE_LIMITS:
+        _QUOTA_PARTS.clear()
+    _QUOTA_PARTS[limit.name] = cached
+    return cached
+
+
+def _quota_header_bytes(descriptors: tuple[DescriptorVerdict, ...]) -> list[bytes]:
+    out: list[bytes] = []
+    small = _SMALL_VARINTS  # every length here is under 128: a key of < 40 bytes, a short value
+    for state in tightest(descriptors):
+        if state is None:
+            continue
+        _, whole, remaining_key, reset_key = _quota_parts(state.limit)
+        seconds = -(-state.reset_ms // 1000)
+        reset = _RESET_TEXTS.get(seconds)
+        if reset is None:
+            reset = reset_text(seconds * 1000).encode()
+            if len(_RESET_TEXTS) >= 100_000:
+                _RESET_TEXTS.clear()
+            _RESET_TEXTS[seconds] = reset
+        remaining = str(state.remaining).encode()
+        out += (
+            whole,
+            _HEADER + small[len(remaining_key) + 2 + len(remaining)] + remaining_key + b"\x12"
+            + small[len(remaining)] + remaining,
+            _HEADER + small[len(reset_key) + 2 + len(reset)] + reset_key + b"\x12"
+            + small[len(reset)] + reset,
+        )  # fmt: skip
+    return out
 
 
 def allow_all(descriptor_count: int) -> RateLimitResponse:

@@ -66,10 +66,14 @@ class Prometheus:
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.log = workdir / "prometheus.log"
-        assert wait_for(self._ready, timeout=30), self.log.read_text()[-2000:]
-        # the first scrapes come a few seconds after start-up (target discovery): traffic
-        # before them would never show as a rate
-        assert wait_for(lambda: len(self.query("up == 1")) == len(targets), timeout=30)
+        try:
+            assert wait_for(self._ready, timeout=30), self.log.read_text()[-2000:]
+            # the first scrapes come a few seconds after start-up (target discovery): traffic
+            # before them would never show as a rate
+            assert wait_for(lambda: len(self.query("up == 1")) == len(targets), timeout=30)
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         try:
@@ -97,7 +101,7 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def monitored(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Gateway, Prometheus, RedisServer]]:
+) -> Iterator[tuple[Gateway, Prometheus, RedisServer, PostgresServer]]:
     work = tmp_path_factory.mktemp("monitoring")
     redis = RedisServer(work / "redis")
     redis.start()
@@ -123,20 +127,22 @@ def monitored(
         authz_config=work / "authz.yaml",
         ratelimit_config=work / "ratelimit.yaml",
     )
-    stack.start()
-    p = stack.ports
-    prometheus = Prometheus(
-        work / "prometheus",
-        {
-            "maas-authz": (p.authz_http, "/metrics"),
-            "maas-ratelimit": (p.ratelimit_http, "/metrics"),
-            "envoy": (p.envoy_admin, "/stats/prometheus"),
-        },
-    )
     try:
-        yield Gateway(stack), prometheus, redis, database
-    finally:
-        prometheus.stop()
+        stack.start()
+        p = stack.ports
+        prometheus = Prometheus(
+            work / "prometheus",
+            {
+                "maas-authz": (p.authz_http, "/metrics"),
+                "maas-ratelimit": (p.ratelimit_http, "/metrics"),
+                "envoy": (p.envoy_admin, "/stats/prometheus"),
+            },
+        )
+        try:
+            yield Gateway(stack), prometheus, redis, database
+        finally:
+            prometheus.stop()
+    finally:  # whatever failed to start, nothing is left running
         stack.stop()
         database.cleanup()
         redis.cleanup()
