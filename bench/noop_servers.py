@@ -16,9 +16,11 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import code_pb2
@@ -67,6 +69,17 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: 
         return self._ok
 
 
+class NoopAccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy streams its access log to the authz cluster (envoy/gateway.yaml): read, dropped."""
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[object], context: object
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for _ in request_iterator:
+            pass
+        return als_pb2.StreamAccessLogsResponse()
+
+
 class NoopRateLimit(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     _OK = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
 
@@ -82,6 +95,7 @@ async def serve(kind: str, port: int, metadata: bool = False) -> None:
     if kind == "authz":
         servicer = NoopAuthorization(metadata)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(NoopAccessLog(), server)
     else:
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(NoopRateLimit(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")

@@ -233,7 +233,9 @@ def start_authz(
 ) -> Side:
     """maas-authz on free ports with `config` (a path), logs at warning level like production."""
     grpc_port, http_port = free_port(), free_port()
+    # the operator API is off: these scenarios measure Check (and it cannot run with workers)
     argv = [PYTHON, "-m", "maas_authz", "--config", config, *_addrs(grpc_port, http_port),
+            "--admin-api-addr", "off",
             *extra_args]  # fmt: skip
     service = ctx.service(
         name,

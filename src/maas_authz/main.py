@@ -23,7 +23,7 @@ from maas_common.workers import Supervisor, SupervisorSettings, current_worker, 
 PROG = "maas-authz"
 EXTRA_FLAGS = {
     "workers": ("--workers", "processes sharing the gRPC port; 1 = this process serves"),
-    "admin_api_addr": ("--admin-api-addr", "HOST:PORT of the operator API and console"),
+    "admin_api_addr": ("--admin-api-addr", "HOST:PORT of the operator API and console, or off"),
     "ratelimit.target": ("--ratelimit-target", "maas-ratelimit's gRPC HOST:PORT, for quota"),
 }
 

@@ -39,7 +39,7 @@ class ServerSection(StrictModel):
 class CommandLine:
     config: Path | None
     raw: dict[str, Any]
-    overrides: dict[str, str]
+    overrides: dict[str, str | None]  # None: an optional listener turned off ("off")
     check_only: bool
 
 
@@ -81,13 +81,16 @@ def parse_command_line(
     )
     args = parser.parse_args(argv)
 
-    overrides: dict[str, str] = {}
+    overrides: dict[str, str | None] = {}
     for key, (flag, _) in flags.items():
         env_name = _env_name(env_prefix, key)
         value, source = getattr(args, key), flag
         if value is None and env.get(env_name):
             value, source = env[env_name], env_name
         if value is None:
+            continue
+        if key.endswith("_addr") and value.lower() == "off":
+            overrides[key] = None  # an optional listener (admin_addr, ...) turned off
             continue
         if key.endswith("_addr"):
             try:
@@ -117,11 +120,13 @@ def _env_name(prefix: str, key: str) -> str:
     return f"{prefix}_{key.upper().replace('.', '_')}"
 
 
-def apply_server_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+def apply_server_overrides(
+    raw: dict[str, Any], overrides: Mapping[str, str | None]
+) -> dict[str, Any]:
     """A copy of the raw config with flag/env values placed into its `server:` section (or, for
     a dotted key, the section it names)."""
     merged = dict(raw)
-    by_section: dict[str, dict[str, str]] = {}
+    by_section: dict[str, dict[str, str | None]] = {}
     for key, value in overrides.items():
         prefix, _, name = key.rpartition(".")
         by_section.setdefault(prefix or "server", {})[name] = value

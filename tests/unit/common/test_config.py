@@ -546,3 +546,18 @@ def test_apply_server_overrides_puts_a_dotted_key_in_its_section() -> None:
         "server": {"grpc_addr": "a:1", "http_addr": "c:3"},
     }
     assert raw == {"ratelimit": {"domain": "maas"}, "server": {"grpc_addr": "a:1"}}  # a copy
+
+
+def test_an_optional_listener_is_turned_off_from_the_command_line() -> None:
+    line = parse_command_line(
+        prog="x",
+        description="",
+        env_prefix="MAAS_X",
+        argv=["--admin-api-addr", "off"],
+        extra_flags={"admin_api_addr": ("--admin-api-addr", "")},
+    )
+    assert line.overrides == {"admin_api_addr": None}
+    merged = apply_server_overrides(
+        {"server": {"admin_api_addr": "127.0.0.1:8090"}}, line.overrides
+    )
+    assert merged["server"]["admin_api_addr"] is None
