@@ -167,7 +167,8 @@ class QuotaEndpoint:
         self.path = path
 
     def handles(self, path: str) -> bool:
-        return path.partition("?")[0].rstrip("/") == self.path
+        # on every Check: the prefix test first, nearly every path fails it
+        return path.startswith(self.path) and path.partition("?")[0].rstrip("/") == self.path
 
     async def answer(
         self, method: str, path: str, authorization: str | None, headers: Mapping[str, str]

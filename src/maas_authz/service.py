@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -71,26 +72,19 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             )
             quota = self._quota
             if quota is not None and quota.handles(http.path):
-                reply = await quota.answer(
-                    http.method, http.path, headers.get("authorization"), headers
-                )
-                if isinstance(reply, Deny):
-                    self._metrics.decision("denied", reply.code, reply.tier)
-                    return responses.denied_serialized(reply)
-                self._metrics.decision("allowed", "quota", reply.metadata.get("log_tier", ""))
-                return responses.quota_serialized(reply)
-            decision = await self._pipeline.decide(
-                http.path, headers.get("authorization"), headers=headers, body=body
-            )
-            if isinstance(decision, Allow):
-                response = responses.allowed_serialized(
-                    decision, headers, forward_authorization=self._forward_authorization
-                )
-                tier = _scope(decision)
-                self._metrics.decision("allowed", "ok", tier)
+                response = await self._quota_answer(quota, http.method, http.path, headers)
             else:
-                response = responses.denied_serialized(decision)
-                self._metrics.decision("denied", decision.code, decision.tier)
+                decision = await self._pipeline.decide(
+                    http.path, headers.get("authorization"), headers=headers, body=body
+                )
+                if isinstance(decision, Allow):
+                    response = responses.allowed_serialized(
+                        decision, headers, forward_authorization=self._forward_authorization
+                    )
+                    self._metrics.decision("allowed", "ok", _scope(decision))
+                else:
+                    response = responses.denied_serialized(decision)
+                    self._metrics.decision("denied", decision.code, decision.tier)
         except Exception:
             log.exception(
                 "Check failed unexpectedly; denying",
@@ -100,6 +94,17 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             self._metrics.decision("denied", _INTERNAL.code, "")
         self._metrics.check_seconds.observe(time.perf_counter() - started)
         return response
+
+    async def _quota_answer(
+        self, quota: QuotaEndpoint, method: str, path: str, headers: Mapping[str, str]
+    ) -> bytes:
+        reply = await quota.answer(method, path, headers.get("authorization"), headers)
+        if isinstance(reply, Deny):
+            self._metrics.decision("denied", reply.code, reply.tier)
+            return responses.denied_serialized(reply)
+        scope = reply.metadata.get("log_tier") or reply.metadata.get("log_subscription", "")
+        self._metrics.decision("allowed", "quota", scope)
+        return responses.quota_serialized(reply)
 
 
 def _scope(allow: Allow) -> str:
