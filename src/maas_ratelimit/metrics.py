@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from prometheus_client import CollectorRegistry, Gauge
 
 from maas_common.metrics import BoundedLabel, FastCounter, FastHistogram, config_reload_counter
-from maas_ratelimit.limits import LimitTable
+from maas_ratelimit.limits import Limit, LimitTable
 
 _RATES: dict[str, float] = {}  # billing_rate text -> per-token price
 # what a model or a subscription is on the wire: a Kubernetes object's "namespace/name"
@@ -49,6 +49,25 @@ class WireLabels:
             lambda: table().models, MAX_MODELS, lambda model: not model or _is_object_ref(model)
         )
         self.outcome = BoundedLabel(lambda: OUTCOMES)
+        self._by_limit: dict[str, tuple[str, str]] = {}  # limit name -> (tier, limit) labels
+
+    def of_limit(self, limit: Limit) -> tuple[str, str]:
+        """(tier, limit) labels of a limit: one dict probe on the hot path (a limit's name fixes
+        its tier; the labels go with the bounded ones, so a reload resets them there)."""
+        labels = self._by_limit.get(limit.name)
+        if labels is None:
+            labels = (self.tier(limit.tier), self.limit(limit.name))
+            if len(self._by_limit) >= 4 * MAX_SUBSCRIPTIONS:
+                self._by_limit.clear()
+            self._by_limit[limit.name] = labels
+        return labels
+
+    def reset_if(self, table: LimitTable) -> None:
+        """Forget the per-limit labels when the table changed (a reload)."""
+        if table is not self._table:
+            self._table, self._by_limit = table, {}
+
+    _table: LimitTable | None = None
 
 
 class RateLimitMetrics:

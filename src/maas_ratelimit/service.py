@@ -89,7 +89,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             verdict = await self._limiter.decide(request.domain, descriptors)
             # every descriptor check-only (hits_addend 0): a peek, which consumes nothing and
             # gets every limit's state in its metadata; counted apart from decisions
-            if descriptors and all(d.check_only for d in descriptors):
+            if descriptors and descriptors[0].check_only and all(d.check_only for d in descriptors):
                 self._metrics.answers.inc("peek")
                 return responses.encode(verdict, peek=True)
             self._record(verdict)
@@ -137,11 +137,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         decisions = metrics.decisions
         # every label value that came from a descriptor goes through `labels` (bounded)
         labels = self._labels
-        tier_of, model_of = labels.tier, labels.model
+        labels.reset_if(self._limiter.table())
+        tier_of, model_of, of_limit = labels.tier, labels.model, labels.of_limit
         for descriptor in verdict.descriptors:
             for state in descriptor.limits:
-                limit = state.limit
-                decisions.inc(state.result, tier_of(limit.tier), labels.limit(limit.name))
+                decisions.inc(state.result, *of_limit(state.limit))
         for charge in verdict.charges:
             if charge.status is ChargeStatus.APPLIED:
                 tier, model = tier_of(charge.tier), model_of(charge.model)
