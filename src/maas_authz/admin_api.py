@@ -167,7 +167,9 @@ class OperatorApi:
             return await self._decisions_of_every_replica(request, limit, follow)
         recent = self.decisions.recent(wanted, limit) if limit else []
         if not follow:
-            return web.json_response({"decisions": [d.as_json() for d in recent]})
+            # in time order (Envoy's worker threads send their batches in their own order)
+            ordered = sorted(recent, key=lambda d: d.time)
+            return web.json_response({"decisions": [d.as_json() for d in ordered]})
         return await self._stream(request, wanted, recent)
 
     async def _decisions_of_every_replica(

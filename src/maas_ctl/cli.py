@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from maas_common.quota_headers import reset_text
+
 DEFAULT_URL = "http://127.0.0.1:8090"
 OK, REFUSED, BAD_REQUEST, NOT_ALLOWED, UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -124,7 +126,8 @@ def _limits(limits: Sequence[dict[str, Any]], out: TextIO) -> None:
             left += f" ({x['remaining_after_estimate']} after the estimate)"
         would = x.get("would_allow")
         verdict = "allows" if would is True else ("REFUSES" if would is False else "")
-        rows.append([x["name"], x["unit"], x["limit"], left, f"{x['reset_seconds']:g}s",
+        full_in = reset_text(round(x["reset_seconds"] * 1000))
+        rows.append([x["name"], x["unit"], x["limit"], left, full_in,
                      verdict + (" (shadow)" if x.get("shadow") else "")])  # fmt: skip
     _table(rows, ["LIMIT", "UNIT", "OF", "REMAINING", "FULL IN", ""], out)
 
