@@ -5,8 +5,9 @@ Besides the statuses Envoy reads, an answer carries:
   the client, each from the enforced limit of that kind with the least room left (Envoy's own
   DRAFT_VERSION_03 headers show one status per descriptor, requests and tokens mixed);
 - on a refusal, dynamic metadata naming the limit (for access logs: the decisions view);
-- on a peek (every descriptor check-only, hits_addend 0: nothing is consumed), dynamic metadata
-  listing every limit that applies with what it has left (maas-authz's /v1/quota and explain).
+- on a peek (every descriptor a check-only admission, hits_addend 0: nothing is consumed),
+  dynamic metadata listing every limit that applies with what it has left (maas-authz's
+  /v1/quota and explain).
 """
 
 from __future__ import annotations

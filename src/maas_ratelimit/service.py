@@ -1,6 +1,7 @@
 """The gRPC adapter: RateLimitService/ShouldRateLimit -> RateLimiter -> RateLimitResponse.
 
-A call whose descriptors are all check-only (hits_addend 0) is a peek: nothing is consumed and
+A call whose descriptors are all check-only admissions (hits_addend 0, no charge, no outcome) is
+a peek: nothing is consumed and
 the answer lists every limit that applies (responses.py); maas-authz peeks for /v1/quota.
 
 Failure policy, decided here: a store that cannot answer either fails open (allow, count it) or
@@ -46,6 +47,12 @@ def to_descriptors(request: rls_pb2.RateLimitRequest) -> list[Descriptor]:
     return out
 
 
+def _peeks(descriptor: Descriptor) -> bool:
+    """Check-only and about admission: an after-response report (outcome, charge) with hits 0
+    is a report, never a peek."""
+    return descriptor.check_only and descriptor.outcome is None and descriptor.charge_kind is None
+
+
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -87,9 +94,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         try:
             descriptors = to_descriptors(request)
             verdict = await self._limiter.decide(request.domain, descriptors)
-            # every descriptor check-only (hits_addend 0): a peek, which consumes nothing and
-            # gets every limit's state in its metadata; counted apart from decisions
-            if descriptors and descriptors[0].check_only and all(d.check_only for d in descriptors):
+            # every descriptor a check-only admission (hits_addend 0): a peek, which consumes
+            # nothing and gets every limit's state in its metadata; counted apart from decisions
+            if descriptors and descriptors[0].check_only and all(map(_peeks, descriptors)):
                 self._metrics.answers.inc("peek")
                 return responses.encode(verdict, peek=True)
             self._record(verdict)

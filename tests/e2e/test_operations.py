@@ -36,6 +36,7 @@ def test_grpcurl_lists_describes_and_calls_check(gateway: Gateway) -> None:
     listed = grpcurl(address, "list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == [
+        "envoy.service.accesslog.v3.AccessLogService",  # Envoy's access log: the decisions view
         "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",

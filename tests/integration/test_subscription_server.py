@@ -48,7 +48,13 @@ def _premium_token(kube: Kube) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def component_rbac(kube: Kube, authz_kubeconfig: pathlib.Path) -> None:
-    role, binding = yaml.safe_load_all(COMPONENT_RBAC.read_text())
+    # the read-only role (the component's edit role is for the operator API's edits)
+    docs = {
+        d["metadata"]["name"] + "/" + d["kind"]: d
+        for d in yaml.safe_load_all(COMPONENT_RBAC.read_text())
+    }
+    role = docs["maas-authz-subscriptions/ClusterRole"]
+    binding = docs["maas-authz-subscriptions/ClusterRoleBinding"]
     binding["subjects"][0]["namespace"] = AUTHZ_NS
     kube.rbac.create_cluster_role(role)
     kube.rbac.create_cluster_role_binding(binding)

@@ -643,3 +643,17 @@ async def test_subscriptions_and_models_keep_their_own_label_values_up_to_a_boun
     for n in range(3):
         assert f'tier="team-a/sub-{n}"' in text
     assert USER not in text  # never a user
+
+
+@pytest.mark.asyncio
+async def test_an_outcome_report_with_no_hits_is_a_report_not_a_peek() -> None:
+    rig = Rig()
+    # what Envoy sends after a 429: the outcome descriptor, hits_addend 0
+    response = await rig.call(
+        request(descriptor(0, tier="free", user=USER, outcome="rate_limited"))
+    )
+    assert not response.HasField("dynamic_metadata")
+    assert rig.calls("peek") == 0
+    assert (
+        rig.sample("maas_ratelimit_usage_responses_total", tier="free", outcome="rate_limited") == 1
+    )
