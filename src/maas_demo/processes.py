@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -42,12 +43,35 @@ _GROUP_GONE_TIMEOUT = 5.0  # seconds to wait for the group to be gone after SIGK
 T = TypeVar("T", bound=Hashable)
 
 
+_EPHEMERAL = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _below_ephemeral() -> range:
+    """Ports below the kernel's ephemeral range: no outgoing connection's source port is ever
+    taken from there, so a port picked now is still free when a child binds it seconds later
+    (port 0 would pick from the ephemeral range, where every readiness poll takes a port)."""
+    try:
+        low = int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10_000, low) if low > 12_000 else range(0)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (another process may take it)."""
+    candidates = _below_ephemeral()
+    for _ in range(50 if candidates else 0):
+        port = random.choice(candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

@@ -6,6 +6,7 @@ Also peeks against real maas-ratelimit processes, on the memory store and on a r
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import secrets
 import sys
@@ -147,6 +148,14 @@ async def operator(
     app = await build_app(config, tmp_path, registry=CollectorRegistry())
     await app.runtime.start()
     async with aiohttp.ClientSession() as session:
+        # ready: the subscription objects are listed (a stop during the first list is not what
+        # these tests are about)
+        ready = f"http://127.0.0.1:{app.runtime.http_port}/readyz"
+        for _ in range(100):
+            async with session.get(ready) as response:
+                if response.status == 200:
+                    break
+            await asyncio.sleep(0.1)
         yield Operator(app, session)
     await app.runtime.stop()
 

@@ -56,8 +56,15 @@ def component_rbac(kube: Kube, authz_kubeconfig: pathlib.Path) -> None:
     role = docs["maas-authz-subscriptions/ClusterRole"]
     binding = docs["maas-authz-subscriptions/ClusterRoleBinding"]
     binding["subjects"][0]["namespace"] = AUTHZ_NS
-    kube.rbac.create_cluster_role(role)
-    kube.rbac.create_cluster_role_binding(binding)
+    for create, body in (
+        (kube.rbac.create_cluster_role, role),
+        (kube.rbac.create_cluster_role_binding, binding),
+    ):
+        try:
+            create(body)
+        except client.ApiException as exc:
+            if exc.status != 409:  # the same shipped object, created by another module first
+                raise
 
 
 class Objects:
