@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import secrets
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -24,10 +23,9 @@ from maas_authz.app import AuthzApp, build_app
 from maas_authz.config import AuthzConfig
 from maas_authz.quota import RateLimitPeeker
 from maas_common.config import validate
-from maas_demo.stack import Child, free_port, wait_until_ready
 from tests.integration.conftest import SUB_NS
+from tests.integration.test_ratelimit_processes import start_server
 from tests.support.kube_platform import AUTHZ_NS, Kube
-from tests.support.ratelimit_client import RateLimitClient
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -289,24 +287,6 @@ def redis(tmp_path: pathlib.Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def _ratelimit(workdir: pathlib.Path, name: str, store: dict[str, object]) -> tuple[Child, int]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "limits.yaml").write_text(LIMITS)
-    config = workdir / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({"limits": {"file": "limits.yaml"}, "store": store}))
-    grpc_port, http_port = free_port(), free_port()
-    child = Child(
-        name,
-        [sys.executable, "-m", "maas_ratelimit", "--config", str(config),
-         "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}"],
-        workdir / f"{name}.log",
-        echo=False,
-    )  # fmt: skip
-    child.start()
-    wait_until_ready(child, f"http://127.0.0.1:{http_port}/readyz", 30)
-    return child, grpc_port
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("store_type", ["memory", "redis"])
 async def test_peeks_consume_nothing_on_either_store(
@@ -316,13 +296,13 @@ async def test_peeks_consume_nothing_on_either_store(
     if store_type == "redis":
         redis_server: RedisServer = request.getfixturevalue("redis")
         store = {"type": "redis", "redis": {"url": redis_server.url, "timeout": "1s"}}
-    servers = [_ratelimit(tmp_path, "first", store)]
+    servers = [start_server(tmp_path, "first", store, LIMITS)]
     if store_type == "redis":  # a second replica on the same Redis sees the same counts
-        servers.append(_ratelimit(tmp_path, "second", store))
-    clients = [RateLimitClient(f"127.0.0.1:{port}") for _, port in servers]
+        servers.append(start_server(tmp_path, "second", store, LIMITS))
+    clients = [server.client() for server in servers]
     peekers = [
-        RateLimitPeeker(f"127.0.0.1:{port}", "maas", timeout=2, max_concurrency=4)
-        for _, port in servers
+        RateLimitPeeker(f"127.0.0.1:{server.grpc_port}", "maas", timeout=2, max_concurrency=4)
+        for server in servers
     ]
     try:
         for _ in range(7):
@@ -342,5 +322,5 @@ async def test_peeks_consume_nothing_on_either_store(
             await c.close()
         for p in peekers:
             await p.close()
-        for child, _ in servers:
-            assert child.stop() == 0
+        for server in servers:
+            assert server.child.stop() == 0

@@ -39,9 +39,12 @@ class Server:
         return http(f"http://127.0.0.1:{self.http_port}/metrics", method="GET").body.decode()
 
 
-def start_server(workdir: pathlib.Path, name: str, store: dict[str, object]) -> Server:
+def start_server(
+    workdir: pathlib.Path, name: str, store: dict[str, object], limits: str = LIMITS
+) -> Server:
+    """A real maas-ratelimit process with `limits` and `store`, on free ports, ready."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "limits.yaml").write_text(LIMITS)
+    (workdir / "limits.yaml").write_text(limits)
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"limits": {"file": "limits.yaml"}, "store": store}))
     grpc_port, http_port = free_port(), free_port()
