@@ -43,11 +43,13 @@ from maas_authz.peers import PeerAnswers, Peers, PeersUnknown
 from maas_authz.policy_edit import PolicyEditor
 from maas_authz.quota import Peeker, caller_view, target_of
 from maas_common.errors import BackendUnavailable, ConfigError
+from maas_common.workers.supervisor import sum_counts
 
 log = logging.getLogger(__name__)
 _MAX_BODY = 1024 * 1024
 _KEEPALIVE_SECONDS = 15.0
 _OPERATOR = web.RequestKey("operator", str)
+_CREDENTIAL = web.RequestKey("credential", str)  # checked by the guard; passed on to the replicas
 
 
 @dataclass
@@ -106,6 +108,7 @@ class OperatorApi:
                     403, "forbidden", f"{verdict.operator} may not {verb} the gateway's admin API"
                 )
             request[_OPERATOR] = verdict.operator
+            request[_CREDENTIAL] = token
             try:
                 response = await handler(request)
             except _BadRequest as exc:
@@ -372,12 +375,8 @@ class OperatorApi:
         # every replica has its own caches: a revocation is instant only once all have purged
         query = {"local": "true", **({"user": user} if user else {})}
         done = await self._fan_out("POST", "/admin/v1/purge", query, _token(request))
-        totals: dict[str, int] = {}
-        for answer in done.answers:
-            for what, count in answer.get("purged", {}).items():
-                totals[what] = totals.get(what, 0) + int(count)
         body: dict[str, Any] = {
-            "purged": totals,
+            "purged": sum_counts(answer.get("purged", {}) for answer in done.answers),
             "replicas": len(done.answers),
             "unreachable": done.unreachable,
         }
@@ -405,9 +404,7 @@ def _event(data: dict[str, Any], seq: int | None = None, kind: str = "decision")
 
 def _token(request: web.Request) -> str:
     """The caller's credential (already checked by the guard), to pass on to the replicas."""
-    token = bearer_token(request.headers.get("Authorization"), 16384)
-    assert not isinstance(token, BadCredentials)
-    return token
+    return request[_CREDENTIAL]
 
 
 def _int(query: Any, name: str, default: int, low: int, high: int) -> int:

@@ -65,7 +65,8 @@ class CheckPipeline:
         # and the same few paths come again and again
         self._routes: dict[str, ModelRef | OpenPath | BodyRoute | BadPath] = {}
 
-    def _route(self, raw_path: str) -> ModelRef | OpenPath | BodyRoute | BadPath:
+    def route(self, raw_path: str) -> ModelRef | OpenPath | BodyRoute | BadPath:
+        """What the path is for (cached; explain routes with it too)."""
         path = raw_path.partition("?")[0]  # classify() ignores the query; so may the cache key
         target = self._routes.get(path)
         if target is None:
@@ -76,10 +77,6 @@ class CheckPipeline:
                 self._routes[path] = target
         return target
 
-    def route(self, path: str) -> ModelRef | OpenPath | BodyRoute | BadPath:
-        """What `path` is for (cached)."""
-        return self._route(path)
-
     async def decide(
         self,
         path: str,
@@ -89,7 +86,7 @@ class CheckPipeline:
         body: bytes = b"",
     ) -> Decision:
         # 1. route: refuse what cannot be a valid request before any Kubernetes call
-        routed = self._route(path)
+        routed = self.route(path)
         if isinstance(routed, BadPath):
             return Deny(routed.status, routed.code, routed.message)
         if isinstance(routed, OpenPath) and not routed.authenticate:

@@ -155,11 +155,14 @@ class ServerRuntime:
         self._http_routes = http_routes
         # Operations that change state (cache purges) listen apart from /metrics, by default on
         # loopback only: whoever may scrape metrics may not thereby purge caches.
-        self._admin_addr = admin_addr
-        self._admin_routes = admin_routes
-        self._admin: web.AppRunner | None = None
-        self.admin_port = 0
-        self._sites = sites
+        # the admin listener (purge) is the first of the extra sites when there is one
+        admin = (
+            [HttpSite(admin_addr, admin_routes, "server.admin_addr")]
+            if admin_addr and admin_routes
+            else []
+        )
+        self._has_admin = bool(admin)
+        self._sites = [*admin, *sites]
         # run first on stop: end streams that never finish by themselves (Envoy's access log,
         # live decision readers), so the drain waits only for real calls
         self._on_drain = on_drain
@@ -207,10 +210,6 @@ class ServerRuntime:
         routes = [*probe_routes(self._registry, self._readiness_report), *self._http_routes]
         try:
             self._http, self.http_port = await serve_http(self._http_addr, routes, "--http-addr")
-            if self._admin_addr and self._admin_routes:
-                self._admin, self.admin_port = await serve_http(
-                    self._admin_addr, self._admin_routes, "server.admin_addr"
-                )
             for site in self._sites:
                 runner, port = await serve_http(site.addr, site.routes, site.setting)
                 self._site_runners.append(runner)
@@ -275,11 +274,16 @@ class ServerRuntime:
         await self._close_http()
         log.info("%s stopped", self.name)
 
+    @property
+    def admin_port(self) -> int:
+        """The admin listener's port (0: none, or not started)."""
+        return self.site_ports[0] if self._has_admin and self.site_ports else 0
+
     async def _close_http(self) -> None:
-        for runner in (*self._site_runners, self._admin, self._http):
+        for runner in (*self._site_runners, self._http):
             if runner is not None:
                 await runner.cleanup()
-        self._admin = self._http = None
+        self._http = None
         self._site_runners = []
 
     async def run_until_signal(self) -> None:

@@ -480,7 +480,7 @@ def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
         if not state.sufficient:
             if refusing is None or state.retry_after_ms > refusing.retry_after_ms:
                 refusing = state
-        elif refusing is None and (tightest is None or _less_room(state, tightest)):
+        elif refusing is None and (tightest is None or less_room(state, tightest)):
             tightest = state
     if refusing is not None:
         return refusing
@@ -488,12 +488,12 @@ def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
         return tightest
     tightest = states[0]  # all shadow: the least room among them
     for state in states[1:]:
-        if _less_room(state, tightest):
+        if less_room(state, tightest):
             tightest = state
     return tightest
 
 
-def _less_room(state: LimitState, other: LimitState) -> bool:
+def less_room(state: LimitState, other: LimitState) -> bool:
     """Whether `state` has less room left than `other`, as fractions of their limits (compared
     exactly, in integers)."""
     return state.remaining * other.limit.spec.limit < other.remaining * state.limit.spec.limit

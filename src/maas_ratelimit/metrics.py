@@ -50,6 +50,7 @@ class WireLabels:
         )
         self.outcome = BoundedLabel(lambda: OUTCOMES)
         self._by_limit: dict[str, tuple[str, str]] = {}  # limit name -> (tier, limit) labels
+        self._table: LimitTable | None = None  # the table _by_limit is for
 
     def of_limit(self, limit: Limit) -> tuple[str, str]:
         """(tier, limit) labels of a limit: one dict probe on the hot path (a limit's name fixes
@@ -66,8 +67,6 @@ class WireLabels:
         """Forget the per-limit labels when the table changed (a reload)."""
         if table is not self._table:
             self._table, self._by_limit = table, {}
-
-    _table: LimitTable | None = None
 
 
 class RateLimitMetrics:

@@ -20,7 +20,7 @@ from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 
 from maas_common.quota_headers import quota_header_triple, reset_text
 from maas_ratelimit.bucket import ceil_div
-from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict
+from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict, less_room
 from maas_ratelimit.limits import Limit
 
 OK = RateLimitResponse.OK
@@ -95,7 +95,7 @@ def tightest(descriptors: tuple[DescriptorVerdict, ...]) -> tuple[LimitState | N
 def _tighter(state: LimitState, other: LimitState) -> bool:
     if state.sufficient != other.sufficient:
         return not state.sufficient
-    return state.remaining * other.limit.spec.limit < other.remaining * state.limit.spec.limit
+    return less_room(state, other)
 
 
 def quota_headers(verdict: Verdict) -> list[tuple[str, str]]:
@@ -218,8 +218,7 @@ def _string_field(tag: bytes, text: str) -> bytes:
 
 
 def _header_bytes(key: str, value: str) -> bytes:
-    header = _string_field(b"\n", key) + _string_field(b"\x12", value)  # HeaderValue key 1, value 2
-    return _HEADER + _varint(len(header)) + header
+    return _value_header(_string_field(b"\n", key), value.encode())  # HeaderValue key 1
 
 
 def encode(verdict: Verdict, *, peek: bool = False) -> bytes:
@@ -316,6 +315,7 @@ def _quota_headers_of(limit: Limit, remaining_count: int, seconds: int) -> bytes
 
 
 def _value_header(key_field: bytes, value: bytes) -> bytes:
+    """A HeaderValue (its encoded key field, then value, field 2) in response_headers_to_add."""
     message = key_field + b"\x12" + _varint(len(value)) + value
     return _HEADER + _varint(len(message)) + message
 

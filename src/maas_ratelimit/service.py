@@ -1,8 +1,8 @@
 """The gRPC adapter: RateLimitService/ShouldRateLimit -> RateLimiter -> RateLimitResponse.
 
 A call whose descriptors are all check-only admissions (hits_addend 0, no charge, no outcome) is
-a peek: nothing is consumed and
-the answer lists every limit that applies (responses.py); maas-authz peeks for /v1/quota.
+a peek: nothing is consumed and the answer lists every limit that applies (responses.py);
+maas-authz peeks for /v1/quota.
 
 Failure policy, decided here: a store that cannot answer either fails open (allow, count it) or
 fails closed with gRPC UNAVAILABLE, so that Envoy's `failure_mode_deny` decides — the same

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -24,7 +24,7 @@ from maas_authz.config import AuthzConfig
 from maas_authz.quota import RateLimitPeeker
 from maas_common.config import validate
 from tests.integration.conftest import SUB_NS
-from tests.integration.test_ratelimit_processes import start_server
+from tests.integration.test_ratelimit_processes import redis, start_server  # noqa: F401 (a fixture)
 from tests.support.kube_platform import AUTHZ_NS, Kube
 from tests.support.redis_server import RedisServer
 
@@ -277,14 +277,6 @@ limits:
   - {name: burst, tier: free, kind: requests, limit: 20, window: 1h}
   - {name: daily-tokens, tier: free, kind: tokens, limit: 1000, window: 1d}
 """
-
-
-@pytest.fixture
-def redis(tmp_path: pathlib.Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.asyncio
