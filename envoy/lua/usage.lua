@@ -10,6 +10,8 @@
 -- under `maas.usage`:
 --   prompt_tokens, completion_tokens, total_tokens   numbers (completion 0 for embeddings)
 --   charge_prompt, charge_completion                 set only when the usage is to be charged
+--   status, streamed                                 the HTTP status and "true" for an event
+--                                                    stream (set when charged, for the ledger)
 --   outcome                                          "charged", or why not: no_usage,
 --                                                    upstream_error, client_error, rate_limited,
 --                                                    incomplete (the body never ended)
@@ -336,13 +338,16 @@ function M.outcome(status, usage)
   return "charged"
 end
 
-local function report(handle, usage, status)
+local function report(handle, usage, status, streamed)
   local outcome = M.outcome(status, usage)
   set(handle, "outcome", outcome)
   if outcome ~= "charged" then
     return
   end
   local counts = M.counts(usage)
+  -- for the usage ledger's record (descriptor entries are strings)
+  set(handle, "status", string.format("%d", status))
+  set(handle, "streamed", streamed and "true" or "false")
   set(handle, "prompt_tokens", counts.prompt)
   set(handle, "completion_tokens", counts.completion)
   set(handle, "total_tokens", counts.prompt + counts.completion)
@@ -361,10 +366,11 @@ function envoy_on_response(handle)
     and status < 300
     and (headers:get("content-type") or ""):find("text/event-stream", 1, true) ~= nil
   local sse = strip and SseFilter.new() or nil
+  local streamed = (headers:get("content-type") or ""):find("text/event-stream", 1, true) ~= nil
   local from_headers = header_usage(headers, M.usage_header_names(handle))
   local scanner = nil
   if from_headers or status >= 300 then
-    report(handle, from_headers, status)
+    report(handle, from_headers, status, streamed)
     if not sse then
       return -- nothing to read in the body; it is passed on untouched
     end
@@ -383,7 +389,7 @@ function envoy_on_response(handle)
     end
   end
   if scanner then
-    report(handle, scanner.usage, status)
+    report(handle, scanner.usage, status, streamed)
   end
 end
 

@@ -17,6 +17,9 @@ too) need `update`.
   POST /admin/v1/policy/{part}[?dry_run=true]  a new document: validated, diffed, applied
                                             through its source (a dry run applies nothing)
   POST /admin/v1/purge[?user=U]             drop cached credentials and decisions (all, or U's)
+  GET  /admin/v1/usage[?group_by=day,...]   the usage ledger's totals (usage_api.py; filters
+                                            user, subscription, tier, model, since, until, month)
+  GET  /admin/v1/usage/records              its records (JSON pages or format=csv)
   GET  /                                    the console (console.html)
 
 Bad input gets a 400 naming the problem; a backend that cannot answer, a 503.
@@ -42,6 +45,7 @@ from maas_authz.explain import Explainer, ExplainRequest
 from maas_authz.peers import PeerAnswers, Peers, PeersUnknown
 from maas_authz.policy_edit import PolicyEditor
 from maas_authz.quota import Peeker, caller_view, target_of
+from maas_authz.usage_api import UsageApi, UsageRequestError
 from maas_common.errors import BackendUnavailable, ConfigError
 from maas_common.workers.supervisor import sum_counts
 
@@ -66,6 +70,7 @@ class OperatorApi:
     token_limits_of: Callable[[str, str], str | None]
     on_request: Callable[[str, str], None] = lambda _route, _outcome: None  # metrics
     peers: Peers | None = None  # every replica (peers.py); None: this one only
+    usage: UsageApi | None = None  # the usage ledger (usage: in the config); None: not set
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -78,6 +83,8 @@ class OperatorApi:
             web.get("/admin/v1/policy/{part}", self._guard("get", self._policy_document)),
             web.post("/admin/v1/policy/{part}", self._guard("update", self._policy_edit)),
             web.post("/admin/v1/purge", self._guard("update", self._purge)),
+            web.get("/admin/v1/usage", self._guard("get", self._usage)),
+            web.get("/admin/v1/usage/records", self._guard("get", self._usage_records)),
         ]
 
     # --- authentication ------------------------------------------------------------------------
@@ -324,6 +331,25 @@ class OperatorApi:
                 ],
             }
         )
+
+    async def _usage(self, request: web.Request) -> web.StreamResponse:
+        usage = self._usage_api()
+        try:
+            return await usage.summary(request)
+        except UsageRequestError as exc:
+            raise _BadRequest(str(exc)) from None
+
+    async def _usage_records(self, request: web.Request) -> web.StreamResponse:
+        usage = self._usage_api()
+        try:
+            return await usage.records(request)
+        except UsageRequestError as exc:
+            raise _BadRequest(str(exc)) from None
+
+    def _usage_api(self) -> UsageApi:
+        if self.usage is None:
+            raise _BadRequest("usage: is not configured: this gateway keeps no usage ledger")
+        return self.usage
 
     async def _policy(self, _request: web.Request) -> web.StreamResponse:
         return web.json_response({**await self.policy(), "editable": self.editor.parts})

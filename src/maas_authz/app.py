@@ -62,8 +62,9 @@ from maas_authz.subscription_file import parse_subscription_file
 from maas_authz.subscription_watch import SubscriptionWatch
 from maas_authz.subscriptions import SubscriptionCatalog
 from maas_authz.tiers import DEFAULT_TIERS, TierMapping, parse_tier_document
+from maas_authz.usage_api import UsageApi
 from maas_common.clock import Clock, SystemClock
-from maas_common.config import resolve_path
+from maas_common.config import password_reader, resolve_path
 from maas_common.errors import BackendUnavailable, ConfigError
 from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import WatchedFile
@@ -352,7 +353,7 @@ def _build_api_keys(
         assert pg is not None
         store = PostgresApiKeys(
             pg.dsn,
-            password=_password_reader(resolve_path(base_dir, pg.password_file))
+            password=password_reader(resolve_path(base_dir, pg.password_file))
             if pg.password_file
             else lambda: None,
             tenant=pg.tenant,
@@ -386,17 +387,6 @@ def _build_api_keys(
         on_stale=metrics.stale_key_served,
     )
     return cached, cached, closers
-
-
-def _password_reader(path: Path) -> Callable[[], str | None]:
-    def read() -> str | None:
-        try:
-            return path.read_text().strip() or None
-        except OSError as exc:  # the connect fails without it; the lookup answers 503
-            log.warning("cannot read the database password file %s: %s", path, exc)
-            return None
-
-    return read
 
 
 async def build_app(
@@ -485,6 +475,12 @@ async def build_app(
     )
     sites: list[HttpSite] = []
     peers = _build_peers(config)
+    # the usage ledger, read by the operator API (maas-ratelimit writes it)
+    usage_db = (
+        config.usage.open(base_dir, "maas-authz")
+        if config.usage and config.server.admin_api_addr
+        else None
+    )
     if config.server.admin_api_addr is not None:
         operator = OperatorApi(
             auth=_build_admin_auth(config, base_dir, api, metrics, watched),
@@ -498,6 +494,7 @@ async def build_app(
             token_limits_of=policy.token_limits_of,
             on_request=lambda route, outcome: metrics.admin_requests.labels(route, outcome).inc(),
             peers=peers,
+            usage=UsageApi(usage_db, config.usage.timezone) if usage_db and config.usage else None,
         )
         sites.append(
             HttpSite(config.server.admin_api_addr, operator.routes(), "server.admin_api_addr")
@@ -526,6 +523,7 @@ async def build_app(
             *([api.close] if api else []),
             *([peeker.close] if peeker else []),
             *([peers.close] if peers else []),
+            *([usage_db.close] if usage_db else []),
             *(subscriptions.closers if subscriptions else ()),
         ],
         admin_addr=config.server.admin_addr,

@@ -9,6 +9,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from maas_authz.model_path import PathTemplate, is_namespace_name
 from maas_common.config import Address, Duration, PositiveDuration, StrictModel, parse_address
+from maas_common.ledger.settings import LedgerDatabaseSection
+from maas_common.periods import zone
 from maas_common.settings import ServerSection
 
 MAX_WORKERS = 64
@@ -315,6 +317,17 @@ class AdminSection(StrictModel):
     peers: PeersSection | None = None  # unset: this process is the only replica
 
 
+class UsageSection(LedgerDatabaseSection):
+    # the usage ledger maas-ratelimit writes, read by the operator API (GET /admin/v1/usage)
+    timezone: str = "UTC"  # of dates, months and days in queries, unless tz= says
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+
 class ResponseSection(StrictModel):
     forward_authorization: bool = False
     retry_after: int = Field(5, ge=1, le=3600)  # seconds, sent with 503
@@ -334,6 +347,7 @@ class AuthzConfig(StrictModel):
     ratelimit: RateLimitPeekSection = RateLimitPeekSection()
     quota: QuotaSection = QuotaSection()
     admin: AdminSection = AdminSection()
+    usage: UsageSection | None = None
 
     @model_validator(mode="after")
     def _operator_api_in_one_process(self) -> AuthzConfig:

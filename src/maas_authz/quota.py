@@ -116,8 +116,8 @@ def _whole_numbers(limit: dict[str, Any]) -> dict[str, Any]:
 
 
 def caller_view(limit: Mapping[str, Any]) -> dict[str, Any]:
-    """One limit as /v1/quota shows it to the caller."""
-    return {
+    """One limit as /v1/quota shows it to the caller (a budget: with its period)."""
+    view = {
         "name": limit["name"],
         "unit": limit["unit"],
         "limit": limit["limit"],
@@ -126,6 +126,12 @@ def caller_view(limit: Mapping[str, Any]) -> dict[str, Any]:
         "window_seconds": limit["window_seconds"],
         "description": limit["description"],
     }
+    if limit.get("budget"):
+        view["budget"] = True
+        for name in ("per", "period", "period_id", "timezone", "resets_at"):
+            if name in limit:
+                view[name] = limit[name]
+    return view
 
 
 def quota_headers(limits: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -133,7 +139,9 @@ def quota_headers(limits: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     unit with the least room left (as maas-ratelimit sets them on model responses)."""
     headers: list[tuple[str, str]] = []
     for unit in ("requests", "tokens"):
-        candidates = [x for x in limits if x["unit"] == unit and not x.get("shadow")]
+        candidates = [
+            x for x in limits if x["unit"] == unit and not x.get("shadow") and not x.get("budget")
+        ]
         if not candidates:
             continue
         tightest = min(candidates, key=lambda x: (x["remaining"] / x["limit"], x["name"]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -11,6 +13,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from maas_common.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -185,3 +189,17 @@ def resolve_path(base_dir: Path, path: Path) -> Path:
 
 def load_file(model: type[M], path: Path) -> M:
     return validate(model, read_yaml(path), str(path))
+
+
+def password_reader(path: Path) -> Callable[[], str | None]:
+    """A password read from a (mounted Secret) file at each connect: a rotated Secret applies;
+    an unreadable file gives no password (the connect then fails and is retried)."""
+
+    def read() -> str | None:
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            log.warning("cannot read the database password file %s: %s", path, exc)
+            return None
+
+    return read

@@ -24,6 +24,8 @@ from maas_ratelimit.memory_store import MemoryBucketStore
 from maas_ratelimit.metrics import RateLimitMetrics
 from maas_ratelimit.redis_store import RedisBucketStore
 from maas_ratelimit.store import BucketStore
+from maas_ratelimit.usage_journal import UsageJournal
+from maas_ratelimit.usage_ledger import UsageLedger
 
 
 def load_config(command_line: CommandLine) -> RateLimitConfig:
@@ -54,6 +56,9 @@ def check_config(config: RateLimitConfig, base_dir: Path) -> str:
     lines += [f"limit {limit.name}: {limit.description}" for limit in table.limits]
     build_store(config)  # checks what can be checked without connecting (the URL)
     lines.append(f"store: {config.store.type} (failure mode {config.store.failure_mode})")
+    if config.ledger is not None:
+        database = config.ledger.open(base_dir, "maas-ratelimit")
+        lines.append(f"ledger: {database.engine}, journal {config.ledger.spool_dir}")
     lines.append("configuration OK")
     return "\n".join(lines)
 
@@ -85,6 +90,7 @@ class RateLimitApp:
     limiter: RateLimiter
     store: BucketStore
     registry: CollectorRegistry
+    ledger: UsageLedger | None = None
 
 
 def build_app(
@@ -117,9 +123,14 @@ def build_app(
         bucket_store = raw_store
     else:
         bucket_store = InstrumentedStore(raw_store, metrics)
-    limiter = RateLimiter(limits=limits, store=bucket_store, clock=clock)
+    ledger = build_ledger(config, base_dir, registry, clock, limits)
+    # with a ledger, every reported usage is settled (and so de-duplicated by request id), also
+    # where no tokens limit applies
+    limiter = RateLimiter(
+        limits=limits, store=bucket_store, clock=clock, settle_all=ledger is not None
+    )
     servicer = service.RateLimitService(
-        limiter, metrics, failure_mode=config.store.failure_mode, clock=clock
+        limiter, metrics, failure_mode=config.store.failure_mode, clock=clock, ledger=ledger
     )
     runtime = ServerRuntime(
         name="maas-ratelimit",
@@ -128,7 +139,38 @@ def build_app(
         services=[GrpcService(service.SERVICE_NAME, servicer.register)],
         registry=registry,
         drain_timeout=config.server.drain_timeout,
-        background=[watched.watch] if watched else [],
-        on_close=[bucket_store.close],
+        background=[
+            *([watched.watch] if watched else []),
+            *([ledger.run] if ledger else []),
+        ],
+        on_close=[*([ledger.close] if ledger else []), bucket_store.close],
     )
-    return RateLimitApp(config, runtime, limiter, bucket_store, registry)
+    return RateLimitApp(config, runtime, limiter, bucket_store, registry, ledger)
+
+
+def build_ledger(
+    config: RateLimitConfig,
+    base_dir: Path,
+    registry: CollectorRegistry,
+    clock: Clock,
+    limits: Callable[[], LimitTable],
+) -> UsageLedger | None:
+    """The usage ledger's writer, its journal opened (and locked) now: a journal another process
+    holds is a start-up error."""
+    section = config.ledger
+    if section is None:
+        return None
+    journal = UsageJournal(
+        resolve_path(base_dir, section.spool_dir), max_bytes=section.spool_max_bytes
+    )
+    journal.open()
+    return UsageLedger(
+        journal,
+        section.open(base_dir, "maas-ratelimit"),
+        registry,
+        clock=clock,
+        prices=lambda: limits().price_for,
+        batch_size=section.batch_size,
+        flush_interval=section.flush_interval,
+        drain_timeout=section.drain_timeout,
+    )

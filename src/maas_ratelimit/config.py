@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from maas_common.config import Address, PositiveDuration, StrictModel
+from maas_common.ledger.settings import LedgerDatabaseSection
 from maas_common.settings import ServerSection
 
 
@@ -50,7 +51,18 @@ class StoreSection(StrictModel):
         return self
 
 
+class LedgerSection(LedgerDatabaseSection):
+    """The usage ledger (docs/operations.md "The usage ledger"); absent: no ledger."""
+
+    spool_dir: Path = Path("ledger-journal")  # this process's journal (relative: to the file)
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 16)  # beyond: records dropped and counted
+    batch_size: int = Field(500, ge=1, le=10_000)
+    flush_interval: PositiveDuration = 0.2
+    drain_timeout: PositiveDuration = 5.0  # on shutdown, to ship what is journaled
+
+
 class RateLimitConfig(StrictModel):
     server: RateLimitServerSection = RateLimitServerSection()
     limits: LimitsSection = LimitsSection()
     store: StoreSection = StoreSection()
+    ledger: LedgerSection | None = None

@@ -23,17 +23,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from typing import Literal
 
 from maas_common.clock import Clock
+from maas_common.ledger.records import parse_rate
 from maas_ratelimit.bucket import DEBT_WINDOWS, ms_until, ms_until_full, remaining_tokens
 from maas_ratelimit.descriptors import CHARGE_KINDS, Descriptor
-from maas_ratelimit.limits import Limit, LimitTable, subscription_limits
+from maas_ratelimit.limits import Limit, LimitTable, Pricing, subscription_limits
 from maas_ratelimit.store import Admission, BucketStore, Charge, ChargeStatus, Outcome
 
 Result = Literal["allowed", "limited", "shadow_limited"]
 
 _MAX_APPLICABLE = 4096  # (tier, model) pairs whose applicable limits are remembered
+_MICROS = Decimal(1_000_000)  # a cost budget counts micro-units of the currency
 
 # _PER_CALL: the values a call builds (LimitState, DescriptorVerdict, ChargeReport, Verdict) are
 # plain slotted dataclasses, not frozen ones, though nothing ever changes them: a frozen
@@ -74,6 +78,32 @@ class LimitState:
     def retry_after_ms(self) -> int:
         """Until it would have had enough (0 when it had)."""
         return 0 if self.sufficient else ms_until(self.level, self.need, self.limit.spec)
+
+
+@dataclass(slots=True)  # per call: see _PER_CALL
+class BudgetState(LimitState):
+    """A budget's bucket after the call: its times come from the budget's own clock."""
+
+    now_ms: int  # the call's time
+    at: int  # the bucket's time (a calendar budget: its period's end, in ms)
+
+    @property
+    def reset_ms(self) -> int:
+        budget = self.limit.budget
+        assert budget is not None
+        if budget.period is not None:  # a new period: a new, full bucket
+            return max(0, self.at - self.now_ms)
+        return ms_until_full(self.level, self.limit.spec) * budget.unit_ms
+
+    @property
+    def retry_after_ms(self) -> int:
+        budget = self.limit.budget
+        assert budget is not None
+        if self.sufficient:
+            return 0
+        if budget.period is not None:
+            return max(0, self.at - self.now_ms)
+        return ms_until(self.level, self.need, self.limit.spec) * budget.unit_ms
 
 
 @dataclass(slots=True)  # per call: see _PER_CALL
@@ -127,6 +157,8 @@ class _Share:
 
     limit: Limit
     key: str
+    at: int = 0  # the bucket's own time (store.py), for budgets
+    unit_ms: int = 1
     used: int = 0  # weighted usage, summed over the call's charge descriptors
     reserved: int | None = None  # the weighted reservation given back, once per call
 
@@ -151,7 +183,8 @@ class _Settlement:
     """The after-response path of a call (Limitador's Report beside its Check): the usage the
     model reported, less the reservation it was admitted with, once per bucket; never refused."""
 
-    def __init__(self) -> None:
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = now_ms
         self.shares: dict[tuple[str, str], _Share] = {}  # (limit, counter key) -> share
         self.requests: dict[tuple[str, str, str], _Request] = {}  # (tier, user, model)
         # (tier, model, kind, tokens, billing rate)
@@ -159,7 +192,12 @@ class _Settlement:
         self.outcomes: list[tuple[str, str]] = []  # (tier, outcome) of the usage reader
 
     def outcome_descriptor(
-        self, applicable: _Applicable, descriptor: Descriptor, outcome: str, request_id: str | None
+        self,
+        applicable: _Applicable,
+        descriptor: Descriptor,
+        outcome: str,
+        request_id: str | None,
+        pricing: Pricing | None,
     ) -> None:
         """The usage reader's report on an answer: counted; one charged nothing gets its whole
         reservation back. Only with a request id: the store then refunds it once, and never for
@@ -167,22 +205,30 @@ class _Settlement:
         assert descriptor.tier is not None
         self.outcomes.append((descriptor.tier, outcome))
         if outcome != "charged" and descriptor.reservation and request_id:
-            self.add(applicable.enforced_tokens, descriptor, "total_tokens", 0)
+            self.add(applicable.enforced_tokens, descriptor, "total_tokens", 0, pricing)
 
-    def charge_descriptor(self, limits: Sequence[Limit], descriptor: Descriptor) -> str | None:
-        """A charge descriptor under the limits of its tier: None, or why it was ignored."""
+    def charge_descriptor(
+        self,
+        limits: Sequence[Limit],
+        descriptor: Descriptor,
+        settle_all: bool,
+        pricing: Pricing | None,
+    ) -> str | None:
+        """A charge descriptor under the limits of its tier: None, or why it was ignored. With
+        `settle_all` (a usage ledger), usage no tokens limit takes is settled all the same."""
         kind = descriptor.charge_kind or ""
         if kind not in CHARGE_KINDS:
             return "unknown_charge"
         tokens = [limit for limit in limits if limit.kind == "tokens"]
-        if not tokens:
-            return "no_tokens_limit"
-        self.charge(tokens, descriptor, kind)
-        return None
+        if tokens or settle_all:
+            self.charge(tokens, descriptor, kind, pricing)
+        return None if tokens else "no_tokens_limit"
 
-    def charge(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str) -> None:
+    def charge(
+        self, limits: Sequence[Limit], descriptor: Descriptor, kind: str, pricing: Pricing | None
+    ) -> None:
         """A charge descriptor: its hits are `kind` tokens used."""
-        self.add(limits, descriptor, kind, descriptor.hits)
+        self.add(limits, descriptor, kind, descriptor.hits, pricing)
         self.reported.append(
             (
                 descriptor.tier or "",
@@ -193,16 +239,34 @@ class _Settlement:
             )
         )
 
-    def add(self, limits: Sequence[Limit], descriptor: Descriptor, kind: str, count: int) -> None:
+    def add(
+        self,
+        limits: Sequence[Limit],
+        descriptor: Descriptor,
+        kind: str,
+        count: int,
+        pricing: Pricing | None,
+    ) -> None:
         """A descriptor's usage (`count` tokens of `kind`) and the reservation it carries."""
         assert descriptor.tier is not None and descriptor.user is not None
         reservation = descriptor.reservation
         for limit in limits:
-            key = limit.counter_key(descriptor.user, descriptor.model)
-            share = self.shares.setdefault((limit.name, key), _Share(limit, key))
-            share.used += limit.tokens_to_charge(kind, count)
+            budget = limit.budget
+            if budget is None:
+                key = limit.counter_key(descriptor.user, descriptor.model)
+                share = self.shares.get((limit.name, key))
+                if share is None:
+                    share = self.shares[(limit.name, key)] = _Share(limit, key)
+            else:  # settled in the period (or on the clock) of now
+                suffix, at = budget.clock(self.now_ms)
+                key = limit.budget_key(descriptor.user, descriptor.tier, suffix)
+                share = self.shares.get((limit.name, key))
+                if share is None:
+                    share = _Share(limit, key, at, budget.unit_ms)
+                    self.shares[(limit.name, key)] = share
+            share.used += limit.tokens_to_charge(kind, count, pricing)
             if reservation is not None and not limit.shadow and share.reserved is None:
-                share.reserved = _reserved(limit, reservation)
+                share.reserved = _reserved(limit, reservation, pricing)
         model = descriptor.model or ""
         request = self.requests.setdefault(
             (descriptor.tier, descriptor.user, model), _Request(descriptor.tier, model)
@@ -213,7 +277,9 @@ class _Settlement:
             request.reserved = sum(reservation)
 
     def charges(self) -> list[Charge]:
-        return [Charge(s.key, s.limit.spec, s.amount) for s in self.shares.values()]
+        return [
+            Charge(s.key, s.limit.spec, s.amount, s.at, s.unit_ms) for s in self.shares.values()
+        ]
 
     def reports(self, status: ChargeStatus) -> tuple[ChargeReport, ...]:
         return tuple(ChargeReport(t, m, k, n, status, r) for t, m, k, n, r in self.reported)
@@ -234,11 +300,13 @@ class _Applicable:
     limits: tuple[Limit, ...]
     # enforced tokens limits: they take an admission's reservation and refund a failed answer's
     enforced_tokens: tuple[Limit, ...]
+    money: bool = False  # a cost budget is among them: descriptors need their prices
 
     @classmethod
     def of(cls, limits: Sequence[Limit]) -> _Applicable:
         enforced = tuple(limit for limit in limits if limit.kind == "tokens" and not limit.shadow)
-        return cls(tuple(limits), enforced)
+        money = any(limit.budget is not None and limit.budget.money for limit in limits)
+        return cls(tuple(limits), enforced, money)
 
     def plan(
         self,
@@ -247,6 +315,9 @@ class _Applicable:
         user: str,
         model: str | None,
         reservation: tuple[int, int] | None,
+        *,
+        now_ms: int,
+        pricing: Pricing | None,
     ) -> None:
         """Appends what `descriptor` (for `user` and `model`, carrying `reservation`) asks of each
         limit's bucket, in the order of `limits`."""
@@ -260,12 +331,20 @@ class _Applicable:
                 # usage afterwards
                 take = 0
                 if reservation is not None and not check_only and not limit.shadow:
-                    take = _reserved(limit, reservation) * spec.window_ms
+                    take = _reserved(limit, reservation, pricing) * spec.window_ms
                 need = 1
             else:
                 need, take = (hits or 1) * spec.window_ms, hits * spec.window_ms
-            key = limit.counter_key(user, model)
-            admissions.append(Admission(key, spec, need, take, limit.shadow))
+            budget = limit.budget
+            if budget is None:
+                key = limit.counter_key(user, model)
+                admissions.append(Admission(key, spec, need, take, limit.shadow))
+            else:
+                suffix, at = budget.clock(now_ms)
+                key = limit.budget_key(user, descriptor.tier or "", suffix)
+                admissions.append(
+                    Admission(key, spec, need, take, limit.shadow, at, budget.unit_ms)
+                )
 
 
 class _Admission:
@@ -284,27 +363,49 @@ class _Admission:
         """A descriptor that asks nothing of a bucket on admission."""
         self.spans.append(())
 
-    def add(self, applicable: _Applicable, descriptor: Descriptor, tier: str, user: str) -> None:
+    def add(
+        self,
+        applicable: _Applicable,
+        descriptor: Descriptor,
+        tier: str,
+        user: str,
+        *,
+        now_ms: int,
+        pricing: Pricing | None,
+    ) -> None:
         model = descriptor.model
         reservation = descriptor.reservation
         if reservation is not None and not descriptor.check_only and applicable.enforced_tokens:
             self.reserving.append((tier, model or "", reservation[0] + reservation[1]))
-        applicable.plan(self.admissions, descriptor, user, model, reservation)
+        applicable.plan(
+            self.admissions, descriptor, user, model, reservation, now_ms=now_ms, pricing=pricing
+        )
         self.spans.append(applicable.limits)
 
 
 class RateLimiter:
     def __init__(
-        self, *, limits: Callable[[], LimitTable], store: BucketStore, clock: Clock
+        self,
+        *,
+        limits: Callable[[], LimitTable],
+        store: BucketStore,
+        clock: Clock,
+        settle_all: bool = False,
     ) -> None:
-        self._limits = limits  # a callable: a reloaded table applies to the next call
+        self._limits = limits
+        # settle reported usage also where no tokens limit applies (a store charge of nothing,
+        # which de-duplicates the request id): the usage ledger records every charged response
+        self._settle_all = settle_all  # a callable: a reloaded table applies to the next call
         self._store = store
         self._clock = clock
         # (tier, model) -> the limits that apply, for the table they were read from
         self._table: LimitTable | None = None
         self._applicable: dict[tuple[str, str | None], _Applicable] = {}
-        # (subscription, token_limits) -> its limits (None: an unusable token_limits entry)
-        self._subscribed: dict[tuple[str, str], _Applicable | None] = {}
+        # (subscription, token_limits, model) -> its limits (None: an unusable token_limits
+        # entry); the model only where subscription budgets name models
+        self._subscribed: dict[tuple[str, str, str | None], _Applicable | None] = {}
+        # (billing rate, model) -> a cost budget's prices in micro-units per token
+        self._pricing: dict[tuple[str | None, str | None], Pricing | None] = {}
 
     def table(self) -> LimitTable:
         """The limits table in force."""
@@ -312,7 +413,7 @@ class RateLimiter:
 
     def _limits_for(self, table: LimitTable, tier: str, model: str | None) -> _Applicable:
         if table is not self._table:  # a reload: start afresh
-            self._table, self._applicable = table, {}
+            self._reset(table)
         key = (tier, model)
         applicable = self._applicable.get(key)
         if applicable is None:
@@ -322,15 +423,28 @@ class RateLimiter:
             self._applicable[key] = applicable
         return applicable
 
-    def _limits_of_subscription(self, descriptor: Descriptor) -> _Applicable | None:
-        """The token limits a subscription's descriptor carries, or None when it carries none
-        that can be used (refused: a subscription is never taken for "no limit")."""
+    def _reset(self, table: LimitTable) -> None:
+        self._table, self._applicable, self._subscribed, self._pricing = table, {}, {}, {}
+
+    def _limits_of_subscription(
+        self, table: LimitTable, descriptor: Descriptor
+    ) -> _Applicable | None:
+        """The token limits a subscription's descriptor carries, with the budgets of the
+        subscription, or None when it carries none that can be used (refused: a subscription
+        is never taken for "no limit")."""
         assert descriptor.subscription is not None
-        key = (descriptor.subscription, descriptor.token_limits or "")
+        if table is not self._table:
+            self._reset(table)
+        by_model = any(budget.models for budget in table.subscription_budgets)
+        subscription, text = descriptor.subscription, descriptor.token_limits or ""
+        key = (subscription, text, descriptor.model if by_model else None)
         if key in self._subscribed:
             return self._subscribed[key]
-        limits = subscription_limits(*key) if descriptor.token_limits else None
-        applicable = _Applicable.of(limits) if limits is not None else None
+        limits = subscription_limits(subscription, text) if text else None
+        applicable = None
+        if limits is not None:
+            budgets = table.budgets_of_subscription(subscription, descriptor.model)
+            applicable = _Applicable.of((*limits, *budgets))
         if len(self._subscribed) >= _MAX_APPLICABLE:
             self._subscribed.clear()
         self._subscribed[key] = applicable
@@ -344,7 +458,7 @@ class RateLimiter:
             raise UnknownDomain(f"unknown domain {domain!r}; this server serves {table.domain!r}")
         # wall time, not monotonic: replicas on other hosts share the buckets in Redis
         now_ms = round(self._clock.wall() * 1000)
-        request_id = _request_id(descriptors)
+        request_id = request_id_of(descriptors)
         ignored: list[str] = []
         admission = _Admission()
         settlement: _Settlement | None = None  # only calls after a response settle anything
@@ -359,7 +473,7 @@ class RateLimiter:
                 admission.skip()
                 continue
             if descriptor.by_subscription:
-                found = self._limits_of_subscription(descriptor)
+                found = self._limits_of_subscription(table, descriptor)
                 if found is None:
                     ignored.append("bad_token_limits")
                     if not settles:
@@ -369,16 +483,19 @@ class RateLimiter:
                 applicable = found
             else:
                 applicable = self._limits_for(table, tier, descriptor.model)
+            pricing = self._pricing_of(table, descriptor) if applicable.money else None
             outcome = descriptor.outcome
             if outcome is None and descriptor.charge_kind is None:
-                admission.add(applicable, descriptor, tier, user)
+                admission.add(applicable, descriptor, tier, user, now_ms=now_ms, pricing=pricing)
                 continue
             admission.skip()
-            settlement = settlement or _Settlement()
+            settlement = settlement or _Settlement(now_ms)
             if outcome is not None:
-                settlement.outcome_descriptor(applicable, descriptor, outcome, request_id)
+                settlement.outcome_descriptor(applicable, descriptor, outcome, request_id, pricing)
             else:
-                unusable = settlement.charge_descriptor(applicable.limits, descriptor)
+                unusable = settlement.charge_descriptor(
+                    applicable.limits, descriptor, self._settle_all, pricing
+                )
                 if unusable:
                     ignored.append(unusable)
 
@@ -408,6 +525,29 @@ class RateLimiter:
             refunded,
         )
 
+    def _pricing_of(self, table: LimitTable, descriptor: Descriptor) -> Pricing | None:
+        """A cost budget's prices for the descriptor, in micro-units per (prompt, completion)
+        token: the subscription's billing rate, else the limits file's price of the model."""
+        key = (descriptor.billing_rate, descriptor.model)
+        if key in self._pricing:
+            return self._pricing[key]
+        pricing: Pricing | None = None
+        rate = parse_rate(descriptor.billing_rate)
+        if rate is not None:
+            per_token = Fraction(rate * _MICROS)
+            pricing = (per_token, per_token)
+        else:
+            price = table.price_for(descriptor.model or "")
+            if price is not None:  # per million tokens = micro-units per token
+                pricing = (
+                    Fraction(price.prompt_per_million),
+                    Fraction(price.completion_per_million),
+                )
+        if len(self._pricing) >= _MAX_APPLICABLE:
+            self._pricing.clear()
+        self._pricing[key] = pricing
+        return pricing
+
     async def _admit(
         self, admission: _Admission, now_ms: int, request_id: str | None
     ) -> tuple[bool, tuple[DescriptorVerdict, ...]]:
@@ -417,14 +557,14 @@ class RateLimiter:
         if admission.admissions:
             result = await self._store.admit(admission.admissions, now_ms, request_id)
             admitted, outcomes = result.admitted, result.outcomes
-        return admitted, _verdicts(admission.spans, admission.admissions, outcomes)
+        return admitted, _verdicts(admission.spans, admission.admissions, outcomes, now_ms)
 
     async def _settle(
         self, settlement: _Settlement, now_ms: int, request_id: str | None
     ) -> tuple[tuple[ChargeReport, ...], tuple[tuple[str, str, int], ...]]:
         """Applies the charges and refunds (once per request id): (what was reported and how the
         store took it, the refunds applied)."""
-        if not settlement.shares:
+        if not settlement.shares and not settlement.reported:
             return (), ()
         status = (await self._store.charge(settlement.charges(), now_ms, request_id)).status
         refunded = settlement.refunds() if status is ChargeStatus.APPLIED else ()
@@ -432,7 +572,10 @@ class RateLimiter:
 
 
 def _verdicts(
-    spans: Sequence[Sequence[Limit]], admissions: Sequence[Admission], outcomes: Sequence[Outcome]
+    spans: Sequence[Sequence[Limit]],
+    admissions: Sequence[Admission],
+    outcomes: Sequence[Outcome],
+    now_ms: int,
 ) -> tuple[DescriptorVerdict, ...]:
     verdicts = []
     position = 0  # admissions and their outcomes are in the order of the descriptors' limits
@@ -447,13 +590,19 @@ def _verdicts(
             sufficient = outcome.sufficient
             if not sufficient and not limit.shadow:
                 over_limit = True
-            states.append(LimitState(limit, sufficient, outcome.level, admissions[position].need))
+            asked = admissions[position]
+            if limit.budget is None:
+                states.append(LimitState(limit, sufficient, outcome.level, asked.need))
+            else:
+                states.append(
+                    BudgetState(limit, sufficient, outcome.level, asked.need, now_ms, asked.at)
+                )
             position += 1
         verdicts.append(DescriptorVerdict(over_limit, _most_restrictive(states), tuple(states)))
     return tuple(verdicts)
 
 
-def _request_id(descriptors: Sequence[Descriptor]) -> str | None:
+def request_id_of(descriptors: Sequence[Descriptor]) -> str | None:
     """The call's request id: the first descriptor's that has one."""
     for descriptor in descriptors:
         request_id = descriptor.request_id
@@ -462,10 +611,10 @@ def _request_id(descriptors: Sequence[Descriptor]) -> str | None:
     return None
 
 
-def _reserved(limit: Limit, reservation: tuple[int, int]) -> int:
+def _reserved(limit: Limit, reservation: tuple[int, int], pricing: Pricing | None) -> int:
     """The weighted tokens a reservation takes from `limit` (the same on admission and on
     settlement), capped: a bucket at 1 stays above the debt floor after taking it."""
-    return min(limit.weigh(*reservation), DEBT_WINDOWS * limit.spec.limit)
+    return min(limit.weigh(*reservation, pricing), DEBT_WINDOWS * limit.spec.limit)
 
 
 def _most_restrictive(states: Sequence[LimitState]) -> LimitState | None:

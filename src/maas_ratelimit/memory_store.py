@@ -60,7 +60,7 @@ class MemoryBucketStore:
         admitted = True  # the rule of store.py: every enforced bucket must have its `need`
         for admission in admissions:
             entry = buckets.get(admission.key)
-            level = current_level(entry, admission.spec, now_ms)
+            level = current_level(entry, admission.spec, admission.at or now_ms)
             if level < admission.need and not admission.shadow:
                 admitted = False
             entries.append(entry)
@@ -72,8 +72,10 @@ class MemoryBucketStore:
             sufficient = before >= admission.need
             after = before - admission.take if admitted and sufficient else before
             outcomes.append(Outcome(sufficient, after))
-            updated = next_updated(entry, now_ms)
-            self._put(admission.key, admission.spec, after, updated, now_ms)
+            updated = next_updated(entry, admission.at or now_ms)
+            self._put(
+                admission.key, admission.spec, after, updated, now_ms, unit_ms=admission.unit_ms
+            )
         if request_id and not admitted:
             self._mark(request_id, "denied", now_ms)
         self._after_writes(now_ms, max(1, len(admissions)))
@@ -94,10 +96,11 @@ class MemoryBucketStore:
         for charge in charges:
             spec = charge.spec
             entry = buckets.get(charge.key)
-            level, updated = current_level(entry, spec, now_ms), next_updated(entry, now_ms)
+            at = charge.at or now_ms
+            level, updated = current_level(entry, spec, at), next_updated(entry, at)
             # a negative amount is a refund: never above the capacity, never below the floor
             level = min(spec.capacity, max(spec.floor, level - charge.amount))
-            self._put(charge.key, spec, level, updated, now_ms)
+            self._put(charge.key, spec, level, updated, now_ms, unit_ms=charge.unit_ms)
             levels.append(level)
         self._after_writes(now_ms, max(1, len(charges)))
         return ChargeResult(ChargeStatus.APPLIED, tuple(levels))
@@ -106,9 +109,13 @@ class MemoryBucketStore:
         self._buckets.clear()
         self._request_ids.clear()
 
-    def _put(self, key: str, spec: BucketSpec, level: int, updated: int, now_ms: int) -> None:
+    def _put(
+        self, key: str, spec: BucketSpec, level: int, updated: int, now_ms: int, *, unit_ms: int = 1
+    ) -> None:
         buckets = self._buckets
-        full_at = updated + ms_until_full(level, spec)
+        full_at = updated + ms_until_full(level, spec)  # in the bucket's units (store.py)
+        if unit_ms != 1:
+            full_at *= unit_ms
         if full_at <= now_ms:  # full already: the same as no bucket, so none is kept
             buckets.pop(key, None)
             return

@@ -162,7 +162,7 @@ class RedisBucketStore:
             keys.append(self.request_id_key(request_id))
         args: list[int] = [now_ms, len(admissions), self._request_id_ttl_ms]
         for a in admissions:
-            args += [a.spec.limit, a.spec.window_ms, a.need, a.take, int(a.shadow)]
+            args += [a.spec.limit, a.spec.window_ms, a.need, a.take, int(a.shadow), a.at, a.unit_ms]
         reply = await self._run(self._admit_script, keys, args)
         try:
             if len(reply) != 1 + 2 * len(admissions):
@@ -185,7 +185,7 @@ class RedisBucketStore:
             keys.append(self.request_id_key(request_id))
         args: list[int] = [now_ms, len(charges), self._request_id_ttl_ms]
         for c in charges:
-            args += [c.spec.limit, c.spec.window_ms, c.amount]
+            args += [c.spec.limit, c.spec.window_ms, c.amount, c.at, c.unit_ms]
         reply = await self._run(self._charge_script, keys, args)
         try:
             status = _CHARGE_STATUS[int(reply[0])]

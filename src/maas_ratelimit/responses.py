@@ -12,6 +12,7 @@ Besides the statuses Envoy reads, an answer carries:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -20,7 +21,7 @@ from envoy.service.ratelimit.v3.rls_pb2 import RateLimitResponse
 
 from maas_common.quota_headers import quota_header_triple, reset_text
 from maas_ratelimit.bucket import ceil_div
-from maas_ratelimit.limiter import DescriptorVerdict, LimitState, Verdict, less_room
+from maas_ratelimit.limiter import BudgetState, DescriptorVerdict, LimitState, Verdict, less_room
 from maas_ratelimit.limits import Limit
 
 OK = RateLimitResponse.OK
@@ -34,6 +35,7 @@ RateLimit = RateLimitResponse.RateLimit
 # each status. The cached messages are never modified.
 _RATE_LIMITS: dict[str, tuple[Limit, Any, bytes]] = {}
 _MAX_RATE_LIMITS = 4096
+_MAX_UINT32 = 2**32 - 1
 
 
 def _rate_limit(limit: Limit) -> tuple[Limit, Any, bytes]:  # Any: a RateLimitResponse.RateLimit
@@ -42,7 +44,7 @@ def _rate_limit(limit: Limit) -> tuple[Limit, Any, bytes]:  # Any: a RateLimitRe
         return cached
     message = RateLimit(
         name=limit.description,
-        requests_per_unit=limit.spec.limit,
+        requests_per_unit=min(limit.spec.limit, _MAX_UINT32),  # a budget's may be larger
         unit=RateLimit.Unit.Value(limit.unit),
     )
     if len(_RATE_LIMITS) >= _MAX_RATE_LIMITS:
@@ -66,9 +68,21 @@ def retry_after_seconds(state: LimitState) -> int:
 
 
 def error_body(state: LimitState) -> bytes:
-    """The OpenAI 429 shape: `type` says which kind of limit, `code` is rate_limit_exceeded."""
+    """The OpenAI 429 shape: `type` says which kind of limit, `code` is rate_limit_exceeded (or
+    budget_exceeded, naming the budget and when it resets)."""
     limit = state.limit
-    message = f"rate limit exceeded: {limit.description}; retry in {retry_after_seconds(state)}s"
+    wait = retry_after_seconds(state)
+    if limit.budget is not None:
+        message = f"budget exceeded: {limit.description}; resets in {wait}s"
+        error = {
+            "message": message,
+            "type": "budget",
+            "code": "budget_exceeded",
+            "budget": limit.name,
+            "resets_in_seconds": wait,
+        }
+        return json.dumps({"error": error}).encode()
+    message = f"rate limit exceeded: {limit.description}; retry in {wait}s"
     return json.dumps(
         {"error": {"message": message, "type": limit.kind, "code": "rate_limit_exceeded"}}
     ).encode()
@@ -82,7 +96,7 @@ def tightest(descriptors: tuple[DescriptorVerdict, ...]) -> tuple[LimitState | N
     for descriptor in descriptors:
         for state in descriptor.limits:
             limit = state.limit
-            if limit.shadow:
+            if limit.shadow or limit.budget is not None:  # budgets: in /v1/quota, not here
                 continue
             if limit.kind == "tokens":
                 if tokens is None or _tighter(state, tokens):
@@ -124,7 +138,40 @@ def limit_report(state: LimitState) -> dict[str, Any]:
         "shadow": limit.shadow,
         "would_allow": state.sufficient,
     }
+    budget = limit.budget
+    if budget is not None:
+        report.update(
+            {
+                "budget": True,
+                "unit": "cost" if budget.money else "tokens",
+                "limit": limit.amount_text(limit.spec.limit),
+                "remaining": limit.amount_text(state.remaining),
+                "per": budget.per,
+            }
+        )
+        report.update(_budget_span(state))
     return report
+
+
+def _budget_span(state: LimitState) -> dict[str, Any]:
+    """A budget's window: a calendar period (with its bounds) or a rolling window."""
+    budget = state.limit.budget
+    assert budget is not None
+    if budget.period is None:
+        return {"window_seconds": budget.window_ms / 1000}
+    now_ms = state.now_ms if isinstance(state, BudgetState) else 0
+    name, start, end = budget.current(now_ms)
+    return {
+        "period": budget.period,
+        "period_id": name,
+        "timezone": budget.timezone,
+        "window_seconds": (end - start) / 1000,
+        "resets_at": _iso(end),
+    }
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def peek_metadata(verdict: Verdict) -> dict[str, Any]:
@@ -173,7 +220,7 @@ def build(verdict: Verdict, *, peek: bool = False) -> RateLimitResponse:
             response.dynamic_metadata.update(
                 {
                     "limit": binding.limit.name,
-                    "unit": binding.limit.kind,
+                    "unit": "budget" if binding.limit.budget else binding.limit.kind,
                     "retry_after_seconds": retry_after_seconds(binding),
                 }
             )

@@ -25,9 +25,10 @@ from maas_common.logs import LogThrottle
 from maas_common.server import register_serialized_unary
 from maas_ratelimit import responses
 from maas_ratelimit.descriptors import CHARGE, Descriptor, effective_hits
-from maas_ratelimit.limiter import RateLimiter, UnknownDomain, Verdict
+from maas_ratelimit.limiter import RateLimiter, UnknownDomain, Verdict, request_id_of
 from maas_ratelimit.metrics import RateLimitMetrics, WireLabels
 from maas_ratelimit.store import ChargeStatus
+from maas_ratelimit.usage_ledger import UsageLedger
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
@@ -61,8 +62,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         *,
         failure_mode: FailureMode,
         clock: Clock | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
         self._limiter = limiter
+        self._ledger = ledger
+        self._clock = clock or SystemClock()
         self._metrics = metrics
         self._failure_mode = failure_mode
         self._failure_log = LogThrottle(clock or SystemClock(), seconds=5.0)
@@ -100,6 +104,16 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 self._metrics.answers.inc("peek")
                 return responses.encode(verdict, peek=True)
             self._record(verdict)
+            charges = verdict.charges
+            # charged once per request id (the store said so): on the ledger's journal before
+            # the answer goes back
+            if self._ledger is not None and charges and charges[0].status is ChargeStatus.APPLIED:
+                self._ledger.record(
+                    descriptors,
+                    charges,
+                    request_id_of(descriptors),
+                    round(self._clock.wall() * 1000),
+                )
             return responses.encode(verdict)
         except UnknownDomain as exc:
             self._metrics.answers.inc("error")

@@ -4,6 +4,10 @@ Two operations, each atomic over all the buckets it names:
 - admit: every bucket must have its `need`; if every enforced one does, each bucket that has it
   gives up its `take`; if any enforced one does not, nothing at all is taken (all-or-nothing).
   Shadow buckets are evaluated and reported but never refuse.
+- Every bucket keeps time in its own clock when it says so (`at`, `unit_ms`): by default the
+  call's now in milliseconds; a budget's calendar bucket is frozen at its period's end (`at`: it
+  never refills, and expires when the period is over), a long rolling budget counts in seconds
+  or minutes (`unit_ms`) so that its level stays exact.
 - charge: post-paid usage. Never refused, may drive a bucket into debt (down to the spec's floor,
   DEBT_WINDOWS windows' worth), and applied at most once
   per request id; a request id that was refused at admission is never charged. A negative
@@ -31,6 +35,8 @@ class Admission:
     need: int  # scaled level the bucket must have (requests: hits x window; tokens: 1)
     take: int  # scaled amount removed when admitted (tokens limits: the reservation, or 0)
     shadow: bool = False
+    at: int = 0  # the bucket's time, in its units (0: the call's now_ms)
+    unit_ms: int = 1  # milliseconds per unit of the bucket's time
 
 
 @dataclass(slots=True)
@@ -50,6 +56,8 @@ class Charge:
     key: str
     spec: BucketSpec
     amount: int  # scaled amount removed, unconditionally (negative: added, up to the capacity)
+    at: int = 0  # as Admission
+    unit_ms: int = 1
 
 
 class ChargeStatus(enum.Enum):

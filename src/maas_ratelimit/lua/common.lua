@@ -91,9 +91,18 @@ local function next_updated(state, now)
   return math.max(state[2], now)
 end
 
--- MemoryBucketStore._write: the state at `updated`, expiring when the bucket is full again
-local function write(key, limit, window, level, updated, now)
+-- MemoryBucketStore._put: the state at `updated` (in the bucket's units of `unit` ms), expiring
+-- when the bucket is full again (a frozen calendar bucket: when its period is over)
+local function write(key, limit, window, level, updated, now, unit)
   local until_full = math.max(0, ceildiv(limit * window - level, limit))
   redis.call('HSET', key, 'v', fmt(level), 't', fmt(updated), 's', fmt(window))
-  redis.call('PEXPIRE', key, fmt(math.max(1, until_full + (updated - now))))
+  redis.call('PEXPIRE', key, fmt(math.max(1, (updated + until_full) * unit - now)))
+end
+
+-- a bucket's own time (store.py): `at` in its units, or the call's now
+local function clock(at, now)
+  if at > 0 then
+    return at
+  end
+  return now
 end

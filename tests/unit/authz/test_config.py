@@ -97,7 +97,7 @@ def test_unknown_identity_source() -> None:
             {"serverr": {}},
             "authz.yaml: serverr: unknown key "
             "(expected one of: access, admin, api_keys, authorization, identity, kubernetes, "
-            "models, quota, ratelimit, response, server, subscriptions, tiers)",
+            "models, quota, ratelimit, response, server, subscriptions, tiers, usage)",
         ),
         (
             {"identity": {"cach": {}}},

@@ -113,7 +113,7 @@ def test_redis_store_without_a_redis_section() -> None:
     [
         (
             {"limit": {}},
-            "ratelimit.yaml: limit: unknown key (expected one of: limits, server, store)",
+            "ratelimit.yaml: limit: unknown key (expected one of: ledger, limits, server, store)",
         ),
         (
             {"store": {"typ": "redis"}},

@@ -398,7 +398,7 @@ def test_counter_keys_of_different_limits_never_collide() -> None:
         ),
         (
             "domian: maas\n" + one_limit(),
-            "limits.yaml: domian: unknown key (expected one of: domain, limits)",
+            "limits.yaml: domian: unknown key (expected one of: budgets, domain, limits, prices)",
         ),
         (
             one_limit().replace("kind: requests", "kind: bytes"),

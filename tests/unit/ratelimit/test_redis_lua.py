@@ -102,8 +102,8 @@ def test_admit_runs_in_a_strict_environment_and_takes_from_every_bucket(luajit: 
         luajit,
         f"""
 local reply = run({long_string(redis_scripts.ADMIT)}, {{'a', 'b', 'rid'}},
-  {{'1000', '2', '600000', '5', '120000', '1', '120000', '0',
-                           '5', '120000', '1', '120000', '1'}})
+  {{'1000', '2', '600000', '5', '120000', '1', '120000', '0', '0', '1',
+                           '5', '120000', '1', '120000', '1', '0', '1'}})
 out(unpack(reply))
 out(store.a.v, store.a.t, store.a.s)
 """,
@@ -121,7 +121,7 @@ def test_a_refused_admission_takes_nothing_and_marks_the_request_denied(luajit: 
         f"""
 store.a = {{v = '0', t = '1000', s = '120000'}}
 local reply = run({long_string(redis_scripts.ADMIT)}, {{'a', 'rid'}},
-  {{'1000', '1', '600000', '5', '120000', '1', '120000', '0'}})
+  {{'1000', '1', '600000', '5', '120000', '1', '120000', '0', '0', '1'}})
 out(unpack(reply))
 out(store.rid)
 """,
@@ -134,13 +134,13 @@ def test_charge_runs_in_a_strict_environment_once_per_request_id(luajit: str) ->
         luajit,
         f"""
 local script = {long_string(redis_scripts.CHARGE)}
-local argv = {{'1000', '1', '600000', '100', '60000', '50'}}
+local argv = {{'1000', '1', '600000', '100', '60000', '50', '0', '1'}}
 out(unpack(run(script, {{'t', 'rid'}}, argv)))
 out(unpack(run(script, {{'t', 'rid'}}, argv)))
 store.rid2 = 'denied'
 out(unpack(run(script, {{'t', 'rid2'}}, argv)))
 -- an absurd charge stops at the debt floor
-out(unpack(run(script, {{'t'}}, {{'1000', '1', '600000', '100', '60000', '1e15'}})))
+out(unpack(run(script, {{'t'}}, {{'1000', '1', '600000', '100', '60000', '1e15', '0', '1'}})))
 """,
     )
     floor = -DEBT_WINDOWS * 100 * 60000
@@ -153,7 +153,8 @@ def test_a_corrupt_bucket_is_an_error_reply_and_nothing_is_written(luajit: str) 
         f"""
 store.a = {{v = 'x', t = '1', s = '1'}}
 local reply = run({long_string(redis_scripts.ADMIT)}, {{'a', 'b'}},
-  {{'1000', '2', '600000', '5', '120000', '1', '1', '0', '5', '120000', '1', '1', '0'}})
+  {{'1000', '2', '600000', '5', '120000', '1', '1', '0', '0', '1',
+                           '5', '120000', '1', '1', '0', '0', '1'}})
 out(reply.err, store.b == nil)
 """,
     )

@@ -475,3 +475,57 @@ async def test_random_operations_give_identical_results(
             assert a == b, f"step {step}"
     finally:
         await redis_store.close()
+
+
+# --- a bucket's own clock (budgets) -----------------------------------------------------------
+
+BUDGET = BucketSpec(limit=1000, window_ms=1)  # a calendar budget: 1000 units, level unscaled
+PERIOD_END = T0 + 3_600_000
+
+
+@pytest.mark.asyncio
+async def test_a_bucket_frozen_at_its_period_end_never_refills(store: BucketStore) -> None:
+    take = Admission("b", BUDGET, need=1, take=600, at=PERIOD_END)
+    assert await store.admit([take], T0, None) == AdmitResult(True, (Outcome(True, 400),))
+    # later in the period: no refill at all (an ordinary bucket of this spec refills 1000/ms)
+    later = Admission("b", BUDGET, need=1, take=600, at=PERIOD_END)
+    result = await store.admit([later], T0 + 1_000_000, None)
+    assert result == AdmitResult(True, (Outcome(True, -200),))  # admitted on credit, into debt
+    assert (await store.admit([later], T0 + 2_000_000, None)).admitted is False
+    # settlement in the same clock: a refund of the unused reservation
+    result_charge = await store.charge(
+        [Charge("b", BUDGET, -300, at=PERIOD_END)], T0 + 2_500_000, "r1"
+    )
+    assert result_charge == ChargeResult(ChargeStatus.APPLIED, (100,))
+    # an ordinary read of the same key at a later "now" would refill; the frozen one does not
+    check = Admission("b", BUDGET, need=0, take=0, at=PERIOD_END)
+    assert (await store.admit([check], T0 + 3_000_000, None)).outcomes[0].level == 100
+
+
+@pytest.mark.asyncio
+async def test_a_frozen_bucket_is_kept_until_its_period_ends(store: BucketStore) -> None:
+    await store.admit([Admission("b", BUDGET, need=1, take=10, at=PERIOD_END)], T0, None)
+    if isinstance(store, RedisBucketStore):
+        ttl_ms = await store.client.pttl(store.bucket_key("b"))
+        assert 3_600_000 - 60_000 < ttl_ms <= 3_600_000 + 1_000  # until the period's end
+    else:
+        assert isinstance(store, MemoryBucketStore)
+        store._sweep(PERIOD_END - 1, 100)
+        assert len(store) == 1
+        store._sweep(PERIOD_END + 10, 100)
+        assert len(store) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_bucket_on_a_clock_of_minutes_refills_per_minute(store: BucketStore) -> None:
+    # 1000 per 60 minutes, on a clock of minutes: level scaled by 60, refill 1000 per minute
+    spec = BucketSpec(limit=1000, window_ms=60)
+    minute = 60_000
+    take = Admission("r", spec, need=1, take=1000 * 60, at=T0 // minute, unit_ms=minute)
+    assert (await store.admit([take], T0, None)).outcomes[0].level == 0
+    half_hour = (T0 + 30 * minute) // minute
+    check = Admission("r", spec, need=0, take=0, at=half_hour, unit_ms=minute)
+    assert (await store.admit([check], T0 + 30 * minute, None)).outcomes[0].level == 30 * 1000
+    if isinstance(store, RedisBucketStore):  # full again after the other 30 minutes
+        ttl_ms = await store.client.pttl(store.bucket_key("r"))
+        assert 29 * minute < ttl_ms <= 31 * minute

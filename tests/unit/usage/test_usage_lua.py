@@ -63,7 +63,7 @@ JSON_HEADERS = {
 SSE_RESPONSE = {":status": "200", "content-type": "text/event-stream; charset=utf-8"}
 JSON_RESPONSE = {":status": "200", "content-type": "application/json"}
 CHARGED_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "charge_prompt",
-                "charge_completion"}  # fmt: skip
+                "charge_completion", "status", "streamed"}  # fmt: skip
 
 
 # --- running LuaJIT -----------------------------------------------------------------------------
@@ -796,8 +796,10 @@ def full_exchange(
     """
 
 
-def charged(prompt: int, completion: int) -> dict[str, object]:
+def charged(prompt: int, completion: int, *, streamed: bool = False) -> dict[str, object]:
     return {
+        "status": "200",  # status and streamed: for the usage ledger's record
+        "streamed": "true" if streamed else "false",
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
@@ -813,7 +815,7 @@ def test_an_injected_stream_loses_its_usage_event_and_is_charged(lua: Any) -> No
     assert result["metadata"] == {
         "injected": "true",
         **reserved(body(CHAT_REQUEST)),
-        **charged(16, 3),
+        **charged(16, 3, streamed=True),
     }
 
 
@@ -839,7 +841,7 @@ def test_a_stream_that_asked_for_usage_keeps_it(lua: Any) -> None:
     request = body({**CHAT_REQUEST, "stream_options": {"include_usage": True}})
     result = lua(full_exchange(request, SSE_RESPONSE, [STREAM]))
     assert raw(result["body"]) == STREAM
-    assert result["metadata"] == {**reserved(request), **charged(16, 3)}
+    assert result["metadata"] == {**reserved(request), **charged(16, 3, streamed=True)}
 
 
 def test_a_json_response_is_charged_and_passed_on(lua: Any) -> None:
@@ -908,7 +910,7 @@ def test_usage_headers_on_an_injected_stream_still_remove_the_event(lua: Any) ->
     assert result["metadata"] == {
         "injected": "true",
         **reserved(body(CHAT_REQUEST)),
-        **charged(100, 20),
+        **charged(100, 20, streamed=True),
     }
 
 
