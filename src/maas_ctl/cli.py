@@ -7,6 +7,8 @@
                        [--model M] [--user U] [--limit N] [--follow]
     maas-ctl policy show | policy get PART | policy apply PART FILE [--dry-run]
     maas-ctl purge [--user U]
+    maas-ctl usage [--user U] [--subscription S] [--tier T] [--model M] [--month YYYY-MM |
+                   --since T --until T] [--tz ZONE] [--group-by day,model,...] [--csv | --records]
     maas-ctl whoami
 
 Every command takes --json (the API's answer as is). The admin API's address comes from --url
@@ -57,6 +59,18 @@ class Client:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            raise _failure(error) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise Failure(UNAVAILABLE, f"cannot reach {self.url}: {reason}") from None
+
+    def text(self, path: str) -> str:
+        """A GET whose answer is text (CSV)."""
+        request = self._request("GET", path, None, "")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                return str(response.read().decode())
         except urllib.error.HTTPError as error:
             raise _failure(error) from None
         except (urllib.error.URLError, OSError) as error:
@@ -297,6 +311,47 @@ def cmd_purge(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return OK
 
 
+_TOTALS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost")
+_FILTERS = ("user", "subscription", "tier", "model", "key_id", "organization_id", "cost_center")
+
+
+def cmd_usage(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    params: dict[str, str | int | None] = {name: getattr(args, name) for name in _FILTERS}
+    params.update(month=args.month, since=args.since, until=args.until, tz=args.tz)
+    if args.records:
+        if args.csv:
+            out.write(client.text(f"/admin/v1/usage/records{_query(**params, format='csv')}"))
+            return OK
+        answer = client.call("GET", f"/admin/v1/usage/records{_query(**params, limit=1000)}")
+        if args.json:
+            out.write(json.dumps(answer, indent=2) + "\n")
+            return OK
+        columns = ["request_id", "user", "model", "total_tokens", "cost", "status"]
+        _table([[r[c] for c in columns] for r in answer["records"]], [c.upper() for c in columns],
+               out)  # fmt: skip
+        if answer["next"]:
+            out.write("(more: use --csv for every record)\n")
+        return OK
+    params["group_by"] = args.group_by
+    if args.csv:
+        out.write(client.text(f"/admin/v1/usage{_query(**params, format='csv')}"))
+        return OK
+    answer = client.call("GET", f"/admin/v1/usage{_query(**params)}")
+    if args.json:
+        out.write(json.dumps(answer, indent=2) + "\n")
+        return OK
+    groups = answer.get("group_by", [])
+    if groups:
+        rows = [[g[k] for k in (*groups, *_TOTALS)] for g in answer["groups"]]
+        _table(rows, [k.upper() for k in (*groups, *_TOTALS)], out)
+    out.write(
+        "total: "
+        + ", ".join(f"{answer[k]} {k.replace('_', ' ')}" for k in _TOTALS[:4])
+        + f", cost {answer['cost']}\n"
+    )
+    return OK
+
+
 # --- the command line -----------------------------------------------------------------------------
 
 
@@ -370,7 +425,25 @@ def parser() -> argparse.ArgumentParser:
     purge = commands.add_parser("purge", help="drop cached credentials and decisions")
     purge.add_argument("--user", help="only this user's (default: all)")
     purge.set_defaults(run=cmd_purge)
+
+    _usage_parser(commands)
     return top
+
+
+def _usage_parser(commands: Any) -> None:  # Any: argparse's private _SubParsersAction
+    usage = commands.add_parser("usage", help="the usage ledger: totals, by day, records, CSV")
+    for name in _FILTERS:
+        usage.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    when = usage.add_mutually_exclusive_group()
+    when.add_argument("--month", help="YYYY-MM (in --tz)")
+    when.add_argument("--since", help="2026-12-01, 2026-12-01T00:00:00Z or epoch ms")
+    usage.add_argument("--until", help="as --since; exclusive")
+    usage.add_argument("--tz", help="the time zone of dates, months and days (default: server's)")
+    usage.add_argument("--group-by", help="comma-separated: day, user, model, tier, subscription, "
+                       "organization_id, cost_center, key_id")  # fmt: skip
+    usage.add_argument("--csv", action="store_true", help="CSV (of the groups, or --records)")
+    usage.add_argument("--records", action="store_true", help="the records themselves")
+    usage.set_defaults(run=cmd_usage)
 
 
 def _usage_error(message: str) -> NoReturn:

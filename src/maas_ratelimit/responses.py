@@ -144,11 +144,12 @@ def limit_report(state: LimitState) -> dict[str, Any]:
             {
                 "budget": True,
                 "unit": "cost" if budget.money else "tokens",
-                "limit": limit.amount_text(limit.spec.limit),
-                "remaining": limit.amount_text(state.remaining),
                 "per": budget.per,
             }
         )
+        if budget.money:  # currency, as decimal text (exact)
+            report["limit"] = limit.amount_text(limit.spec.limit)
+            report["remaining"] = limit.amount_text(state.remaining)
         report.update(_budget_span(state))
     return report
 

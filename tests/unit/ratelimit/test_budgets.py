@@ -98,7 +98,7 @@ async def request(
                 charge="completion_tokens",
                 hits=used[1],
                 **kw,
-            ),  # fmt: skip
+            ),
         ],
     )
     return True
@@ -159,10 +159,12 @@ async def test_a_cost_budget_counts_money_at_the_models_price_and_the_billing_ra
     clock = ManualClock(wall=NOON)
     rl = limiter(clock)
     # llm/big: 2 per million prompt, 8 per million completion tokens: 1000 + 1000 cost 0.01
-    assert await request(rl, "a", used=(500, 500), reserve=(500, 500), tier="premium",
-                         model="llm/big")  # fmt: skip
-    state = budget_state(await rl.decide("maas", [desc("premium", model="llm/big", hits=0)]),
-                         "premium-cost")  # fmt: skip
+    assert await request(
+        rl, "a", used=(500, 500), reserve=(500, 500), tier="premium", model="llm/big"
+    )
+    state = budget_state(
+        await rl.decide("maas", [desc("premium", model="llm/big", hits=0)]), "premium-cost"
+    )
     assert state.remaining == 10_000 - (500 * 2 + 500 * 8)  # micro-units: 0.005 left
     report = responses.limit_report(state)
     assert report["unit"] == "cost" and report["limit"] == "0.01"
@@ -206,16 +208,16 @@ def test_budget_config_errors_name_the_key() -> None:
         (
             "{name: b, tier: t, kind: cost, limit: 5, period: day, timezone: Mars/Base}",
             "unknown time zone",
-        ),  # fmt: skip
+        ),
         (
             "{name: b, tier: t, per: subscription, kind: cost, limit: 5, period: day}",
             "per: subscription needs subscription",
-        ),  # fmt: skip
+        ),
         ("{name: free-tokens, tier: t, kind: cost, limit: 5, period: day}", "already a limit"),
         (
             "{name: b, tier: t, kind: tokens, limit: 100000000000000000, window: 30d}",
             "too large",
-        ),  # fmt: skip
+        ),
     ]
     for item, expected in bad:
         text = (
