@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -61,9 +64,11 @@ from maas_demo.stack import gateway_config as stack_gateway_config
 
 SCENARIO_NOOP = "E2E, Envoy + do-nothing servers"
 SCENARIO_FULL = "E2E, Envoy + maas-authz + maas-ratelimit"
+SCENARIO_LEDGER = "E2E, the same stack + the usage ledger (SQLite)"
 PLAIN = "plain Envoy"
 NOOP = "Envoy + do-nothing servers"
 FULL = "Envoy + maas-authz + maas-ratelimit"
+LEDGER = "the same + usage ledger"
 
 SATURATION_CLIENTS = 8  # connections, one request in flight on each
 PACED_RPS_PER_CLIENT = 50.0  # at most, so that a slow answer seldom delays the next paced one
@@ -326,7 +331,43 @@ def _layers(ctx: Context) -> list[Layer]:
     ratelimit = start_ratelimit(ctx, "maas-ratelimit", "memory")
     full = _gateway(ctx, FULL, "envoy-full", up_port, authz=authz, ratelimit=ratelimit)
     full.verify += [authz.verify, ratelimit.verify, _charged(ratelimit.http_port)]
-    return [plain, noop_layer, full]
+
+    # the same stack with the usage ledger: every charged response journaled and written to
+    # SQLite (the embedded default) in batches, off the request path
+    ledger_file = ctx.path("ratelimit/ledger.db")
+    ledger_authz = start_authz(ctx, "maas-authz (ledger)", str(DEMO_CONFIG / "authz.yaml"))
+    ledger_ratelimit = start_ratelimit(
+        ctx, "maas-ratelimit (ledger)", "memory", ledger=f"sqlite:///{ledger_file}"
+    )
+    with_ledger = _gateway(
+        ctx, LEDGER, "envoy-ledger", up_port, authz=ledger_authz, ratelimit=ledger_ratelimit
+    )
+    with_ledger.verify += [
+        ledger_authz.verify,
+        ledger_ratelimit.verify,
+        _charged(ledger_ratelimit.http_port),
+        _recorded(ledger_ratelimit.http_port, ledger_file),
+    ]
+    return [plain, noop_layer, full, with_ledger]
+
+
+def _recorded(http_port: int, database: Path) -> Callable[[int], str | None]:
+    """The ledger holds a record for every charged response, once the journal is shipped."""
+
+    def verify(sent: int) -> str | None:
+        deadline = time.monotonic() + 30
+        while metric_total(http_port, "maas_ratelimit_ledger_pending_records") and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        charged = metric_total(http_port, "maas_ratelimit_usage_responses_total", outcome="charged")
+        with sqlite3.connect(database) as connection:
+            (rows,) = connection.execute("SELECT count(*) FROM usage_records").fetchone()
+        if rows != charged:
+            return f"the ledger holds {rows} records for {charged:g} charged responses"
+        return None
+
+    return verify
 
 
 def _gateway(
@@ -382,7 +423,7 @@ def end_to_end(ctx: Context) -> list[Figure]:
                     raise RuntimeError(
                         f"end to end: {layer.name} did not work as expected: {problem}"
                     )
-    plain, noop, full = (layer.runs for layer in layers)
+    plain, noop, full, ledger = (layer.runs for layer in layers)
     timeouts = f"do-nothing {layers[1].rls_errors}, ours {layers[2].rls_errors}"
     for layer in layers:
         r = layer.runs
@@ -392,7 +433,7 @@ def end_to_end(ctx: Context) -> list[Figure]:
             f"({parts}); at {rate:g}/s p50 {r.p50():.2f} ms, p99 {r.p99():.2f} ms"
         )
     at = f"at {rate:g}/s"
-    loadgen = max(r.loadgen() for r in (plain, noop, full))
+    loadgen = max(r.loadgen() for r in (plain, noop, full, ledger))
     note_load = (
         f"h2load --h1, {SATURATION_CLIENTS} connections, one request in flight on each; it used "
         f"at most {loadgen:.0%} of a core"
@@ -423,4 +464,9 @@ def end_to_end(ctx: Context) -> list[Figure]:
                noop.p99() - plain.p99(), f"{NOOP}, added", Floor("<=", 1.3)),
         Figure(SCENARIO_FULL, "CPU per request, request path", "µs", full.cpu(), noop.cpu(),
                NOOP),
+        Figure(SCENARIO_LEDGER, "throughput at saturation", "req/s", ledger.rps(), full.rps(),
+               FULL, Floor(">=", 0.9), note="the ledger's cost on the hot path (issue 18)"),
+        Figure(SCENARIO_LEDGER, f"p99 {at}", "ms", ledger.p99(), full.p99(), FULL),
+        Figure(SCENARIO_LEDGER, "CPU per request, request path", "µs", ledger.cpu(), full.cpu(),
+               FULL),
     ]  # fmt: skip

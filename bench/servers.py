@@ -256,9 +256,11 @@ limits:
 """
 
 
-def start_ratelimit(ctx: Context, name: str, store: str, limits: str = BENCH_LIMITS) -> Side:
+def start_ratelimit(
+    ctx: Context, name: str, store: str, limits: str = BENCH_LIMITS, *, ledger: str | None = None
+) -> Side:
     """maas-ratelimit on free ports with the limits file `limits` (default BENCH_LIMITS) and
-    `store` (`memory` or a Redis URL)."""
+    `store` (`memory` or a Redis URL); with `ledger` (a URL), the usage ledger too."""
     limits_file = ctx.path(f"ratelimit/{name}.limits.yaml")
     limits_file.write_text(limits)
     store_yaml = (
@@ -268,7 +270,13 @@ def start_ratelimit(ctx: Context, name: str, store: str, limits: str = BENCH_LIM
     )
     config = ctx.path(f"ratelimit/{name}.yaml")
     # a JSON string is a YAML string: the file name may hold spaces and parentheses
-    config.write_text(f"limits:\n  file: {json.dumps(str(limits_file))}\n{store_yaml}")
+    ledger_yaml = ""
+    if ledger is not None:
+        journal = ctx.path(f"ratelimit/{name}.journal")
+        ledger_yaml = (
+            f"ledger:\n  url: {json.dumps(ledger)}\n  spool_dir: {json.dumps(str(journal))}\n"
+        )
+    config.write_text(f"limits:\n  file: {json.dumps(str(limits_file))}\n{store_yaml}{ledger_yaml}")
     grpc_port, http_port = free_port(), free_port()
     argv = [PYTHON, "-m", "maas_ratelimit", "--config", str(config), *_addrs(grpc_port, http_port)]
     service = ctx.service(

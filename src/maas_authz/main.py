@@ -25,6 +25,8 @@ EXTRA_FLAGS = {
     "workers": ("--workers", "processes sharing the gRPC port; 1 = this process serves"),
     "admin_api_addr": ("--admin-api-addr", "HOST:PORT of the operator API and console, or off"),
     "ratelimit.target": ("--ratelimit-target", "maas-ratelimit's gRPC HOST:PORT, for quota"),
+    "usage.url": ("--usage-url", "the usage ledger to read: sqlite:///FILE or postgresql://..."),
+    "usage.password_file": ("--usage-password-file", "the ledger database's password, a file"),
 }
 
 

