@@ -19,20 +19,13 @@ import asyncpg
 
 from maas_authz.api_keys import ApiKeyRecord
 from maas_common.errors import BackendUnavailable
+from maas_common.postgres import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
 _QUERY = (
     "SELECT id, username, name, user_groups, subscription, status, expires_at "
     "FROM api_keys WHERE key_hash = $1 AND tenant = $2"
-)
-# connection-level failures (the server gone, the network, too many clients)
-_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.CannotConnectNowError,
 )
 
 
@@ -89,7 +82,7 @@ class PostgresApiKeys:
             raise BackendUnavailable(
                 "postgresql", "timeout", f"api_keys lookup took longer than {self._timeout}s"
             ) from None
-        except _DOWN as exc:
+        except CONNECTION_ERRORS as exc:
             outcome = "connect"
             raise BackendUnavailable(
                 "postgresql", "connect", f"api_keys lookup: {type(exc).__name__}: {exc}"

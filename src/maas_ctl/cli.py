@@ -55,22 +55,17 @@ class Client:
     def call(
         self, method: str, path: str, *, body: bytes | None = None, content_type: str = ""
     ) -> Any:
-        request = self._request(method, path, body, content_type)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            raise _failure(error) from None
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise Failure(UNAVAILABLE, f"cannot reach {self.url}: {reason}") from None
+        return json.loads(self._read(self._request(method, path, body, content_type)) or b"null")
 
     def text(self, path: str) -> str:
         """A GET whose answer is text (CSV)."""
-        request = self._request("GET", path, None, "")
+        return self._read(self._request("GET", path, None, "")).decode()
+
+    def _read(self, request: urllib.request.Request) -> bytes:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
-                return str(response.read().decode())
+                body: bytes = response.read()
+                return body
         except urllib.error.HTTPError as error:
             raise _failure(error) from None
         except (urllib.error.URLError, OSError) as error:

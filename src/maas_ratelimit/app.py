@@ -53,7 +53,15 @@ def check_config(config: RateLimitConfig, base_dir: Path) -> str:
     watched = limits_file(config, base_dir)
     table = watched.load() if watched else parse_limits(DEFAULT_LIMITS, "built-in limits")
     lines = [f"domain: {table.domain}"]
-    lines += [f"limit {limit.name}: {limit.description}" for limit in table.limits]
+    lines += [
+        f"{'budget' if limit.budget else 'limit'} {limit.name}: {limit.description}"
+        for limit in (*table.limits, *table.subscription_budgets)
+    ]
+    lines += [
+        f"price {model}: {price.prompt_per_million} prompt, {price.completion_per_million} "
+        "completion per million tokens"
+        for model, price in table.prices
+    ]
     build_store(config)  # checks what can be checked without connecting (the URL)
     lines.append(f"store: {config.store.type} (failure mode {config.store.failure_mode})")
     if config.ledger is not None:

@@ -100,7 +100,13 @@ def test_quota_is_authenticated_and_authorized_like_a_model_request(
     body = subscribed.json()
     assert isinstance(body, dict)
     assert body["subscription"] == "models-as-a-service/demo-small"
-    assert [(x["unit"], x["limit"]) for x in body["limits"]] == [("tokens", 10)]
+    limits = body["limits"]
+    assert [(x["unit"], x["limit"]) for x in limits if not x.get("budget")] == [("tokens", 10)]
+    # and the demo's budget of every subscription, in money
+    budget = next(x for x in limits if x.get("budget"))
+    assert (budget["name"], budget["unit"], budget["limit"]) == (
+        "subscription-monthly-cost", "cost", "0.05"
+    )  # fmt: skip
 
 
 def test_a_429_is_in_the_decisions_with_its_limit_and_quota_for_that_user(

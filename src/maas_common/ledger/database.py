@@ -24,21 +24,12 @@ import asyncpg
 from maas_common.errors import BackendUnavailable
 from maas_common.ledger.queries import SELECT_COLUMNS, Summary, UsageQuery, fold
 from maas_common.ledger.records import COLUMNS, UsageRecord
+from maas_common.postgres import CONNECTION_ERRORS
 
 T = TypeVar("T")
 _INSERT_COLUMNS = SELECT_COLUMNS
-# asyncpg's connection-level failures: the server gone, the network, too many clients
-_PG_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.UndefinedTableError,  # not migrated yet: the writer will
-)
+# the database unavailable, a timeout, or the schema not there yet (the writer migrates)
+_PG_DOWN = (*CONNECTION_ERRORS, TimeoutError, asyncpg.exceptions.UndefinedTableError)
 
 
 def migrations(engine: str) -> list[tuple[int, str, str]]:

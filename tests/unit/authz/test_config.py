@@ -250,8 +250,9 @@ def test_check_config_on_the_demo_config() -> None:
     config = validate(AuthzConfig, read_yaml(DEMO_CONFIG), str(DEMO_CONFIG))
     summary = check_config(config, DEMO_CONFIG.parent)
     lines = summary.splitlines()
-    assert lines[0] == "tiers: free, premium, enterprise"
-    assert "identity: static, 5 key(s) from " in summary
+    assert lines[0] == "tiers: free, premium, trial, enterprise"
+    assert "identity: static, 6 key(s) from " in summary
+    assert "usage ledger: sqlite (read by the operator API)" in lines
     assert str(DEMO_CONFIG.parent / "keys.yaml") in summary
     assert "access: static" in lines
     assert lines[-1] == "configuration OK"

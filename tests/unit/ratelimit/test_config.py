@@ -165,7 +165,15 @@ def test_check_config_on_the_demo_config() -> None:
     assert summary.splitlines() == [
         "domain: maas",
         *DEFAULT_SUMMARY_LIMITS,
+        "limit trial-requests: trial tier: 20 requests per 2m",
+        "limit trial-tokens: trial tier: 10000 tokens per 1m",
+        "budget trial-monthly: trial tier: budget trial-monthly, 200 tokens per month (UTC) per "
+        "user",
+        "budget subscription-monthly-cost: every subscription: budget subscription-monthly-cost, "
+        "cost 0.05 per month (UTC) per user",
+        "price llm/tiny: 0.5 prompt, 1.5 completion per million tokens",
         "store: memory (failure mode open)",
+        f"ledger: sqlite, journal {Path('../ledger-journal')}",
         "configuration OK",
     ]
 
