@@ -83,6 +83,22 @@ def test_the_demo_records_three_chats_and_their_tokens(gateway: Gateway) -> None
     assert f"{sum(reported)} total tokens" in printed
 
 
+def test_a_streamed_answer_is_recorded_as_streamed_with_its_usage(gateway: Gateway) -> None:
+    answer = gateway.request(CHAT, "sk-demo-premium", {**BODY, "stream": True})
+    assert answer.status == 200 and b"data: [DONE]" in answer.body
+    assert b'"usage"' not in answer.body  # the client did not ask for it: the gateway did
+
+    def records() -> list[dict[str, object]]:
+        found = admin_get(gateway.stack, "/admin/v1/usage/records?user=demo-premium")
+        assert isinstance(found, dict)
+        return list(found["records"])
+
+    assert wait_for(lambda: len(records()) == 1, 10)
+    (record,) = records()
+    assert record["streamed"] is True and record["status"] == 200
+    assert record["completion_tokens"] > 0 and record["tier"] == "premium"  # type: ignore[operator]
+
+
 def test_the_trial_key_runs_into_its_monthly_budget(gateway: Gateway) -> None:
     statuses = []
     for _ in range(12):

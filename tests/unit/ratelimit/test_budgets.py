@@ -244,3 +244,23 @@ def test_calendar_periods_follow_the_time_zone() -> None:
     _, start, end = calendar_period("day", berlin, spring)
     assert end - start == 23 * 3_600_000
     assert calendar_period("week", dt.UTC, now)[0] == "2026-W49"
+
+
+@pytest.mark.asyncio
+async def test_with_a_ledger_usage_is_settled_once_even_where_no_tokens_limit_applies() -> None:
+    table = parse_limits(
+        "limits:\n  - {name: r, tier: plain, kind: requests, limit: 100, window: 1m}\n", "x"
+    )
+    store = MemoryBucketStore()
+    clock = ManualClock(wall=NOON)
+    plain = RateLimiter(limits=lambda: table, store=store, clock=clock)
+    ledgered = RateLimiter(limits=lambda: table, store=store, clock=clock, settle_all=True)
+    report = [desc("plain", request_id="p1", charge="prompt_tokens", hits=7)]
+    without = await plain.decide("maas", report)
+    assert without.charges == () and without.ignored == ("no_tokens_limit",)
+    first = await ledgered.decide("maas", report)
+    assert [(c.kind, c.tokens, c.status.value) for c in first.charges] == [
+        ("prompt_tokens", 7, "applied")
+    ]
+    again = await ledgered.decide("maas", report)  # a retry: the ledger gets nothing twice
+    assert [c.status.value for c in again.charges] == ["duplicate"]
