@@ -278,12 +278,13 @@ def _build_subscriptions(
         catalog = lambda: catalog_file.value  # noqa: E731
     else:
         assert api is not None
+        transport = KubernetesWatchTransport(
+            api,
+            list_timeout=max(5.0, config.kubernetes.timeout),
+            watch_seconds=section.watch_timeout,
+        )
         watch = SubscriptionWatch(
-            KubernetesWatchTransport(
-                api,
-                list_timeout=max(5.0, config.kubernetes.timeout),
-                watch_seconds=section.watch_timeout,
-            ),
+            transport,
             on_problem=metrics.object_skipped,
             on_error=metrics.watch_error,
         )
@@ -300,6 +301,7 @@ def _build_subscriptions(
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
+                await transport.wait_closed()
 
         def current() -> SubscriptionCatalog:
             if not watch.synced:

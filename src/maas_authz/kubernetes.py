@@ -213,6 +213,9 @@ class SubjectAccessReviewer:
             raise BackendUnavailable("kubernetes", "bad_response", str(exc)) from None
 
 
+_CLOSE_WAIT = 1.0  # seconds, at most, for ended watches' connections to close (at shutdown)
+
+
 class KubernetesWatchTransport:
     """List and watch over the same credentials (maas_common.informer's WatchTransport).
 
@@ -235,11 +238,21 @@ class KubernetesWatchTransport:
         self._read = aiohttp.ClientTimeout(
             sock_connect=connect_timeout, connect=connect_timeout, sock_read=idle_timeout
         )
+        # connections of ended lists and watches still shutting down TLS (see wait_closed)
+        self._closing: set[asyncio.Future[None]] = set()
+
+    async def wait_closed(self) -> None:
+        """Waits for the connections of ended lists and watches to finish closing. One cancelled
+        at shutdown closes its connection, but TLS's close_notify exchange completes later on the
+        loop: a loop stopped before that leaves the socket to the garbage collector."""
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=_CLOSE_WAIT)
 
     async def list(self, path: str) -> Any:
         try:
             async with asyncio.timeout(self._list_timeout):
                 response = await self._get(path, [], self._list_timeout)
+                self._track_close(response)
                 async with response:
                     payload = await response.read()
                     status = response.status
@@ -259,6 +272,7 @@ class KubernetesWatchTransport:
             query.append(("resourceVersion", resource_version))
         try:
             response = await self._get(path, query, self._read)
+            self._track_close(response)
             async with response:
                 if response.status == 410:
                     raise Gone(f"watch {path}: HTTP 410")
@@ -278,6 +292,13 @@ class KubernetesWatchTransport:
             raise BackendUnavailable(
                 "kubernetes", _client_error_kind(exc), f"watch {path}: {exc}"
             ) from None
+
+    def _track_close(self, response: Any) -> None:
+        connection = getattr(response, "connection", None)
+        closed = getattr(getattr(connection, "protocol", None), "closed", None)
+        if isinstance(closed, asyncio.Future) and not closed.done():
+            self._closing.add(closed)
+            closed.add_done_callback(self._closing.discard)
 
     async def _get(self, path: str, query: Sequence[tuple[str, str]], deadline: object) -> Any:
         try:

@@ -11,6 +11,10 @@ For each descriptor the limits of its tier (and model) apply:
   limit per call), never refused, possibly into debt; negative is a refund. An `outcome` other
   than "charged" that carries a reservation refunds all of it (the answer used nothing we know
   of). Shadow limits reserve nothing (they never refuse; their buckets are charged the usage).
+- budgets (limits.Budget) take the `tokens` paths, in their own units (tokens, or micro-units of
+  money at the descriptor's prices) and on their own bucket clock: a calendar budget's bucket is
+  keyed by its period and frozen at the period's end, a rolling one refills on a clock of ms,
+  s, min or h (store.py).
 All limits of all admission descriptors of one call are decided together and atomically (one
 store operation): if any enforced limit is short, nothing is taken anywhere.
 

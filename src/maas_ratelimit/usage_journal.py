@@ -11,6 +11,7 @@ Reading happens on a worker thread, up to a position fixed on the loop (complete
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -127,11 +128,15 @@ class UsageJournal:
         line = record.to_line()
         if self.pending_bytes + len(line) > self._max_bytes:
             return False
-        if self._size >= self._segment_bytes:
-            self._rotate()
-        written = os.write(self._fd, line)
+        try:
+            if self._size >= self._segment_bytes:
+                self._rotate()
+            written = os.write(self._fd, line)
+        except OSError:  # a full or failing disk: refused (the caller counts and logs it)
+            return False
         if written != len(line):  # a full disk mid-line: cut it, so the next line starts clean
-            os.ftruncate(self._fd, self._size)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
             return False
         self._size += written
         self.pending_records += 1

@@ -117,8 +117,14 @@ class UsageLedger:
         request_id: str | None,
         now_ms: int,
     ) -> None:
-        """The record of one settled response (its charges applied by the store)."""
-        record = self.build(descriptors, charges, request_id, now_ms)
+        """The record of one settled response (its charges applied by the store). Never raises:
+        the charge is applied whatever becomes of its record."""
+        try:
+            record = self.build(descriptors, charges, request_id, now_ms)
+        except Exception:  # a bug must not turn an applied charge into an error answer
+            log.exception("usage record not built")
+            self._dropped.inc()
+            return
         if record is None:
             return
         if not self._journal.append(record):
@@ -126,7 +132,8 @@ class UsageLedger:
             suppressed = self._throttle.allow()
             if suppressed is not None:
                 log.error(
-                    "usage journal full (%d bytes pending): record dropped",
+                    "usage record dropped: the journal is full or cannot be written "
+                    "(%d bytes pending)",
                     self._journal.pending_bytes,
                     extra={"suppressed": suppressed},
                 )

@@ -5,6 +5,7 @@ request id, a database that fails (records kept, shipped later in order), a proc
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 from collections.abc import Sequence
 from decimal import Decimal
@@ -297,3 +298,16 @@ async def _until(condition: object, seconds: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def test_a_journal_that_cannot_be_written_refuses_the_record_and_raises_nothing(
+    tmp_path: pathlib.Path,
+) -> None:
+    journal = UsageJournal(tmp_path)
+    journal.open()
+    assert journal._fd is not None
+    os.close(journal._fd)  # as a disk gone bad: every write fails with EBADF
+    journal._fd = os.open(os.devnull, os.O_RDONLY)
+    assert journal.append(record(1)) is False
+    assert journal.pending_records == 0
+    journal.close()
