@@ -220,10 +220,16 @@ class UsageLedger:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             self._wake.clear()
-            while self._journal.pending_records and not await self.ship_once():
-                await asyncio.sleep(backoff)
-                backoff = min(_MAX_BACKOFF, backoff * 2)
-            backoff = 0.5
+            # full batches go one after the other (a backlog drains at the database's pace);
+            # a partial one waits for the next interval, so that batches stay large
+            while self._journal.pending_records:
+                if not await self.ship_once():
+                    await asyncio.sleep(backoff)
+                    backoff = min(_MAX_BACKOFF, backoff * 2)
+                    continue
+                backoff = 0.5
+                if self._journal.pending_records < self._batch_size:
+                    break
 
     async def ship_once(self) -> bool:
         """One batch from the journal to the database; False if the database did not take it."""
