@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from maas_authz.model_path import PathTemplate, is_namespace_name
 from maas_common.config import Address, Duration, PositiveDuration, StrictModel, parse_address
 from maas_common.ledger.settings import LedgerDatabaseSection
-from maas_common.periods import zone
+from maas_common.periods import TimeZoneName
 from maas_common.settings import ServerSection
 
 MAX_WORKERS = 64
@@ -319,13 +319,7 @@ class AdminSection(StrictModel):
 
 class UsageSection(LedgerDatabaseSection):
     # the usage ledger maas-ratelimit writes, read by the operator API (GET /admin/v1/usage)
-    timezone: str = "UTC"  # of dates, months and days in queries, unless tz= says
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        zone(value)
-        return value
+    timezone: TimeZoneName = "UTC"  # of dates, months and days in queries, unless tz= says
 
 
 class ResponseSection(StrictModel):

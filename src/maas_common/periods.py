@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator
 
 CalendarPeriod = Literal["day", "week", "month"]
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -25,6 +27,15 @@ def zone(name: str) -> dt.tzinfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def _known_zone(name: str) -> str:
+    zone(name)
+    return name
+
+
+# a config value that must name a time zone (the error says which name is unknown)
+TimeZoneName = Annotated[str, AfterValidator(_known_zone)]
 
 
 def _ms(moment: dt.datetime) -> int:

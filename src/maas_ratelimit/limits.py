@@ -41,7 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from maas_common.config import Duration, StrictModel, parse_yaml_text, validate
 from maas_common.errors import ConfigError
 from maas_common.ledger.records import format_cost
-from maas_common.periods import CalendarPeriod, calendar_period, zone
+from maas_common.periods import CalendarPeriod, TimeZoneName, calendar_period, zone
 from maas_ratelimit.bucket import BucketSpec, countable
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
@@ -142,19 +142,13 @@ class BudgetSpec(StrictModel):
     limit: Decimal = Field(gt=0)
     period: CalendarPeriod | None = None
     window: Duration | None = None
-    timezone: str = "UTC"
+    timezone: TimeZoneName = "UTC"
     models: list[str] = Field(default_factory=list)
     shadow: bool = False
     cost: CostSpec = CostSpec()  # tokens budgets: weights, as for tokens limits
 
     _name = field_validator("name")(LimitSpec._name.__func__)  # type: ignore[attr-defined]
     _models = field_validator("models")(LimitSpec._models.__func__)  # type: ignore[attr-defined]
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        zone(value)
-        return value
 
     @field_validator("subscription")
     @classmethod
