@@ -1,5 +1,6 @@
 """The operator console in a real headless Chromium against the real stack: sign in, live
-decisions with a filter, the simulator, quota lookup, a policy edit (dry run, then applied
+decisions with a filter, the simulator, quota lookup, usage from the ledger (and its CSV), a
+policy edit (dry run, then applied
 through the watched file and in force without a restart). Screenshots go to the test's
 directory, and also to $MAAS_CONSOLE_SCREENSHOTS when set (docs/images holds the committed ones).
 """
@@ -65,8 +66,7 @@ async def test_the_console_end_to_end(
     await browser.wait_for("document.querySelector('#live').textContent === 'following'")
 
     # live decisions: the free tier's 6th request is refused, and the row says by which limit
-    for _ in range(6):
-        await asyncio.to_thread(gw.request, CHAT, "sk-demo-free", BODY)
+    answers = [await asyncio.to_thread(gw.request, CHAT, "sk-demo-free", BODY) for _ in range(6)]
     await browser.wait_for(
         "[...document.querySelectorAll('#decision-rows tr')]"
         ".some(r => r.textContent.includes('free-requests') && r.textContent.includes('429'))"
@@ -103,6 +103,25 @@ async def test_the_console_end_to_end(
     assert "tier free" in await browser.text("#quota-scope")
     assert await browser.evaluate("document.querySelectorAll('#quota-result tr.limit').length") == 2
     await shoot(browser, tmp_path, "console-quota.png")
+
+    # the usage ledger: the free user's charged answers, by day, and their records as CSV
+    await browser.click("nav button[data-tab=usage]")
+    await browser.fill("#usage-form [name=user]", "demo-free")
+    served = [r for r in answers if r.status == 200]
+    # asked again until the ledger has them all (it is written every 0.2 s)
+    await browser.wait_for(
+        "document.querySelector('#usage-form button[type=submit]').click() || "
+        "[...document.querySelectorAll('#usage-result tr.usage-total td')]"
+        f".some(td => td.textContent === '{len(served)}')",
+        timeout=15,
+    )
+    assert await browser.evaluate("document.querySelectorAll('#usage-result tr.usage').length") == 1
+    total_tokens = sum(r.json()["usage"]["total_tokens"] for r in served)  # type: ignore[index]
+    assert str(total_tokens) in await browser.text("#usage-result tr.usage-total")
+    csv_text = await browser.evaluate("usageCsv()")
+    assert csv_text.splitlines()[0].startswith("request_id,ts_ms,user,model")
+    assert len(csv_text.splitlines()) == 1 + len(served)
+    await shoot(browser, tmp_path, "console-usage.png")
 
     # a policy edit: a new tier, dry run first (a diff, nothing applied), then applied
     await browser.click("nav button[data-tab=policy]")
