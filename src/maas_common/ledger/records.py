@@ -38,7 +38,7 @@ class UsageRecord:
 
     def to_line(self) -> bytes:
         """The journal line: a JSON array in field order, newline-terminated."""
-        return (json.dumps(astuple_fast(self), separators=(",", ":")) + "\n").encode()
+        return (json.dumps(_values(self), separators=(",", ":")) + "\n").encode()
 
     @classmethod
     def from_line(cls, line: bytes) -> UsageRecord:
@@ -55,7 +55,7 @@ _FIELDS = tuple(f.name for f in fields(UsageRecord))
 COLUMNS = _FIELDS
 
 
-def astuple_fast(record: UsageRecord) -> list[Any]:
+def _values(record: UsageRecord) -> list[Any]:
     # dataclasses.astuple deep-copies; the fields are all scalars
     return [getattr(record, name) for name in _FIELDS]
 
