@@ -75,14 +75,7 @@ def open_ledger(
     """sqlite:///relative/or//absolute/path, or postgresql://... (ValueError otherwise)."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
-        path = Path(url.removeprefix("sqlite://").removeprefix("/") or "")
-        if not str(path) or str(path) == ".":
-            raise ValueError("a sqlite URL names a file: sqlite:///ledger.db or sqlite:////abs")
-        if url.startswith("sqlite:////"):
-            path = Path("/" + str(path).lstrip("/"))
-        elif base_dir is not None:
-            path = base_dir / path
-        return SqliteLedger(path, timeout=timeout)
+        return SqliteLedger(sqlite_path(url, base_dir), timeout=timeout)
     if scheme in ("postgres", "postgresql"):
         return PostgresLedger(
             url,
@@ -92,6 +85,16 @@ def open_ledger(
             application_name=application_name,
         )
     raise ValueError(f"expected a sqlite:/// or postgresql:// URL, got scheme {scheme!r}")
+
+
+def sqlite_path(url: str, base_dir: Path | None = None) -> Path:
+    """The file of sqlite:///relative (to base_dir) or sqlite:////absolute (ValueError if the URL
+    names no file)."""
+    rest = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    if not rest or rest.endswith("/"):
+        raise ValueError("a sqlite URL names a file: sqlite:///ledger.db or sqlite:////abs/path")
+    path = Path(rest)  # sqlite:////abs/file: "/abs/file", absolute
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
 
 
 def _row(record: UsageRecord) -> tuple[Any, ...]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from maas_common.config import PositiveDuration, StrictModel, password_reader, resolve_path
-from maas_common.ledger.database import LedgerDatabase, open_ledger
+from maas_common.ledger.database import LedgerDatabase, open_ledger, sqlite_path
 
 
 class LedgerDatabaseSection(StrictModel):
@@ -22,7 +22,8 @@ class LedgerDatabaseSection(StrictModel):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if value.startswith("sqlite:///"):
+        if value.startswith("sqlite:"):
+            sqlite_path(value)  # names a file, or ValueError saying how
             return value
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("expected sqlite:///path or a postgresql:// URL")

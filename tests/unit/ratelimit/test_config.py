@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import maas_demo
 from maas_common.config import read_yaml, validate
 from maas_common.errors import ConfigError
-from maas_ratelimit.app import build_store, check_config
+from maas_ratelimit.app import build_app, build_store, check_config
 from maas_ratelimit.config import RateLimitConfig
 from maas_ratelimit.main import main
 from maas_ratelimit.memory_store import MemoryBucketStore
@@ -339,3 +340,35 @@ def test_a_redis_url_redis_py_refuses_is_a_config_error_naming_the_key() -> None
     with pytest.raises(ConfigError) as caught:
         build_store(config, "ratelimit.yaml")
     assert str(caught.value).startswith("ratelimit.yaml: store.redis.url: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///", "ratelimit.yaml: ledger.url: a sqlite URL names a file"),
+        ("sqlite:///dir/", "ratelimit.yaml: ledger.url: a sqlite URL names a file"),
+        (
+            "mysql://db/ledger",
+            "ratelimit.yaml: ledger.url: expected sqlite:///path or a postgresql",
+        ),
+        ("postgresql://maas:s3cret@db/maas", "keep the password out of the URL: use password_file"),
+    ],
+)
+def test_ledger_url_errors_name_the_key_and_never_echo_a_password(url: str, expected: str) -> None:
+    message = config_error({"ledger": {"url": url}})
+    assert expected in message
+    assert "s3cret" not in message
+
+
+def test_a_ledger_journal_another_process_holds_is_a_start_up_error(tmp_path: Path) -> None:
+    config = validate(
+        RateLimitConfig,
+        {"ledger": {"url": "sqlite:///ledger.db", "spool_dir": "journal"}},
+        "ratelimit.yaml",
+    )
+    first = build_app(config, tmp_path)
+    with pytest.raises(ConfigError, match=r"ledger\.spool_dir: .* in use by another process"):
+        build_app(config, tmp_path)
+    assert first.ledger is not None
+    asyncio.run(first.ledger.close())  # the lock goes with the journal
+    asyncio.run(build_app(config, tmp_path).ledger.close())  # type: ignore[union-attr]
