@@ -89,6 +89,10 @@ class UsageJournal:
                 handle.truncate(start + cut + 1 if cut >= 0 else start)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
+        if self._acked.segment >= self._segment and self._acked.offset > self._size:
+            # an acknowledgement past the end (files removed by hand): nothing of what is there
+            # now was shipped
+            self._acked = Position(self._segment, 0)
         self.pending_records, self.pending_bytes = self._count_pending()
 
     def segments(self) -> list[int]:

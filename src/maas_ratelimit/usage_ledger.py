@@ -97,7 +97,6 @@ class UsageLedger:
         self._throttle = LogThrottle(clock, seconds=10.0)
         self._journaled = self._metrics.records.labels("journaled")
         self._dropped = self._metrics.records.labels("dropped")
-        self._stopping = False
         metrics = self._metrics
         metrics.pending.set_function(lambda: float(journal.pending_records))
         metrics.spool_bytes.set_function(lambda: float(journal.pending_bytes))
@@ -151,7 +150,9 @@ class UsageLedger:
         request_id: str | None,
         now_ms: int,
     ) -> UsageRecord | None:
-        prompt = completion = total = 0
+        if not charges:
+            return None
+        prompt = completion = total = 0  # total: usage reported without a split
         for charge in charges:
             if charge.kind == "prompt_tokens":
                 prompt += charge.tokens
@@ -159,13 +160,12 @@ class UsageLedger:
                 completion += charge.tokens
             else:
                 total += charge.tokens
-        if not charges:
-            return None
         first = descriptors[0]
         entries: dict[str, str] = {}
-        for descriptor in descriptors:  # the outcome descriptor carries status and streamed
+        for descriptor in descriptors:  # the prompt charge carries key id, status, streamed, ...
             entries.update(descriptor.entries)
         model = entries.get("model", "")
+        # usage without a split is priced as completion tokens (the dearer kind, as a rule)
         cost: int | None
         rate = parse_rate(entries.get("billing_rate"))
         if rate is not None:
@@ -182,7 +182,8 @@ class UsageLedger:
                 )
         status = entries.get("status", "")
         return UsageRecord(
-            request_id=clip(request_id) or f"local-{now_ms}-{id(first):x}-{time.perf_counter_ns()}",
+            # without a request id (not maas-authz's metadata) nothing de-duplicates it
+            request_id=clip(request_id) or f"local-{now_ms}-{time.perf_counter_ns()}",
             ts_ms=now_ms,
             user=clip(first.user),
             model=clip(model),
