@@ -19,6 +19,10 @@ The operator console: {console}  (admin key sk-demo-admin; sk-demo-viewer reads 
   and from a shell (maas-ctl --help):
   MAAS_ADMIN_URL={console} MAAS_ADMIN_TOKEN=sk-demo-admin .venv/bin/maas-ctl decisions -f
   Policy edits go to {workdir}/config/ (copied afresh from the package at every start).
+  Usage ledger ({workdir}/ledger.db, kept across restarts):
+  curl -s '{console}admin/v1/usage?user=demo-enterprise&group_by=day' \\
+       -H 'Authorization: Bearer sk-demo-admin'
+  MAAS_ADMIN_URL={console} MAAS_ADMIN_TOKEN=sk-demo-admin .venv/bin/maas-ctl usage --records
 
   # what the caller has left (consumes nothing)
   curl -s {url}/v1/quota -H 'Authorization: Bearer sk-demo-free'
@@ -68,7 +72,7 @@ The operator console: {console}  (admin key sk-demo-admin; sk-demo-viewer reads 
   curl -s http://127.0.0.1:{ratelimit_http}/metrics | grep maas_ratelimit_decisions
 
 Keys: sk-demo-free, sk-demo-tokens (free), sk-demo-premium, sk-demo-enterprise,
-sk-demo-noaccess (tiers); sk-oai-demobasic_DemoBasicSecret1, sk-oai-demosmall_DemoSmallSecret1,
+sk-demo-budget (trial: 200 tokens a month, then 429 budget_exceeded), sk-demo-noaccess (tiers); sk-oai-demobasic_DemoBasicSecret1, sk-oai-demosmall_DemoSmallSecret1,
 sk-oai-demorevoked_DemoRevokedSecret1 (subscriptions).
 Logs: {logs}.  Ctrl-C stops everything.
 """
