@@ -72,7 +72,8 @@ The operator console: {console}  (admin key sk-demo-admin; sk-demo-viewer reads 
   curl -s http://127.0.0.1:{ratelimit_http}/metrics | grep maas_ratelimit_decisions
 
 Keys: sk-demo-free, sk-demo-tokens (free), sk-demo-premium, sk-demo-enterprise,
-sk-demo-budget (trial: 200 tokens a month, then 429 budget_exceeded), sk-demo-noaccess (tiers); sk-oai-demobasic_DemoBasicSecret1, sk-oai-demosmall_DemoSmallSecret1,
+sk-demo-budget (trial: 200 tokens a month, then 429 budget_exceeded), sk-demo-noaccess
+(tiers); sk-oai-demobasic_DemoBasicSecret1, sk-oai-demosmall_DemoSmallSecret1,
 sk-oai-demorevoked_DemoRevokedSecret1 (subscriptions).
 Logs: {logs}.  Ctrl-C stops everything.
 """
