@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PORT ?= 8080
 
 .PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver \
-	test-packages vllm bench bench-quick bench-usage clean
+	test-packages vllm bench bench-quick bench-usage fuzz clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
@@ -13,6 +13,7 @@ help:
 	@echo "make bench-quick - the same, small (under a minute)"
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
 	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e - one test tier"
+	@echo "make fuzz [CALLS=N] - the gRPC fuzzer's long run against both servers (default 1e6)"
 
 setup:
 	@scripts/setup-dev.sh
@@ -58,6 +59,11 @@ bench-quick: setup test-packages kube-apiserver
 
 bench-usage: setup
 	$(PY) -m bench.usage $(ARGS)
+
+# the gRPC fuzzer's long run (CI runs 10,000 calls per server with the tests)
+CALLS ?= 1000000
+fuzz: setup test-packages
+	MAAS_FUZZ_CALLS=$(CALLS) $(PY) -m pytest -s tests/integration/test_fuzz_grpc.py
 
 clean:
 	rm -rf .venv .demo .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -18,12 +18,16 @@ from maas_authz.check import CheckPipeline
 from maas_authz.decision import Allow, Deny
 from maas_authz.metrics import AuthzMetrics
 from maas_authz.quota import QuotaEndpoint
-from maas_common.server import register_serialized_unary
+from maas_common.clock import SystemClock
+from maas_common.logs import LogThrottle
+from maas_common.server import Undecodable, register_serialized_unary
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 _INTERNAL = Deny(500, "internal_error", "the authorization server failed; this is a bug, retry")
+# what a call that is not a CheckRequest gets (Envoy never sends one: a client on the port did)
+_UNDECODABLE = Deny(400, "invalid_check_request", "the call is not a valid CheckRequest")
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -39,6 +43,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._quota = quota  # GET /v1/quota, answered here (quota.py)
         self._metrics = metrics
         self._forward_authorization = forward_authorization
+        self._undecodable_log = LogThrottle(SystemClock(), seconds=5.0)
 
     def register(self, server: grpc.aio.Server) -> None:
         # the method sends check_serialized's bytes (responses.py assembles them from cached
@@ -63,6 +68,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
         started = time.perf_counter()
+        if type(request) is Undecodable:  # not a CheckRequest at all: never from Envoy
+            return self._undecodable(request)
         http = request.attributes.request.http
         headers = http.headers
         try:
@@ -94,6 +101,17 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             self._metrics.decision("denied", _INTERNAL.code, "")
         self._metrics.check_seconds.observe(time.perf_counter() - started)
         return response
+
+    def _undecodable(self, request: Undecodable) -> bytes:
+        suppressed = self._undecodable_log.allow()  # a line per 5 s, not one per call
+        if suppressed is not None:
+            log.warning(
+                "denied a call that is not a CheckRequest: %s",
+                request.problem,
+                extra={"suppressed": suppressed},
+            )
+        self._metrics.decision("denied", _UNDECODABLE.code, "")
+        return responses.denied_serialized(_UNDECODABLE)
 
     async def _quota_answer(
         self, quota: QuotaEndpoint, method: str, path: str, headers: Mapping[str, str]

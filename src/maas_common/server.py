@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -34,6 +35,28 @@ class GrpcService:
     register: Callable[[grpc.aio.Server], None]
 
 
+class Undecodable:
+    """What a request that is not a message of the method's type decodes to (register_
+    serialized_unary's handlers get it instead of the message): the handler answers with a
+    precise refusal. gRPC's own answer to a deserializer that raises is UNKNOWN, with a
+    traceback logged per call, which a hostile client could use to flood the logs."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            return Undecodable(str(exc)[:200])
+
+    return decode
+
+
 def register_serialized_unary(
     server: grpc.aio.Server,
     service_name: str,
@@ -44,10 +67,13 @@ def register_serialized_unary(
     """Serves a unary method whose handler returns its response already serialized (as the
     generated add_...Servicer_to_server would, with the response serializer left out): the hot
     paths assemble their answers from cached bytes, and no message is built only to be
-    serialized again. Reflection still describes the method from the real descriptors."""
+    serialized again. Reflection still describes the method from the real descriptors. A
+    request that does not decode reaches the handler as an Undecodable."""
     handlers = {
         method: grpc.unary_unary_rpc_method_handler(
-            handler, request_deserializer=request_deserializer, response_serializer=_as_is
+            handler,
+            request_deserializer=_tolerant(request_deserializer),
+            response_serializer=_as_is,
         )
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))

@@ -80,7 +80,7 @@ class RateLimitMetrics:
         self.answers = FastCounter(
             "maas_ratelimit_calls",
             "ShouldRateLimit calls by answer (ok, over_limit, peek, failure_open, unavailable, "
-            "error)",
+            "invalid_request, error)",
             ["answer"],
             registry,
         )

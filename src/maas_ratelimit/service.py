@@ -22,7 +22,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from maas_common.clock import Clock, SystemClock
 from maas_common.errors import BackendUnavailable
 from maas_common.logs import LogThrottle
-from maas_common.server import register_serialized_unary
+from maas_common.server import Undecodable, register_serialized_unary
 from maas_ratelimit import responses
 from maas_ratelimit.descriptors import CHARGE, Descriptor, effective_hits
 from maas_ratelimit.limiter import RateLimiter, UnknownDomain, Verdict, request_id_of
@@ -70,6 +70,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._metrics = metrics
         self._failure_mode = failure_mode
         self._failure_log = LogThrottle(clock or SystemClock(), seconds=5.0)
+        self._undecodable_log = LogThrottle(clock or SystemClock(), seconds=5.0)
         self._call_seconds = metrics.call_seconds.child()
         self._labels = WireLabels(limiter.table)
 
@@ -95,6 +96,18 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
         started = time.perf_counter()
+        if type(request) is Undecodable:  # not a RateLimitRequest at all: never from Envoy
+            self._metrics.answers.inc("invalid_request")
+            suppressed = self._undecodable_log.allow()  # a line per 5 s, not one per call
+            if suppressed is not None:
+                log.warning(
+                    "refused a call that is not a RateLimitRequest: %s",
+                    request.problem,
+                    extra={"suppressed": suppressed},
+                )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a RateLimitRequest: {request.problem}"
+            )
         try:
             descriptors = to_descriptors(request)
             verdict = await self._limiter.decide(request.domain, descriptors)
