@@ -15,6 +15,9 @@ from envoy.config.core.v3.base_pb2 import RequestMethod
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from maas_authz.decisions import AUTHZ_NAMESPACE, RATELIMIT_NAMESPACE, DecisionLog, decision_from
+from maas_common.clock import SystemClock
+from maas_common.logs import LogThrottle
+from maas_common.server import Undecodable, register_handlers, tolerant_decoder
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
@@ -41,6 +44,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self._decisions = decisions
         self._on_entry = on_entry  # "recorded" or "skipped"
         self._streams: set[asyncio.Task[object]] = set()
+        self._odd_log = LogThrottle(SystemClock(), seconds=5.0)  # a line per 5 s at most
 
     async def close(self) -> None:
         """Ends the open streams (they last as long as Envoy runs): called before the drain."""
@@ -48,7 +52,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             task.cancel()
 
     def register(self, server: grpc.aio.Server) -> None:
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
+        # as the generated add_AccessLogServiceServicer_to_server, but a message that does not
+        # decode reaches the handler (an Undecodable) instead of gRPC's UNKNOWN + a traceback
+        stream = grpc.stream_unary_rpc_method_handler(
+            self.StreamAccessLogs,
+            request_deserializer=tolerant_decoder(als_pb2.StreamAccessLogsMessage.FromString),
+            response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
+        )
+        register_handlers(server, SERVICE_NAME, {"StreamAccessLogs": stream})
 
     async def StreamAccessLogs(  # the gRPC method name
         self,
@@ -59,21 +70,37 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         assert task is not None
         self._streams.add(task)
         try:
-            await self._read(request_iterator)
+            await self._read(request_iterator, context)
         finally:
             self._streams.discard(task)
         return als_pb2.StreamAccessLogsResponse()
 
-    async def _read(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:
+    async def _read(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         async for message in request_iterator:
+            if type(message) is Undecodable:  # not from Envoy: the stream ends, precisely
+                self._on_entry("skipped")
+                self._note("ended a stream whose message does not decode: %s", message.problem)
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"not a StreamAccessLogsMessage: {message.problem}",
+                )
             for entry in message.http_logs.log_entry:
                 try:
                     self._add(entry)
-                except Exception:  # one odd entry must not end Envoy's stream
-                    log.exception("skipping an access log entry that could not be read")
+                except Exception as exc:  # one odd entry must not end Envoy's stream
+                    self._note("skipped an access log entry that could not be read: %r", exc)
                     self._on_entry("skipped")
                 else:
                     self._on_entry("recorded")
+
+    def _note(self, message: str, detail: object) -> None:
+        suppressed = self._odd_log.allow()
+        if suppressed is not None:
+            log.warning(message, detail, extra={"suppressed": suppressed})
 
     def _add(self, entry: Any) -> None:
         common, request, response = entry.common_properties, entry.request, entry.response

@@ -47,7 +47,9 @@ class Undecodable:
         self.problem = problem
 
 
-def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def tolerant_decoder(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`parse`, answering Undecodable instead of raising for bytes that are not its message."""
+
     def decode(raw: bytes) -> Any:
         try:
             return parse(raw)
@@ -72,10 +74,17 @@ def register_serialized_unary(
     handlers = {
         method: grpc.unary_unary_rpc_method_handler(
             handler,
-            request_deserializer=_tolerant(request_deserializer),
+            request_deserializer=tolerant_decoder(request_deserializer),
             response_serializer=_as_is,
         )
     }
+    register_handlers(server, service_name, handlers)
+
+
+def register_handlers(
+    server: grpc.aio.Server, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    """A service's method handlers, served (and known to reflection's registered methods)."""
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
     server.add_registered_method_handlers(service_name, handlers)
 

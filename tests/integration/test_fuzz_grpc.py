@@ -18,7 +18,15 @@ from maas_demo.processes import free_port
 from maas_demo.stack import CONFIG_DIR, Child, wait_until_ready
 from tests.e2e.conftest import http
 from tests.support.authz_client import AuthzClient
-from tests.support.grpc_fuzz import CHECK, SHOULD_RATE_LIMIT, fuzz, rate_limit_request
+from tests.support.grpc_fuzz import (
+    ACCESS_LOG,
+    CHECK,
+    SHOULD_RATE_LIMIT,
+    access_log_message,
+    fuzz,
+    fuzz_stream,
+    rate_limit_request,
+)
 from tests.support.grpc_fuzz import check_request as fuzzed_check
 from tests.support.ratelimit_client import RateLimitClient
 
@@ -126,3 +134,22 @@ async def test_maas_ratelimit_survives_hostile_calls(servers: tuple[Server, Serv
     finally:
         await client.close()
     _after(ratelimit, rss, series, figures.line())
+
+
+@pytest.mark.asyncio
+async def test_maas_authz_survives_hostile_access_log_streams(
+    servers: tuple[Server, Server],
+) -> None:
+    authz, _ = servers
+    rss, series = authz.rss_mb(), authz.series()
+    figures = await fuzz_stream(authz.target, ACCESS_LOG, access_log_message, CALLS // 10, SEED)
+    assert figures.calls == CALLS // 10
+    assert set(figures.codes) <= ANSWERS, figures.line()
+    client = AuthzClient(authz.target)
+    try:
+        assert (
+            await client.check("/llm/tiny/v1/chat/completions", "sk-demo-free")
+        ).http_status == 200
+    finally:
+        await client.close()
+    _after(authz, rss, series, f"access log streams: {figures.line()}")

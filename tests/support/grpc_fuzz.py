@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 
@@ -165,4 +166,71 @@ async def fuzz(
         for _ in senders:
             await queue.put(None)
         await asyncio.gather(*senders)
+    return figures
+
+
+ACCESS_LOG = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+_NAMESPACES = ("envoy.filters.http.ext_authz", "envoy.filters.http.ratelimit")
+
+
+def access_log_message(rng: random.Random) -> bytes:
+    """A batch of access log entries as Envoy streams them, with absurd values: codes, times
+    out of any calendar's range, negative durations, odd metadata."""
+    message = als_pb2.StreamAccessLogsMessage()
+    if rng.random() < 0.5:
+        message.identifier.log_name = _text(rng)
+    for _ in range(rng.choice((0, 1, 10, 200))):
+        entry = message.http_logs.log_entry.add()
+        entry.request.path = _text(rng)
+        entry.request.request_id = _text(rng)
+        entry.request.request_method = rng.choice((0, 1, 3, 10))
+        entry.response.response_code.value = rng.choice((0, 200, 429, 999_999, 2**32 - 1))
+        namespace = rng.choice(_NAMESPACES) if rng.random() < 0.8 else _text(rng, 12)
+        fields = entry.common_properties.metadata.filter_metadata[namespace].fields
+        for _ in range(rng.randint(0, 6)):
+            name = rng.choice(("reason", "user", "tier", "limit", "log_user", _text(rng, 8)))
+            fields[name].string_value = _value(rng, huge=False)
+        entry.common_properties.duration.seconds = rng.choice((0, -5, 2**40))
+        entry.common_properties.start_time.seconds = rng.choice(
+            (0, 1_796_000_000, -62_135_596_801, 253_402_300_805, 10**15)
+        )
+    data = message.SerializeToString()
+    return _not_utf8(data, rng) if rng.random() < 0.05 else data
+
+
+async def fuzz_stream(
+    target: str, method: str, structured: Callable[[random.Random], bytes], streams: int,
+    seed: int, concurrency: int = 8,
+) -> Figures:  # fmt: skip
+    """`streams` client streams of `method`, each of up to 10 messages (structured or garbage)."""
+    rng = random.Random(seed)
+    figures = Figures()
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_unary(method)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(payloads: list[bytes]) -> None:
+            async def messages() -> AsyncIterator[bytes]:
+                for payload in payloads:
+                    yield payload
+
+            async with gate:
+                try:
+                    await call(messages(), timeout=10)
+                    figures.codes["OK"] += 1
+                except grpc.aio.AioRpcError as error:
+                    figures.codes[error.code().name] += 1
+                figures.calls += 1
+
+        await asyncio.gather(
+            *(
+                one(
+                    [
+                        structured(rng) if rng.random() < 0.7 else garbage(rng, structured)
+                        for _ in range(rng.randint(1, 10))
+                    ]
+                )
+                for _ in range(streams)
+            )
+        )
     return figures
