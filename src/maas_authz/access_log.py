@@ -98,9 +98,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     self._on_entry("recorded")
 
     def _note(self, message: str, detail: object) -> None:
-        suppressed = self._odd_log.allow()
-        if suppressed is not None:
-            log.warning(message, detail, extra={"suppressed": suppressed})
+        self._odd_log.log(log, logging.WARNING, message, detail)
 
     def _add(self, entry: Any) -> None:
         common, request, response = entry.common_properties, entry.request, entry.response

@@ -212,14 +212,14 @@ class CheckPipeline:
             return self._unavailable(exc, "subscription check")
 
     def _unavailable(self, exc: BackendUnavailable, phase: str, tier: Tier | None = None) -> Deny:
-        suppressed = self._unavailable_log.allow()
-        if suppressed is not None:
-            log.warning(
-                "%s failed, answering 503: %s",
-                phase,
-                exc,
-                extra={"backend": exc.backend, "kind": exc.kind, "suppressed": suppressed},
-            )
+        self._unavailable_log.log(
+            log,
+            logging.WARNING,
+            "%s failed, answering 503: %s",
+            phase,
+            exc,
+            extra={"backend": exc.backend, "kind": exc.kind},
+        )
         return Deny(
             503,
             "auth_backend_unavailable",

@@ -103,13 +103,9 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         return response
 
     def _undecodable(self, request: Undecodable) -> bytes:
-        suppressed = self._undecodable_log.allow()  # a line per 5 s, not one per call
-        if suppressed is not None:
-            log.warning(
-                "denied a call that is not a CheckRequest: %s",
-                request.problem,
-                extra={"suppressed": suppressed},
-            )
+        self._undecodable_log.log(  # a line per 5 s, not one per call
+            log, logging.WARNING, "denied a call that is not a CheckRequest: %s", request.problem
+        )
         self._metrics.decision("denied", _UNDECODABLE.code, "")
         return responses.denied_serialized(_UNDECODABLE)
 

@@ -111,3 +111,17 @@ class LogThrottle:
             return None
         held, self._held, self._next = self._held, 0, now + self._seconds
         return held
+
+    def log(
+        self,
+        logger: logging.Logger,
+        level: int,
+        message: str,
+        *args: object,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """`logger.log(level, message, *args)` unless held back; the line says how many were
+        (`suppressed`)."""
+        suppressed = self.allow()
+        if suppressed is not None:
+            logger.log(level, message, *args, extra={**(extra or {}), "suppressed": suppressed})

@@ -98,13 +98,10 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         started = time.perf_counter()
         if type(request) is Undecodable:  # not a RateLimitRequest at all: never from Envoy
             self._metrics.answers.inc("invalid_request")
-            suppressed = self._undecodable_log.allow()  # a line per 5 s, not one per call
-            if suppressed is not None:
-                log.warning(
-                    "refused a call that is not a RateLimitRequest: %s",
-                    request.problem,
-                    extra={"suppressed": suppressed},
-                )
+            self._undecodable_log.log(  # a line per 5 s, not one per call
+                log, logging.WARNING, "refused a call that is not a RateLimitRequest: %s",
+                request.problem,
+            )  # fmt: skip
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"not a RateLimitRequest: {request.problem}"
             )
@@ -148,14 +145,14 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         request: rls_pb2.RateLimitRequest,
         context: grpc.aio.ServicerContext,
     ) -> bytes:
-        suppressed = self._failure_log.allow()  # one line per 5 s, not one per request
-        if suppressed is not None:
-            log.warning(
-                "rate limit store failed, failing %s: %s",
-                self._failure_mode,
-                exc,
-                extra={"backend": exc.backend, "kind": exc.kind, "suppressed": suppressed},
-            )
+        self._failure_log.log(  # one line per 5 s, not one per request
+            log,
+            logging.WARNING,
+            "rate limit store failed, failing %s: %s",
+            self._failure_mode,
+            exc,
+            extra={"backend": exc.backend, "kind": exc.kind},
+        )
         if any(CHARGE in (e.key for e in d.entries) for d in request.descriptors):
             self._metrics.skipped.inc("store_unavailable")
         if self._failure_mode == "open":

@@ -94,7 +94,9 @@ class UsageLedger:
         self._flush_interval = flush_interval
         self._wake = asyncio.Event()
         self._oldest_ms: int | None = None  # ts of the oldest pending record, when known
-        self._throttle = LogThrottle(clock, seconds=10.0)
+        # one line per 10 s of each: a failing database must not hide that records are dropped
+        self._drop_log = LogThrottle(clock, seconds=10.0)
+        self._failure_log = LogThrottle(clock, seconds=10.0)
         self._journaled = self._metrics.records.labels("journaled")
         self._dropped = self._metrics.records.labels("dropped")
         metrics = self._metrics
@@ -128,14 +130,12 @@ class UsageLedger:
             return
         if not self._journal.append(record):
             self._dropped.inc()
-            suppressed = self._throttle.allow()
-            if suppressed is not None:
-                log.error(
-                    "usage record dropped: the journal is full or cannot be written "
-                    "(%d bytes pending)",
-                    self._journal.pending_bytes,
-                    extra={"suppressed": suppressed},
-                )
+            self._drop_log.log(
+                log,
+                logging.ERROR,
+                "usage record dropped: the journal is full or cannot be written (%d bytes pending)",
+                self._journal.pending_bytes,
+            )
             return
         self._journaled.inc()
         if self._oldest_ms is None:
@@ -245,14 +245,13 @@ class UsageLedger:
                 written = await self._database.insert(batch.records)
             except BackendUnavailable as exc:
                 self._metrics.failures.inc()
-                suppressed = self._throttle.allow()
-                if suppressed is not None:
-                    log.warning(
-                        "usage ledger write failed, %d records kept in the journal: %s",
-                        self._journal.pending_records,
-                        exc,
-                        extra={"suppressed": suppressed},
-                    )
+                self._failure_log.log(
+                    log,
+                    logging.WARNING,
+                    "usage ledger write failed, %d records kept in the journal: %s",
+                    self._journal.pending_records,
+                    exc,
+                )
                 return False
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
             self._metrics.records.labels("written").inc(written)

@@ -211,3 +211,22 @@ def test_log_throttle_lets_one_event_through_per_interval_and_counts_the_rest() 
     clock.advance(0.001)
     assert throttle.allow() == 4  # the four held back since the last line
     assert throttle.allow() is None
+
+
+def test_log_throttle_logs_a_line_per_interval_saying_how_many_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock()
+    throttle = LogThrottle(clock, seconds=5.0)
+    logger = logging.getLogger("maas.test.throttle")
+    with caplog.at_level(logging.WARNING, logger="maas.test.throttle"):
+        for n in range(4):
+            throttle.log(logger, logging.WARNING, "store down: %s", n, extra={"kind": "timeout"})
+        clock.advance(5.0)
+        throttle.log(logger, logging.ERROR, "still down")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "store down: 0"),
+        (logging.ERROR, "still down"),
+    ]
+    assert caplog.records[0].suppressed == 0 and caplog.records[0].kind == "timeout"  # type: ignore[attr-defined]
+    assert caplog.records[1].suppressed == 3  # type: ignore[attr-defined]
