@@ -11,6 +11,7 @@ from maas_authz.model_path import PathTemplate, is_namespace_name
 from maas_common.config import Address, Duration, PositiveDuration, StrictModel, parse_address
 from maas_common.ledger.settings import LedgerDatabaseSection
 from maas_common.periods import TimeZoneName
+from maas_common.postgres import has_password
 from maas_common.settings import ServerSection
 
 MAX_WORKERS = 64
@@ -210,7 +211,7 @@ class PostgresSection(StrictModel):
             raise ValueError(
                 f"expected a postgresql:// URL, got {value.rsplit('@', maxsplit=1)[-1]!r}"
             )
-        if ":" in value.split("://", 1)[1].split("@", 1)[0] and "@" in value:
+        if has_password(value):
             raise ValueError("keep the password out of the DSN: use password_file")
         return value
 

@@ -6,6 +6,14 @@ from __future__ import annotations
 
 import asyncpg
 
+
+def has_password(url: str) -> bool:
+    """Whether a postgresql:// URL carries a password (user:password@host): the servers refuse
+    one there and read it from a password file."""
+    rest = url.split("://", 1)[-1]
+    return "@" in rest and ":" in rest.split("@", 1)[0]
+
+
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from maas_common.config import PositiveDuration, StrictModel, password_reader, resolve_path
 from maas_common.ledger.database import LedgerDatabase, open_ledger, sqlite_path
+from maas_common.postgres import has_password
 
 
 class LedgerDatabaseSection(StrictModel):
@@ -27,10 +28,14 @@ class LedgerDatabaseSection(StrictModel):
             return value
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("expected sqlite:///path or a postgresql:// URL")
-        userinfo = value.split("://", 1)[1].split("@", 1)[0] if "@" in value else ""
-        if ":" in userinfo:
+        if has_password(value):
             raise ValueError("keep the password out of the URL: use password_file")
         return value
+
+    @property
+    def engine(self) -> str:
+        """sqlite or postgresql, from the URL (nothing opened)."""
+        return "sqlite" if self.url.startswith("sqlite:") else "postgresql"
 
     def open(self, base_dir: Path, application_name: str) -> LedgerDatabase:
         return open_ledger(
