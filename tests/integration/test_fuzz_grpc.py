@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from maas_demo.processes import free_port
-from maas_demo.stack import CONFIG_DIR, Child, wait_until_ready
-from tests.e2e.conftest import http
+from maas_demo.stack import CONFIG_DIR
 from tests.support.authz_client import AuthzClient
 from tests.support.grpc_fuzz import (
     ACCESS_LOG,
@@ -29,22 +26,17 @@ from tests.support.grpc_fuzz import (
 )
 from tests.support.grpc_fuzz import check_request as fuzzed_check
 from tests.support.ratelimit_client import RateLimitClient
+from tests.support.server_process import ServerProcess
 
 CALLS = int(os.environ.get("MAAS_FUZZ_CALLS", "10000"))
 SEED = int(os.environ.get("MAAS_FUZZ_SEED", "18"))
-# what a bad message may get: a refusal, never a crash (INTERNAL is grpc's own answer to bytes
-# that are not a message of the method's type: the servers never see those)
-ANSWERS = {"OK", "INVALID_ARGUMENT", "INTERNAL", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+# what a bad message may get: a refusal, never a crash (UNKNOWN or INTERNAL: an exception);
+# RESOURCE_EXHAUSTED is gRPC's own answer to a message over its 4 MB
+ANSWERS = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+CORE_RACE = "Internal error from Core"
 
 
-class Server:
-    def __init__(self, child: Child, grpc_port: int, http_port: int) -> None:
-        self.child, self.grpc_port, self.http_port = child, grpc_port, http_port
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
+class Server(ServerProcess):
     def rss_mb(self) -> float:
         assert self.child.process is not None
         status = pathlib.Path(f"/proc/{self.child.process.pid}/status").read_text()
@@ -52,22 +44,7 @@ class Server:
         return int(line.split()[1]) / 1024
 
     def series(self) -> int:
-        text = http(f"http://127.0.0.1:{self.http_port}/metrics", method="GET").body.decode()
-        return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
-
-
-def _start(name: str, argv: list[str], workdir: pathlib.Path) -> Server:
-    grpc_port, http_port = free_port(), free_port()
-    child = Child(
-        name,
-        [sys.executable, "-m", *argv, "--grpc-addr", f"127.0.0.1:{grpc_port}",
-         "--http-addr", f"127.0.0.1:{http_port}"],
-        workdir / f"{name}.log",
-        echo=False,
-    )  # fmt: skip
-    child.start()
-    wait_until_ready(child, f"http://127.0.0.1:{http_port}/readyz", 30)
-    return Server(child, grpc_port, http_port)
+        return sum(1 for line in self.metrics().splitlines() if line and not line.startswith("#"))
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +52,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
     work = tmp_path_factory.mktemp("fuzz")
     config = work / "config"
     shutil.copytree(CONFIG_DIR, config)
-    authz = _start(
+    authz = Server.start(
         "maas-authz",
         ["maas_authz", "--config", str(config / "authz.yaml"), "--admin-api-addr", "off"],
         work,
     )
-    ratelimit = _start(
+    ratelimit = Server.start(
         "maas-ratelimit", ["maas_ratelimit", "--config", str(config / "ratelimit.yaml")], work
     )
     try:
@@ -144,7 +121,11 @@ async def test_maas_authz_survives_hostile_access_log_streams(
     rss, series = authz.rss_mb(), authz.series()
     figures = await fuzz_stream(authz.target, ACCESS_LOG, access_log_message, CALLS // 10, SEED)
     assert figures.calls == CALLS // 10
-    assert set(figures.codes) <= ANSWERS, figures.line()
+    # a stream the server ends (INVALID_ARGUMENT) while the client is still writing can end,
+    # now and then, in the client's own gRPC core instead: INTERNAL with core's message, never
+    # a server's
+    assert set(figures.codes) <= ANSWERS | {"INTERNAL"}, figures.line()
+    assert figures.details.get("INTERNAL", CORE_RACE) == CORE_RACE, figures.line()
     client = AuthzClient(authz.target)
     try:
         assert (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import sys
 from collections.abc import Iterator
 
 import grpc
@@ -13,10 +12,9 @@ import pytest
 import yaml
 from envoy.service.ratelimit.v3 import rls_pb2
 
-from maas_demo.stack import Child, free_port, wait_until_ready
-from tests.e2e.conftest import http
 from tests.support.ratelimit_client import RateLimitClient, descriptor
 from tests.support.redis_server import RedisServer
+from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.integration
 LIMITS = """\
@@ -26,17 +24,9 @@ limits:
 """
 
 
-class Server:
-    def __init__(self, child: Child, grpc_port: int, http_port: int) -> None:
-        self.child = child
-        self.grpc_port = grpc_port
-        self.http_port = http_port
-
+class Server(ServerProcess):
     def client(self) -> RateLimitClient:
-        return RateLimitClient(f"127.0.0.1:{self.grpc_port}")
-
-    def metrics(self) -> str:
-        return http(f"http://127.0.0.1:{self.http_port}/metrics", method="GET").body.decode()
+        return RateLimitClient(self.target)
 
 
 def start_server(
@@ -47,17 +37,7 @@ def start_server(
     (workdir / "limits.yaml").write_text(limits)
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"limits": {"file": "limits.yaml"}, "store": store}))
-    grpc_port, http_port = free_port(), free_port()
-    child = Child(
-        name,
-        [sys.executable, "-m", "maas_ratelimit", "--config", str(config),
-         "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}"],
-        workdir / f"{name}.log",
-        echo=False,
-    )  # fmt: skip
-    child.start()
-    wait_until_ready(child, f"http://127.0.0.1:{http_port}/readyz", 30)
-    return Server(child, grpc_port, http_port)
+    return Server.start(name, ["maas_ratelimit", "--config", str(config)], workdir)
 
 
 @pytest.fixture

@@ -132,10 +132,16 @@ def garbage(rng: random.Random, valid: Callable[[random.Random], bytes]) -> byte
 class Figures:
     calls: int = 0
     codes: Counter[str] = field(default_factory=Counter)
+    details: dict[str, str] = field(default_factory=dict)  # the first answer of each code
+
+    def count(self, error: grpc.aio.AioRpcError) -> None:
+        code = error.code().name
+        self.codes[code] += 1
+        self.details.setdefault(code, str(error.details())[:200])
 
     def line(self) -> str:
         codes = ", ".join(f"{code} {n}" for code, n in self.codes.most_common())
-        return f"{self.calls} calls: {codes}"
+        return f"{self.calls} calls: {codes} (first answers: {self.details})"
 
 
 async def fuzz(
@@ -157,7 +163,7 @@ async def fuzz(
                     await call(payload, timeout=10)
                     figures.codes["OK"] += 1
                 except grpc.aio.AioRpcError as error:
-                    figures.codes[error.code().name] += 1
+                    figures.count(error)
                 figures.calls += 1
 
         senders = [asyncio.create_task(send()) for _ in range(concurrency)]
@@ -219,7 +225,7 @@ async def fuzz_stream(
                     await call(messages(), timeout=10)
                     figures.codes["OK"] += 1
                 except grpc.aio.AioRpcError as error:
-                    figures.codes[error.code().name] += 1
+                    figures.count(error)
                 figures.calls += 1
 
         await asyncio.gather(
