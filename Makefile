@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PORT ?= 8080
 
 .PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver \
-	test-packages vllm bench bench-quick bench-usage fuzz clean
+	test-packages vllm bench bench-quick bench-usage fuzz image clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
 	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e - one test tier"
 	@echo "make fuzz [CALLS=N] - the gRPC fuzzer's long run against both servers (default 1e6)"
+	@echo "make image [BASE=IMAGE] - build localhost/maas-gateway:VERSION with podman (docs/deploy.md)"
 
 setup:
 	@scripts/setup-dev.sh
@@ -26,6 +27,10 @@ test-packages:
 
 vllm:
 	@scripts/provision-vllm.sh >/dev/null
+
+# the Containerfile built with podman; FROM a local Debian base unless BASE names an image
+image:
+	@BASE=$(BASE) scripts/build-image.sh
 
 demo: setup
 	$(PY) -m maas_demo --port $(PORT)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Debian's podman and what it needs here (../shared/docs/containers.md): runc (crun fails on
+# this kernel's cgroups), catatonit (the pause process of `podman kube play`), debootstrap
+# (the local base image: no registry is reachable), uidmap and fuse-overlayfs.
+# Installs only what is missing.
+set -euo pipefail
+
+missing=()
+command -v podman >/dev/null 2>&1 || missing+=(podman)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v newuidmap >/dev/null 2>&1 || missing+=(uidmap)
+command -v fuse-overlayfs >/dev/null 2>&1 || missing+=(fuse-overlayfs)
+[[ -x /usr/libexec/podman/catatonit || -x /usr/bin/catatonit ]] || missing+=(catatonit)
+((${#missing[@]})) || exit 0
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install-podman: missing ${missing[*]}; run as root or install them" >&2
+    exit 1
+fi
+echo "install-podman: installing ${missing[*]}" >&2
+log=$(mktemp)
+export DEBIAN_FRONTEND=noninteractive
+if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+    >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    exit 1
+fi
+rm -f "$log"
