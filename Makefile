@@ -2,17 +2,17 @@
 PY := .venv/bin/python
 PORT ?= 8080
 
-.PHONY: help setup demo test lint format test-unit test-integration test-e2e kube-apiserver \
+.PHONY: help setup demo test lint format test-unit test-integration test-e2e test-deploy kube-apiserver \
 	test-packages vllm bench bench-quick bench-usage fuzz image clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
-	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM), then lint + all tests"
+	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM, the image), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
 	@echo "make bench [ARGS='--quick --only NAME'] - policy plane vs its do-nothing floor (docs/performance.md)"
 	@echo "make bench-quick - the same, small (under a minute)"
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
-	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e - one test tier"
+	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e | test-deploy - one test tier"
 	@echo "make fuzz [CALLS=N] - the gRPC fuzzer's long run against both servers (default 1e6)"
 	@echo "make image [BASE=IMAGE] - build localhost/maas-gateway:VERSION with podman (docs/deploy.md)"
 
@@ -44,7 +44,7 @@ format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: setup test-packages kube-apiserver vllm lint
+test: setup test-packages kube-apiserver vllm image lint
 	$(PY) -m pytest
 
 test-unit: setup test-packages
@@ -55,6 +55,9 @@ test-integration: setup test-packages kube-apiserver
 
 test-e2e: setup test-packages vllm
 	$(PY) -m pytest tests/e2e
+
+test-deploy: setup test-packages kube-apiserver image
+	$(PY) -m pytest tests/deploy
 
 bench: setup test-packages kube-apiserver
 	$(PY) -m bench $(ARGS)

