@@ -38,6 +38,8 @@ IMAGES = {
     "docker.io/library/redis": pm.REDIS_IMAGE,
 }
 AUTHZ_ACCOUNT = ("maas-api", "maas-authz")
+# OpenShift: no UID in the overlay; restricted-v2 assigns one from the namespace's range
+OPENSHIFT_UID = 1000650000
 
 
 def probe_passes(probe: Probe) -> bool:
@@ -55,6 +57,7 @@ def probe_passes(probe: Probe) -> bool:
 
 @dataclass
 class PlayedStack:
+    overlay: str
     workdir: pathlib.Path
     adapted: Adapted
     ports: Ports
@@ -127,21 +130,28 @@ def _credentials(kube: Kube, cluster: KubeCluster, directory: pathlib.Path) -> p
     return directory
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", params=["kubernetes", "openshift"])
 def played(
-    tmp_path_factory: pytest.TempPathFactory, cluster: KubeCluster, kube: Kube
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    cluster: KubeCluster,
+    kube: Kube,
 ) -> Iterator[PlayedStack]:
+    """One overlay played at a time (the pods use the host's ports)."""
     pm.require_images()
-    workdir = tmp_path_factory.mktemp("podman")
-    resources = kustomize(standalone_overlay(workdir / "overlay", "kubernetes"))
+    overlay: str = request.param
+    workdir = tmp_path_factory.mktemp(f"podman-{overlay}")
+    resources = kustomize(standalone_overlay(workdir / "overlay", overlay))
     credentials = workdir / "serviceaccount"
     target = Cluster("127.0.0.1", cluster.port, workdir / "hosts", {AUTHZ_ACCOUNT: credentials})
-    adapted = for_podman(resources, IMAGES, target)
+    uid = OPENSHIFT_UID if overlay == "openshift" else None
+    adapted = for_podman(resources, IMAGES, target, assigned_uid=uid)
     busy = _ports_in_use(adapted)
     if busy:
         pytest.fail(f"ports the pods listen on are taken on this host: {busy}", False)
 
     admin = cluster.write_kubeconfig(workdir / "admin.kubeconfig")
+    # the second overlay re-applies the same objects (kubectl apply is idempotent)
     kubectl("apply", "-f", "-", kubeconfig=admin, stdin=yaml.safe_dump_all(adapted.cluster))
     _credentials(kube, cluster, credentials)
     play_file = workdir / "play.yaml"
@@ -154,7 +164,7 @@ def played(
         authz_grpc=50051,
         ratelimit_grpc=50052,
     )
-    stack = PlayedStack(workdir, adapted, ports, [])
+    stack = PlayedStack(overlay, workdir, adapted, ports, [])
     pm.podman("kube", "play", str(play_file), timeout=300)
     try:
         stack.wait_ready()

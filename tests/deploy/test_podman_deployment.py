@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client
 
 from tests.deploy import podman as pm
-from tests.deploy.conftest import PlayedStack, probe_passes
+from tests.deploy.conftest import OPENSHIFT_UID, PlayedStack, probe_passes
 from tests.e2e.conftest import HttpResult, http
 from tests.support.kube_platform import FREE_NS, MODEL, MODEL_NS, PREMIUM_NS, Kube
 from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
@@ -84,11 +84,14 @@ def test_pods_run_the_image_unprivileged_read_only_and_pass_their_probes(
         assert "no-new-privileges" in host["SecurityOpt"], deployment
         # capabilities drop [ALL]: none left in the bounding set
         assert state["EffectiveCaps"] in (None, []), (deployment, state["EffectiveCaps"])
-        assert state["Config"]["User"] == "65532:65532", deployment
+        uid, gid = (
+            ("65532", "65532") if played.overlay == "kubernetes" else (str(OPENSHIFT_UID), "0")
+        )
+        assert state["Config"]["User"] == f"{uid}:{gid}", deployment
         if deployment in SERVERS:
             assert state["ImageName"] == pm.GATEWAY_IMAGE
             process = pm.podman("exec", state["Name"], "/bin/sh", "-c", "id -u; id -g").stdout
-            assert process.split() == ["65532", "65532"]
+            assert process.split() == [uid, gid]
             # the root filesystem refuses writes; /tmp is the pod's emptyDir or the image's
             wrote = pm.podman(
                 "exec", state["Name"], "/bin/sh", "-c", "echo x > /opt/x", check=False

@@ -26,7 +26,8 @@ root filesystems, emptyDirs) is played as rendered:
    directory at the same path with a token minted by the kube-apiserver (TokenRequest, the
    pod's ServiceAccount), its CA and namespace, and KUBERNETES_SERVICE_HOST/PORT.
 6. Pod-level runAsUser/runAsGroup, which podman ignores, are copied to each container (where it
-   honours them).
+   honours them). For the OpenShift overlay, which sets no UID, `assigned_uid` plays what the
+   restricted-v2 SCC does at admission: an arbitrary UID from the namespace's range, group 0.
 
 Not played, because podman has no equivalent: preStop hooks, termination grace periods,
 pod-level seccomp profiles, eviction at resource limits, rolling updates.
@@ -107,7 +108,12 @@ def service_hostnames(resources: Iterable[Resource]) -> list[str]:
     return names
 
 
-def for_podman(resources: list[Resource], images: dict[str, str], cluster: Cluster) -> Adapted:
+def for_podman(
+    resources: list[Resource],
+    images: dict[str, str],
+    cluster: Cluster,
+    assigned_uid: int | None = None,
+) -> Adapted:
     """`images` maps the rendered image names (without tag) to the local ones."""
     adapted = Adapted(played=[], cluster=[], dropped=[])
     hostnames = service_hostnames(resources)
@@ -123,7 +129,7 @@ def for_podman(resources: list[Resource], images: dict[str, str], cluster: Clust
         if kind in TO_CLUSTER:
             adapted.cluster.append(resource)
         if kind == "Deployment":
-            adapted.probes += _adapt_deployment(resource, images, cluster)
+            adapted.probes += _adapt_deployment(resource, images, cluster, assigned_uid)
         if kind in PLAYED:
             adapted.played.append(copy.deepcopy(resource))
         if kind in DROPPED:
@@ -132,7 +138,7 @@ def for_podman(resources: list[Resource], images: dict[str, str], cluster: Clust
 
 
 def _adapt_deployment(
-    deployment: Resource, images: dict[str, str], cluster: Cluster
+    deployment: Resource, images: dict[str, str], cluster: Cluster, assigned_uid: int | None
 ) -> list[Probe]:
     probes: list[Probe] = []
     deployment["spec"]["replicas"] = 1
@@ -141,7 +147,9 @@ def _adapt_deployment(
     pod["hostNetwork"] = True
     volumes = pod.setdefault("volumes", [])
     volumes.append({"name": "hosts", "hostPath": {"path": str(cluster.hosts_file), "type": "File"}})
-    pod_security = pod.get("securityContext", {})
+    pod_security = dict(pod.get("securityContext", {}))
+    if assigned_uid is not None and "runAsUser" not in pod_security:
+        pod_security.update(runAsUser=assigned_uid, runAsGroup=0)
     credentials = None
     if pod.get("automountServiceAccountToken", True):
         account = pod.get("serviceAccountName", "default")
