@@ -26,7 +26,7 @@ from maas_demo.processes import free_port
 from maas_demo.stack import Child, Ports, gateway_config, wait_until_ready
 from tests.deploy import podman as pm
 from tests.deploy.transform import Adapted, Cluster, Probe, for_podman
-from tests.k8s.manifests import kubectl, kustomize, standalone_overlay
+from tests.k8s.manifests import kubectl, kustomize, of_kind, standalone_overlay
 from tests.support.kube_cluster import KubeCluster
 from tests.support.kube_fixtures import cluster, kube
 from tests.support.kube_platform import Kube
@@ -130,14 +130,15 @@ def _credentials(kube: Kube, cluster: KubeCluster, directory: pathlib.Path) -> p
     return directory
 
 
-@pytest.fixture(scope="session", params=["kubernetes", "openshift"])
+@pytest.fixture(scope="module", params=["kubernetes", "openshift"])
 def played(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     cluster: KubeCluster,
     kube: Kube,
 ) -> Iterator[PlayedStack]:
-    """One overlay played at a time (the pods use the host's ports)."""
+    """One overlay played at a time, released after the module: the pods hold the host's
+    ports (50051, 8081, 8090, ...) that other tiers' shipped configs use too."""
     pm.require_images()
     overlay: str = request.param
     workdir = tmp_path_factory.mktemp(f"podman-{overlay}")
@@ -146,6 +147,9 @@ def played(
     target = Cluster("127.0.0.1", cluster.port, workdir / "hosts", {AUTHZ_ACCOUNT: credentials})
     uid = OPENSHIFT_UID if overlay == "openshift" else None
     adapted = for_podman(resources, IMAGES, target, assigned_uid=uid)
+    for deployment in of_kind(adapted.played, "Deployment"):  # left by a run that crashed
+        pod = f"{deployment['metadata']['name']}-pod-0"
+        pm.podman("pod", "rm", "--force", "--ignore", pod, timeout=120)
     busy = _ports_in_use(adapted)
     if busy:
         pytest.fail(f"ports the pods listen on are taken on this host: {busy}", False)
