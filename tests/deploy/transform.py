@@ -2,8 +2,8 @@
 
 `for_podman` is the whole transform, and docs/deploy.md ("Verified with podman") lists it. It
 changes only what a single podman host cannot do as a cluster does; every other field (command,
-args, ConfigMaps and their mounts, env, ports, probes, container security contexts, read-only
-root filesystems, emptyDirs) is played as rendered:
+args, ConfigMaps and their mounts, env, emptyDirs, container security contexts, read-only root
+filesystems, restart policy) is played as rendered:
 
 1. Kinds. podman plays Deployments and ConfigMaps. The RBAC objects, ServiceAccounts, the
    Namespace and the ConfigMaps go to the real kube-apiserver the pods authenticate against (so
@@ -20,7 +20,7 @@ root filesystems, emptyDirs) is played as rendered:
 3. Probes: podman turns a liveness probe into a healthcheck that runs curl or nc inside the
    container (neither is in the image; a kubelet probes from outside) on a systemd timer
    (none here). They are left out of what is played; the tests run the probes the manifests
-   declare, liveness and readiness, from outside as a kubelet does (`probes()`).
+   declare, liveness and readiness, from outside as a kubelet does (`Adapted.probes`).
 4. Images: the placeholders point at the images built here.
 5. ServiceAccount tokens: podman projects none. A pod that automounts one gets a hostPath
    directory at the same path with a token minted by the kube-apiserver (TokenRequest, the
