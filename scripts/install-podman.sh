@@ -12,18 +12,5 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v newuidmap >/dev/null 2>&1 || missing+=(uidmap)
 command -v fuse-overlayfs >/dev/null 2>&1 || missing+=(fuse-overlayfs)
 [[ -x /usr/libexec/podman/catatonit || -x /usr/bin/catatonit ]] || missing+=(catatonit)
-((${#missing[@]})) || exit 0
-
-if [[ $(id -u) -ne 0 ]]; then
-    echo "install-podman: missing ${missing[*]}; run as root or install them" >&2
-    exit 1
-fi
-echo "install-podman: installing ${missing[*]}" >&2
-log=$(mktemp)
-export DEBIAN_FRONTEND=noninteractive
-if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
-    >"$log" 2>&1; then
-    tail -n 40 "$log" >&2
-    exit 1
-fi
-rm -f "$log"
+source "$(dirname "$0")/lib/apt-install.sh"
+apt_install_missing install-podman "${missing[@]}"

@@ -14,20 +14,7 @@ command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
-((${#missing[@]})) || exit 0
-
-if [[ $(id -u) -ne 0 ]]; then
-    echo "install-test-packages: missing ${missing[*]}; run as root or install them" >&2
-    exit 1
-fi
-echo "install-test-packages: installing ${missing[*]}" >&2
-log=$(mktemp)
-export DEBIAN_FRONTEND=noninteractive
-if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
-    >"$log" 2>&1; then
-    tail -n 40 "$log" >&2
-    exit 1
-fi
+source "$(dirname "$0")/lib/apt-install.sh"
 # The packages start a system-wide Redis on 6379 (and PostgreSQL on 5432, Prometheus on 9090
 # where services run); the tests start their own on free ports.
-rm -f "$log"
+apt_install_missing install-test-packages "${missing[@]}"

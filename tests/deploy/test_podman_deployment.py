@@ -9,14 +9,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from kubernetes import client
 
 from tests.deploy import podman as pm
 from tests.deploy.conftest import OPENSHIFT_UID, PlayedStack, probe_passes
 from tests.e2e.conftest import HttpResult, http
-from tests.support.kube_platform import FREE_NS, MODEL, MODEL_NS, PREMIUM_NS, Kube
+from tests.support.kube_platform import FREE_NS, MODEL, MODEL_NS, PREMIUM_NS, Kube, grant_model
 from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
 
 pytestmark = pytest.mark.deploy
@@ -37,8 +37,8 @@ def chat(stack: PlayedStack, token: str | None, body: object = BODY) -> HttpResu
     return http(stack.gateway_url + CHAT, body=body, headers=headers)
 
 
-def quota(stack: PlayedStack, token: str) -> dict[str, int]:
-    """/v1/quota through the gateway: remaining per limit name."""
+def quota(stack: PlayedStack, token: str) -> dict[str, Any]:
+    """/v1/quota through the gateway, for the model."""
     answer = http(
         f"{stack.gateway_url}/v1/quota?model={MODEL_NS}/{MODEL}",
         method="GET",
@@ -47,29 +47,20 @@ def quota(stack: PlayedStack, token: str) -> dict[str, int]:
     assert answer.status == 200, answer.body
     body = answer.json()
     assert isinstance(body, dict)
-    return {x["name"]: int(x["remaining"]) for x in body["limits"]}
+    return body
+
+
+def remaining(stack: PlayedStack, token: str) -> dict[str, int]:
+    return {x["name"]: int(x["remaining"]) for x in quota(stack, token)["limits"]}
 
 
 @pytest.fixture(scope="module")
 def free_grant(kube: Kube) -> Iterator[None]:
     """The free tier may use the model too (the platform grants per tier), so that the free
     tier's small limits can be reached."""
-    binding = client.V1RoleBinding(
-        metadata=client.V1ObjectMeta(name="tiny-post-free"),
-        role_ref=client.V1RoleRef(
-            api_group="rbac.authorization.k8s.io", kind="Role", name="tiny-post"
-        ),
-        subjects=[
-            client.RbacV1Subject(
-                kind="Group",
-                api_group="rbac.authorization.k8s.io",
-                name=f"system:serviceaccounts:{FREE_NS}",
-            )
-        ],
-    )
-    kube.rbac.create_namespaced_role_binding(MODEL_NS, binding)
+    name = grant_model(kube, FREE_NS)
     yield
-    kube.rbac.delete_namespaced_role_binding("tiny-post-free", MODEL_NS)
+    kube.rbac.delete_namespaced_role_binding(name, MODEL_NS)
 
 
 def test_pods_run_the_image_unprivileged_read_only_and_pass_their_probes(
@@ -106,15 +97,7 @@ def test_pods_run_the_image_unprivileged_read_only_and_pass_their_probes(
 def test_pods_read_their_configmaps_and_authenticate_with_the_cluster(
     played: PlayedStack, kube: Kube
 ) -> None:
-    token = user(kube, PREMIUM_NS)
-    answer = http(
-        f"{played.gateway_url}/v1/quota?model={MODEL_NS}/{MODEL}",
-        method="GET",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    assert answer.status == 200, answer.body
-    body = answer.json()
-    assert isinstance(body, dict)
+    body = quota(played, user(kube, PREMIUM_NS))
     # the tier from the tier-to-group-mapping ConfigMap (TokenReview gave the groups); the
     # limits from maas-ratelimit-limits, read by maas-ratelimit through the Service's name
     assert (body["tier"], body["model"]) == ("premium", f"{MODEL_NS}/{MODEL}")
@@ -184,7 +167,7 @@ def test_killed_ratelimit_pod_is_restarted_and_its_charges_survive_on_redis(
     loaded = [user(kube, PREMIUM_NS) for _ in range(4)]
     for token in (idle, *loaded):
         assert [chat(played, token).status for _ in range(12)] == [200] * 12
-    before = quota(played, idle)["premium-requests"]
+    before = remaining(played, idle)["premium-requests"]
     assert before <= 8
     failed_open_before = _envoy_counter(played, "ratelimit.failure_mode_allowed")
     restarts_before = played.inspect("maas-ratelimit")["RestartCount"]
@@ -238,7 +221,7 @@ def test_killed_ratelimit_pod_is_restarted_and_its_charges_survive_on_redis(
     assert outcomes["429"] > 0
     # Redis kept the charges: the idle user's 12 requests still count (a fresh store would
     # say 20), less what the bucket refilled meanwhile (20 per 2 minutes)
-    after = quota(played, idle)["premium-requests"]
+    after = remaining(played, idle)["premium-requests"]
     refill = int(elapsed * 20 / 120) + 1
     assert before <= after <= before + refill, (before, after, refill)
     for token in loaded:  # limited after the restart: their earlier charges count

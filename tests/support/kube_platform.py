@@ -100,10 +100,17 @@ def create_platform(kube: Kube) -> None:
             ],
         ),
     )
+    grant_model(kube, PREMIUM_NS)
+
+
+def grant_model(kube: Kube, tier_namespace: str) -> str:
+    """The platform's grant of llm/tiny to a tier (its namespace's ServiceAccounts); returns
+    the RoleBinding's name."""
+    name = f"tiny-post-{tier_namespace.rpartition('-')[2]}"
     kube.rbac.create_namespaced_role_binding(
         MODEL_NS,
         client.V1RoleBinding(
-            metadata=client.V1ObjectMeta(name="tiny-post-premium"),
+            metadata=client.V1ObjectMeta(name=name),
             role_ref=client.V1RoleRef(
                 api_group="rbac.authorization.k8s.io", kind="Role", name="tiny-post"
             ),
@@ -111,11 +118,12 @@ def create_platform(kube: Kube) -> None:
                 client.RbacV1Subject(
                     kind="Group",
                     api_group="rbac.authorization.k8s.io",
-                    name=f"system:serviceaccounts:{PREMIUM_NS}",
+                    name=f"system:serviceaccounts:{tier_namespace}",
                 )
             ],
         ),
     )
+    return name
 
 
 def authz_kubeconfig(kube: Kube, path: pathlib.Path) -> pathlib.Path:
