@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -239,7 +240,26 @@ class LocalStack:
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
 
+    def keep_metrics(self) -> None:
+        """Each running server's last /metrics, kept beside its log (NAME.metrics): what it
+        counted is still there to read after the stack is gone (the tests check its labels)."""
+        for name, port in (
+            ("authz", self.ports.authz_http),
+            ("ratelimit", self.ports.ratelimit_http),
+        ):
+            child = next((c for c in self.children if c.name == name and c.alive()), None)
+            if child is None:
+                continue
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/metrics", timeout=2
+                ) as answer:
+                    (self.workdir / f"{name}.metrics").write_bytes(answer.read())
+            except OSError:
+                continue  # best effort: a server that cannot answer has nothing to keep
+
     def stop(self) -> None:
+        self.keep_metrics()
         # front to back: Envoy stops taking requests before the servers behind it go away
         for child in reversed(self.children):
             child.stop()

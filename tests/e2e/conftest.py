@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
+from tests.support import leaks
 
 
 @dataclass
@@ -72,6 +73,26 @@ class Gateway:
 
     def clear_backend(self) -> None:
         http(f"http://127.0.0.1:{self.stack.ports.backend}/_demo/requests", method="DELETE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_credential_in_logs_or_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole session (this tier and every tier after it): no key, key digest, JWT or
+    Bearer value in any log or kept /metrics of our servers, and no metric label that names a
+    user or a credential or grows without bound (tests/support/leaks.py). Fails the session's
+    last teardown, naming the file and the kind of credential (never the credential)."""
+    yield
+    root = tmp_path_factory.getbasetemp()
+    paths = leaks.files(root)
+    names = {path.name for path in paths}
+    # not vacuous: the stacks of this tier wrote logs and kept metrics of both servers
+    for expected in ("authz.log", "ratelimit.log", "authz.metrics", "ratelimit.metrics"):
+        assert expected in names, f"no {expected} under {root}: nothing to scan"
+    found = [str(leak) for leak in leaks.scan(paths, leaks.known_keys())]
+    found += leaks.metric_label_problems(paths)
+    assert not found, f"credentials or unbounded labels in {len(paths)} files:\n" + "\n".join(
+        found[:50]
+    )
 
 
 @pytest.fixture(scope="module")
