@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, http
 
 pytestmark = pytest.mark.e2e
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -113,3 +113,50 @@ def test_streaming_passes_through(gateway: Gateway) -> None:
     events = [line for line in result.body.decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert '"usage"' in events[-2]
+
+
+# every x-maas-* name a client might try, in the casings and spellings a proxy could pass
+SPOOFED = {
+    "x-maas-user": "mallory",
+    "X-MAAS-TIER": "mallory",
+    "X-Maas-Model": "mallory/mallory",
+    "x-maas-userid": "mallory",
+    "x-maas-request-id": "mallory",
+    "x-maas-ratelimit-limit": "mallory",
+    "x-maas-anything-else": "mallory",
+    "x-maas-": "mallory",
+}
+TIER_FLOW_HEADERS = {"x-maas-user", "x-maas-tier", "x-maas-model"}
+SUBSCRIPTION_FLOW_HEADERS = {
+    "x-maas-username",
+    "x-maas-group",
+    "x-maas-subscription",
+    "x-maas-user",
+    "x-maas-model",
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "ours"),
+    [
+        ("sk-demo-free", TIER_FLOW_HEADERS),
+        ("sk-oai-demosmall_DemoSmallSecret1", SUBSCRIPTION_FLOW_HEADERS),
+    ],
+    ids=["tier flow", "subscription flow"],
+)
+def test_no_client_x_maas_header_reaches_the_model(
+    gateway: Gateway, key: str, ours: set[str]
+) -> None:
+    gateway.clear_backend()
+    body = {**BODY, "max_tokens": 1}
+    headers = {**SPOOFED, "Authorization": f"Bearer {key}"}
+    result = http(gateway.stack.gateway_url + CHAT, body=body, headers=headers)
+    assert result.status == 200, result.body
+    [seen] = gateway.backend_saw()
+    received = {k.lower(): v for k, v in seen["headers"].items()}  # type: ignore[union-attr]
+    maas = {name for name in received if name.startswith("x-maas-")}
+    # only the gateway's own identity headers arrive, and none carries a value the client sent
+    assert maas <= ours, maas - ours
+    assert TIER_FLOW_HEADERS - {"x-maas-tier"} <= maas
+    assert all("mallory" not in received[name] for name in maas), received
+    assert "authorization" not in received

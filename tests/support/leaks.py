@@ -80,7 +80,7 @@ def scan(paths: list[pathlib.Path], keys: set[bytes]) -> list[Leak]:
         data = path.read_bytes()
         for key in keys:
             if key in data:
-                leaks.append(Leak(path, f"key {key[:10].decode()}…"))
+                leaks.append(Leak(path, f"key {key[:7].decode()}… ({len(key)} characters)"))
         for digest in hashes:
             if digest in data:
                 leaks.append(Leak(path, f"SHA-256 of a key ({digest[:8].decode()}…)"))
