@@ -4,7 +4,7 @@
 directory (the test session's temporary directory, where every stack writes them) and reports
 any credential found: the keys the tests use (taken from the demo config, README and the test
 sources: every `sk-demo-`/`sk-oai-` key), their SHA-256 digests (of the whole key and of its
-secret part, the forms key files and maas-api's table hold), anything shaped like a JWT (every
+secret part, and maas-api's salted key_hash), anything shaped like a JWT (every
 Kubernetes token), and any `Bearer` value. The logs of third-party servers the tests start
 (Redis, etcd, the kube-apiserver, PostgreSQL, Prometheus, vLLM, Chromium) are not ours and are
 skipped. `metric_label_problems` checks the kept metrics' labels: no label that names a user,
@@ -20,6 +20,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from maas_authz.api_keys import hash_key
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEY = re.compile(rb"sk-(?:demo|oai)-[A-Za-z0-9_]+")
@@ -56,11 +58,15 @@ def known_keys() -> set[bytes]:
 
 
 def digests(keys: set[bytes]) -> set[bytes]:
+    """SHA-256 hex of each key and of its secret part, and the api_keys table's key_hash."""
     found = set()
     for key in keys:
         secret = key.split(b"_", 1)[1] if key.startswith(b"sk-oai-") and b"_" in key else key
         for part in {key, secret}:
             found.add(hashlib.sha256(part).hexdigest().encode())
+        key_hash = hash_key(key.decode())
+        if key_hash is not None:
+            found.add(key_hash.encode())
     return found
 
 
