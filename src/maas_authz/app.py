@@ -501,7 +501,12 @@ async def build_app(
             usage=UsageApi(usage_db, config.usage.timezone) if usage_db and config.usage else None,
         )
         sites.append(
-            HttpSite(config.server.admin_api_addr, operator.routes(), "server.admin_api_addr")
+            HttpSite(
+                config.server.admin_api_addr,
+                operator.routes(),
+                "server.admin_api_addr",
+                tls=config.server.tls,
+            )
         )
 
     async def close_decisions() -> None:
@@ -523,6 +528,7 @@ async def build_app(
             *(subscriptions.background if subscriptions else ()),
         ],
         on_drain=[close_decisions, access_log.close],
+        grpc_tls=config.server.tls,
         on_close=[
             *([api.close] if api else []),
             *([peeker.close] if peeker else []),

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from maas_common.config import parse_address
 from maas_common.errors import ConfigError
+from maas_common.tls import HttpCertificates, TlsSection, grpc_credentials
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,7 @@ class HttpSite:
     addr: str
     routes: Sequence[web.RouteDef]
     setting: str  # the configuration key of `addr`, for a listen error
+    tls: TlsSection | None = None
 
 
 def probe_routes(registry: CollectorRegistry, readiness: ReadinessReport) -> list[web.RouteDef]:
@@ -142,7 +145,10 @@ def probe_routes(registry: CollectorRegistry, readiness: ReadinessReport) -> lis
 
 
 async def serve_http(
-    addr: str, routes: Sequence[web.RouteDef], setting: str
+    addr: str,
+    routes: Sequence[web.RouteDef],
+    setting: str,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """An aiohttp site for `routes` on `addr`; the port it got (useful with port 0)."""
     app = web.Application()
@@ -151,7 +157,7 @@ async def serve_http(
     await runner.setup()
     host, port = parse_address(addr)
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(setting, "", f"cannot listen on {addr}: {exc.strerror or exc}") from None
@@ -177,8 +183,10 @@ class ServerRuntime:
         reuse_port: bool = False,
         sites: Sequence[HttpSite] = (),
         on_drain: Sequence[Callable[[], Awaitable[None]]] = (),
+        grpc_tls: TlsSection | None = None,
     ) -> None:
         self.name = name
+        self._grpc_tls = grpc_tls
         self.readiness = Readiness()
         self._grpc_addr = grpc_addr
         self._http_addr = http_addr
@@ -232,7 +240,11 @@ class ServerRuntime:
             server,
         )
         try:
-            self.grpc_port = server.add_insecure_port(self._grpc_addr)
+            if self._grpc_tls is None:
+                self.grpc_port = server.add_insecure_port(self._grpc_addr)
+            else:
+                credentials = grpc_credentials(self._grpc_tls)
+                self.grpc_port = server.add_secure_port(self._grpc_addr, credentials)
         except RuntimeError as exc:
             raise ConfigError(
                 "--grpc-addr", "", f"cannot listen on {self._grpc_addr}: {exc}"
@@ -246,7 +258,12 @@ class ServerRuntime:
         try:
             self._http, self.http_port = await serve_http(self._http_addr, routes, "--http-addr")
             for site in self._sites:
-                runner, port = await serve_http(site.addr, site.routes, site.setting)
+                context = None
+                if site.tls is not None:
+                    certificates = HttpCertificates(site.tls)
+                    context = certificates.context
+                    self._background = [*self._background, certificates.watch]
+                runner, port = await serve_http(site.addr, site.routes, site.setting, context)
                 self._site_runners.append(runner)
                 self.site_ports.append(port)
         except ConfigError:

@@ -22,6 +22,7 @@ from maas_common.config import (
 )
 from maas_common.errors import ConfigError
 from maas_common.event_loop import EventLoop
+from maas_common.tls import TlsSection
 
 M = TypeVar("M", bound=StrictModel)
 
@@ -33,6 +34,9 @@ class ServerSection(StrictModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     event_loop: EventLoop = "uvloop"
+    # TLS on the gRPC listener (and maas-authz's operator API); off by default: in a mesh the
+    # sidecars do it. /metrics and the probes stay plain HTTP for the kubelet and Prometheus.
+    tls: TlsSection | None = None
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ def build_app(
             *([ledger.run] if ledger else []),
         ],
         on_close=[*([ledger.close] if ledger else []), bucket_store.close],
+        grpc_tls=config.server.tls,
     )
     return RateLimitApp(config, runtime, limiter, bucket_store, registry, ledger)
 

@@ -1,0 +1,170 @@
+"""Optional TLS for the gRPC and operator API listeners, for clusters without a mesh.
+
+The certificate and key (a mounted Secret, e.g. cert-manager's) are re-read when their files
+change, without a restart: gRPC asks `_GrpcCertificates.fetch` before each handshake (gRPC
+core's dynamic credentials; it runs on gRPC's own thread and only stats the files unless they
+changed); the HTTP listener's SSLContext is reloaded by `HttpCertificates.watch` every
+`reload_interval`. Connections already open keep the certificate they were opened with. A
+half-written pair (a Secret mid-update) keeps the previous certificate until a read succeeds.
+With `client_ca_file`, clients must present a certificate signed by that CA (mutual TLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import threading
+from pathlib import Path
+
+import grpc
+
+from maas_common.clock import SystemClock
+from maas_common.config import Duration, StrictModel
+from maas_common.errors import ConfigError
+from maas_common.logs import LogThrottle
+
+log = logging.getLogger(__name__)
+
+
+class TlsSection(StrictModel):
+    cert_file: Path  # PEM certificate chain, leaf first
+    key_file: Path  # PEM private key
+    client_ca_file: Path | None = None  # set: clients need a certificate signed by this CA
+    reload_interval: Duration = 10.0  # how often the HTTP listener looks for a new pair
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
+    """What tells a rewritten file (Kubernetes swaps a Secret's files by renaming a symlink)."""
+    stamps = []
+    for path in paths:
+        st = os.stat(path)
+        stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stamps)
+
+
+class _Files:
+    def __init__(self, section: TlsSection, setting: str) -> None:
+        self.section = section
+        self.setting = setting
+        self.paths = [section.cert_file, section.key_file]
+        if section.client_ca_file is not None:
+            self.paths.append(section.client_ca_file)
+        self.throttle = LogThrottle(SystemClock(), 30.0)
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        section = self.section
+        ca = section.client_ca_file.read_bytes() if section.client_ca_file else None
+        return section.cert_file.read_bytes(), section.key_file.read_bytes(), ca
+
+    def first_read(self) -> tuple[bytes, bytes, bytes | None]:
+        """At start: a pair that cannot be read or used fails start-up, naming the key."""
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self.section, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(self.setting, key, f"{path}: no such file")
+        try:
+            cert, key_pem, ca = self.read()
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            probe.load_cert_chain(self.section.cert_file, self.section.key_file)
+            if self.section.client_ca_file is not None:
+                probe.load_verify_locations(cafile=str(self.section.client_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                self.setting, "cert_file", f"not a usable PEM certificate and key: {exc}"
+            ) from None
+        return cert, key_pem, ca
+
+    def failed(self, exc: Exception) -> None:
+        self.throttle.log(
+            log,
+            logging.WARNING,
+            "new TLS certificate files could not be loaded (keeping the previous): %s",
+            exc,
+        )
+
+
+class _GrpcCertificates:
+    """gRPC core calls `fetch` before each handshake, on a thread of its own."""
+
+    def __init__(self, files: _Files) -> None:
+        self.files = files
+        self.stamp = _stamp(files.paths)
+        self.lock = threading.Lock()
+
+    def config(
+        self, cert: bytes, key: bytes, ca: bytes | None
+    ) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration when the files changed, else None (keep the current one)."""
+        with self.lock:
+            try:
+                stamp = _stamp(self.files.paths)
+                if stamp == self.stamp:
+                    return None
+                cert, key, ca = self.files.read()
+                # checked before handing it over: gRPC would fail every handshake on a bad pair
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                    self.files.section.cert_file, self.files.section.key_file
+                )
+            except (OSError, ssl.SSLError) as exc:
+                self.files.failed(exc)
+                return None
+            self.stamp = stamp
+            log.info("TLS certificate reloaded for the gRPC listener")
+            return self.config(cert, key, ca)
+
+
+def grpc_credentials(section: TlsSection, setting: str = "server.tls") -> grpc.ServerCredentials:
+    files = _Files(section, setting)
+    cert, key, ca = files.first_read()
+    certificates = _GrpcCertificates(files)
+    return grpc.dynamic_ssl_server_credentials(
+        certificates.config(cert, key, ca),
+        certificates.fetch,
+        require_client_authentication=ca is not None,
+    )
+
+
+class HttpCertificates:
+    """The SSLContext of an HTTP listener, reloaded in place when the files change."""
+
+    def __init__(self, section: TlsSection, setting: str = "server.tls") -> None:
+        self.files = _Files(section, setting)
+        self.files.first_read()
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._load(self.context)
+        self.stamp = _stamp(self.files.paths)
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        section = self.files.section
+        context.load_cert_chain(section.cert_file, section.key_file)
+        if section.client_ca_file is not None:
+            context.load_verify_locations(cafile=str(section.client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+
+    def reload_if_changed(self) -> bool:
+        try:
+            stamp = _stamp(self.files.paths)
+            if stamp == self.stamp:
+                return False
+            # checked on a scratch context first: a bad pair must not half-replace the live one
+            self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+            # on the loop's thread, where handshakes run: a few kB from a mounted Secret,
+            # once per rotation
+            self._load(self.context)
+        except (OSError, ssl.SSLError) as exc:
+            self.files.failed(exc)
+            return False
+        self.stamp = stamp
+        log.info("TLS certificate reloaded for the operator API listener")
+        return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.files.section.reload_interval)
+            self.reload_if_changed()
