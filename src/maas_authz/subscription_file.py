@@ -25,7 +25,7 @@ def parse_subscription_file(text: str, source: str) -> SubscriptionCatalog:
     by_kind: dict[Kind, list[Mapping[str, Any]]] = {kind: [] for kind in PLURALS}
     for index, doc in enumerate(documents):
         kind = doc.get("kind") if isinstance(doc, Mapping) else None
-        if kind not in by_kind:
+        if not isinstance(kind, str) or kind not in by_kind:  # a list or a map is no kind
             raise ConfigError(
                 source,
                 f"document {index + 1}: kind",

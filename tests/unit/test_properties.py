@@ -17,7 +17,7 @@ import string
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from maas_authz.admin_auth import parse_admin_keys
@@ -118,6 +118,7 @@ TEXT_PARSERS = {
 
 
 @given(text=config_texts, which=st.sampled_from(sorted(TEXT_PARSERS)))
+@example(text="kind: []\n", which="subscriptions")  # found by the long run: was a TypeError
 def test_config_files_load_or_fail_naming_the_file(text: str, which: str) -> None:
     source = f"/etc/maas/{which.replace(' ', '-')}.yaml"
     try:
