@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -153,8 +154,11 @@ class LocalStack:
         backend_args: tuple[str, ...] = (),
         authz_env: dict[str, str] | None = None,
         external_backend: bool = False,
+        envoy_config_edit: Callable[[str], str] | None = None,
     ) -> None:
         self.workdir = workdir
+        # a change to the rendered Envoy config (e.g. TLS to the servers), for tests
+        self.envoy_config_edit = envoy_config_edit
         self.ports = ports or Ports()
         self.authz_config = authz_config
         self.ratelimit_config = ratelimit_config
@@ -186,7 +190,10 @@ class LocalStack:
         self._own_config()
         p = self.ports
         envoy_config = self.workdir / "envoy.yaml"
-        envoy_config.write_text(gateway_config(p))
+        rendered = gateway_config(p)
+        if self.envoy_config_edit is not None:
+            rendered = self.envoy_config_edit(rendered)
+        envoy_config.write_text(rendered)
         python = sys.executable
         plan = [
             (
