@@ -593,11 +593,13 @@ def _build_peeker(config: AuthzConfig) -> RateLimitPeeker | None:
     section = config.ratelimit
     if section.target is None:
         return None
+    channel = section.tls.channel(section.target, "ratelimit") if section.tls else None
     return RateLimitPeeker(
         section.target,
         section.domain,
         timeout=section.timeout,
         max_concurrency=section.max_concurrency,
+        channel=channel,
     )
 
 

@@ -13,6 +13,7 @@ from maas_common.ledger.settings import LedgerDatabaseSection
 from maas_common.periods import TimeZoneName
 from maas_common.postgres import has_password
 from maas_common.settings import ServerSection
+from maas_common.tls import ClientTlsSection
 
 MAX_WORKERS = 64
 
@@ -263,6 +264,7 @@ class RateLimitPeekSection(StrictModel):
     domain: str = "maas"  # as the Envoy rate limit filter's `domain`
     timeout: PositiveDuration = 0.5
     max_concurrency: int = Field(16, ge=1, le=1024)
+    tls: ClientTlsSection | None = None  # maas-ratelimit serves TLS (its server.tls)
 
 
 class QuotaSection(StrictModel):

@@ -72,8 +72,16 @@ class RateLimitPeeker:
     """maas-ratelimit's limits for a descriptor, consuming nothing; every call has a timeout and
     waits for one of `max_concurrency` slots (inside the same timeout)."""
 
-    def __init__(self, target: str, domain: str, *, timeout: float, max_concurrency: int) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        domain: str,
+        *,
+        timeout: float,
+        max_concurrency: int,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
         self._stub = rls_pb2_grpc.RateLimitServiceStub(self._channel)
         self._domain = domain
         self._timeout = timeout

@@ -168,3 +168,27 @@ class HttpCertificates:
         while True:
             await asyncio.sleep(self.files.section.reload_interval)
             self.reload_if_changed()
+
+
+class ClientTlsSection(StrictModel):
+    """TLS to one of our servers (maas-authz's peeks at maas-ratelimit)."""
+
+    ca_file: Path  # the CA that signed the server's certificate
+    cert_file: Path | None = None  # with key_file: a client certificate, for mutual TLS
+    key_file: Path | None = None
+    server_name: str | None = None  # the name to verify, when the target's host is not in it
+
+    def channel(self, target: str, setting: str) -> grpc.aio.Channel:
+        """A TLS channel to `target`; files read once, at start (a renewed client certificate
+        needs a restart: the server side reloads, this side does not)."""
+        try:
+            ca = self.ca_file.read_bytes()
+            cert = self.cert_file.read_bytes() if self.cert_file else None
+            key = self.key_file.read_bytes() if self.key_file else None
+        except OSError as exc:
+            raise ConfigError(setting, "tls", f"cannot be read: {exc}") from None
+        if (cert is None) != (key is None):
+            raise ConfigError(setting, "tls", "cert_file and key_file go together")
+        credentials = grpc.ssl_channel_credentials(ca, key, cert)
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.aio.secure_channel(target, credentials, options=options)

@@ -59,6 +59,16 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatewa
 
     authz = demo_authz_config()
     authz["server"]["tls"] = tls
+    # its own peeks at maas-ratelimit (/v1/quota) over mutual TLS too
+    authz["ratelimit"] = {
+        **authz.get("ratelimit", {}),
+        "tls": {
+            "ca_file": str(pki.ca),
+            "cert_file": str(client[0]),
+            "key_file": str(client[1]),
+            "server_name": "localhost",
+        },
+    }
     ratelimit = yaml.safe_load((CONFIG_DIR / "ratelimit.yaml").read_text())
     ratelimit["server"]["tls"] = tls
     ratelimit["limits"]["file"] = str(CONFIG_DIR / ratelimit["limits"]["file"])
@@ -101,6 +111,10 @@ def test_envoy_authorizes_and_limits_over_mutual_tls(tls_stack: tuple[Gateway, P
     sixth = gateway.request(CHAT, "sk-demo-free", BODY)
     assert sixth.status == 429
     assert sixth.json() == free_requests_refusal_body(sixth.headers["retry-after"])
+    quota = gateway.request("/v1/quota?model=llm/tiny", "sk-demo-free", method="GET")
+    assert quota.status == 200, quota.body  # maas-authz's peek at maas-ratelimit, over TLS
+    remaining = {x["name"]: x["remaining"] for x in quota.json()["limits"]}  # type: ignore[index]
+    assert remaining["free-requests"] == 0
     # both hops were TLS handshakes Envoy made (and the servers accepted its certificate)
     for cluster in ("maas_authz", "maas_ratelimit"):
         assert envoy_stat(gateway, f"cluster.{cluster}.ssl.handshake") >= 1, cluster
