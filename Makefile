@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PORT ?= 8080
 
 .PHONY: help setup demo test lint format test-unit test-integration test-e2e test-deploy kube-apiserver \
-	test-packages vllm bench bench-quick bench-usage fuzz image clean
+	test-packages vllm bench bench-quick bench-usage fuzz soak image clean
 
 help:
 	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
 	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e | test-deploy - one test tier"
 	@echo "make fuzz [CALLS=N] - the gRPC fuzzer's long run against both servers (default 1e6)"
+	@echo "make soak [MINUTES=10] - mixed traffic through Envoy, memory and fds sampled (docs/operations.md)"
 	@echo "make image [BASE=IMAGE] - build localhost/maas-gateway:VERSION with podman (docs/deploy.md)"
 
 setup:
@@ -27,6 +28,11 @@ test-packages:
 
 vllm:
 	@scripts/provision-vllm.sh >/dev/null
+
+# mixed traffic through Envoy for MINUTES, RSS and file descriptors per process (not in CI)
+MINUTES ?= 10
+soak: setup
+	$(PY) -m bench.soak --minutes $(MINUTES)
 
 # the Containerfile built with podman; FROM a local Debian base unless BASE names an image
 image:
