@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import tempfile
+from collections.abc import Iterator
+
+import pytest
 
 from tests.support import leaks
 
 KEY = b"sk-oai-demosmall_DemoSmallSecret1"
 JWT = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJl"
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[pathlib.Path]:
+    """Outside the session's temporary directory: the session-end scan must not find the
+    credentials these tests plant."""
+    with tempfile.TemporaryDirectory(prefix="maas-leak-scanner-") as directory:
+        yield pathlib.Path(directory)
 
 
 def write(tmp_path: pathlib.Path, name: str, data: bytes) -> pathlib.Path:
