@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from maas_common.clock import Clock, SystemClock
 from maas_common.config import resolve_path
@@ -16,7 +17,8 @@ from maas_common.reload import ReloadResult, WatchedFile
 from maas_common.server import GrpcService, ServerRuntime
 from maas_common.settings import CommandLine, load_server_config
 from maas_ratelimit import service
-from maas_ratelimit.config import RateLimitConfig
+from maas_ratelimit.accounting import LimitAccounting
+from maas_ratelimit.config import LedgerSection, LimitsSection, RateLimitConfig, StoreSection
 from maas_ratelimit.instrumented import InstrumentedStore
 from maas_ratelimit.limiter import RateLimiter
 from maas_ratelimit.limits import DEFAULT_LIMITS, LimitTable, parse_limits
@@ -33,24 +35,37 @@ def load_config(command_line: CommandLine) -> RateLimitConfig:
 
 
 def limits_file(
-    config: RateLimitConfig,
+    section: LimitsSection,
     base_dir: Path,
     on_reload: Callable[[ReloadResult], None] | None = None,
 ) -> WatchedFile[LimitTable] | None:
-    if config.limits.file is None:
+    if section.file is None:
         return None
     return WatchedFile(
-        resolve_path(base_dir, config.limits.file),
+        resolve_path(base_dir, section.file),
         parse_limits,
         name="limits",
-        interval=config.limits.reload_interval,
+        interval=section.reload_interval,
         on_reload=on_reload,
     )
 
 
 def check_config(config: RateLimitConfig, base_dir: Path) -> str:
     """--check-config: load the limits file as start-up would, and summarise."""
-    watched = limits_file(config, base_dir)
+    return "\n".join([*describe_limiting(config.limits, config.store, config.ledger, base_dir),
+                      "configuration OK"])  # fmt: skip
+
+
+def describe_limiting(
+    limits: LimitsSection,
+    store: StoreSection,
+    ledger: LedgerSection | None,
+    base_dir: Path,
+    key_prefix: str = "",
+) -> list[str]:
+    """The limits, store and ledger as start-up would load them, summarised (--check-config of
+    either server); raises ConfigError as start-up would."""
+    watched = limits_file(limits, base_dir)
     table = watched.load() if watched else parse_limits(DEFAULT_LIMITS, "built-in limits")
     lines = [f"domain: {table.domain}"]
     lines += [
@@ -62,19 +77,21 @@ def check_config(config: RateLimitConfig, base_dir: Path) -> str:
         "completion per million tokens"
         for model, price in table.prices
     ]
-    build_store(config)  # checks what can be checked without connecting (the URL)
-    lines.append(f"store: {config.store.type} (failure mode {config.store.failure_mode})")
-    if config.ledger is not None:  # checked by the config model, not connected
-        lines.append(f"ledger: {config.ledger.engine}, journal {config.ledger.spool_dir}")
-    lines.append("configuration OK")
-    return "\n".join(lines)
+    build_store(store, key_prefix=key_prefix)  # checks what it can without connecting (the URL)
+    lines.append(f"store: {store.type} (failure mode {store.failure_mode})")
+    if ledger is not None:  # checked by the config model, not connected
+        lines.append(f"ledger: {ledger.engine}, journal {ledger.spool_dir}")
+    return lines
 
 
-def build_store(config: RateLimitConfig, source: str = "config") -> BucketStore:
-    """The configured store (nothing is connected yet). A bad URL is a ConfigError."""
-    ttl_ms = round(config.store.request_id_ttl * 1000)
-    if config.store.type == "redis":
-        redis = config.store.redis
+def build_store(
+    section: StoreSection, source: str = "config", *, key_prefix: str = ""
+) -> BucketStore:
+    """The configured store (nothing is connected yet). A bad URL is a ConfigError naming
+    `key_prefix` + store.redis.url."""
+    ttl_ms = round(section.request_id_ttl * 1000)
+    if section.type == "redis":
+        redis = section.redis
         assert redis is not None
         try:
             return RedisBucketStore.from_url(
@@ -86,8 +103,79 @@ def build_store(config: RateLimitConfig, source: str = "config") -> BucketStore:
                 request_id_ttl_ms=ttl_ms,
             )
         except ValueError as exc:
-            raise ConfigError(source, "store.redis.url", str(exc)) from None
+            raise ConfigError(source, f"{key_prefix}store.redis.url", str(exc)) from None
     return MemoryBucketStore(request_id_ttl_ms=ttl_ms)
+
+
+@dataclass
+class Limiting:
+    """The limiter and everything it runs with, as a server wires it in: maas-ratelimit, or
+    maas-authz in the one-hop topology (the same parts, the same metrics)."""
+
+    accounting: LimitAccounting
+    store: BucketStore
+    ledger: UsageLedger | None
+    background: list[Callable[[], Coroutine[Any, Any, None]]]
+    on_close: list[Callable[[], Awaitable[None]]]
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.accounting.limiter
+
+
+def build_limiting(
+    limits_section: LimitsSection,
+    store_section: StoreSection,
+    ledger_section: LedgerSection | None,
+    base_dir: Path,
+    *,
+    registry: CollectorRegistry,
+    clock: Clock,
+    process: str,
+    config_reloads: Counter | None = None,
+    store: BucketStore | None = None,
+) -> Limiting:
+    """The limits table (loaded now, then hot reloaded), the store (connected on first use),
+    the ledger's writer (its journal opened and locked now), and the accounting over them.
+    `process` names the writer in the ledger's database; `config_reloads` is the server's
+    counter where it has one already."""
+    metrics = RateLimitMetrics(registry, config_reloads=config_reloads)
+    watched = limits_file(
+        limits_section, base_dir, reload_observer(metrics.config_reloads, "limits")
+    )
+    limits: Callable[[], LimitTable]
+    if watched is None:
+        table = parse_limits(DEFAULT_LIMITS, "built-in limits")
+        limits = lambda: table  # noqa: E731
+    else:
+        watched.load()
+        limits = lambda: watched.value  # noqa: E731 - read at every call: reloads apply at once
+
+    raw_store = store or build_store(store_section)
+    bucket_store: BucketStore
+    if isinstance(raw_store, MemoryBucketStore):
+        metrics.track_buckets(raw_store.__len__)
+        # not timed: its operations take a few µs of the call's own time and never fail, and
+        # timing them would add ~5 % to every call
+        bucket_store = raw_store
+    else:
+        bucket_store = InstrumentedStore(raw_store, metrics)
+    ledger = build_ledger(ledger_section, base_dir, registry, clock, limits, process=process)
+    # with a ledger, every reported usage is settled (and so de-duplicated by request id), also
+    # where no tokens limit applies
+    limiter = RateLimiter(
+        limits=limits, store=bucket_store, clock=clock, settle_all=ledger is not None
+    )
+    accounting = LimitAccounting(
+        limiter, metrics, failure_mode=store_section.failure_mode, clock=clock, ledger=ledger
+    )
+    return Limiting(
+        accounting,
+        bucket_store,
+        ledger,
+        background=[*([watched.watch] if watched else []), *([ledger.run] if ledger else [])],
+        on_close=[*([ledger.close] if ledger else []), bucket_store.close],
+    )
 
 
 @dataclass
@@ -108,37 +196,18 @@ def build_app(
     registry: CollectorRegistry | None = None,
     store: BucketStore | None = None,
 ) -> RateLimitApp:
-    clock = clock or SystemClock()
     registry = registry or new_registry()
-    metrics = RateLimitMetrics(registry)
-
-    watched = limits_file(config, base_dir, reload_observer(metrics.config_reloads, "limits"))
-    limits: Callable[[], LimitTable]
-    if watched is None:
-        table = parse_limits(DEFAULT_LIMITS, "built-in limits")
-        limits = lambda: table  # noqa: E731
-    else:
-        watched.load()
-        limits = lambda: watched.value  # noqa: E731 - read at every call: reloads apply at once
-
-    raw_store = store or build_store(config)
-    bucket_store: BucketStore
-    if isinstance(raw_store, MemoryBucketStore):
-        metrics.track_buckets(raw_store.__len__)
-        # not timed: its operations take a few µs of the call's own time and never fail, and
-        # timing them would add ~5 % to every call
-        bucket_store = raw_store
-    else:
-        bucket_store = InstrumentedStore(raw_store, metrics)
-    ledger = build_ledger(config, base_dir, registry, clock, limits)
-    # with a ledger, every reported usage is settled (and so de-duplicated by request id), also
-    # where no tokens limit applies
-    limiter = RateLimiter(
-        limits=limits, store=bucket_store, clock=clock, settle_all=ledger is not None
+    limiting = build_limiting(
+        config.limits,
+        config.store,
+        config.ledger,
+        base_dir,
+        registry=registry,
+        clock=clock or SystemClock(),
+        process="maas-ratelimit",
+        store=store,
     )
-    servicer = service.RateLimitService(
-        limiter, metrics, failure_mode=config.store.failure_mode, clock=clock, ledger=ledger
-    )
+    servicer = service.RateLimitService(limiting.accounting)
     runtime = ServerRuntime(
         name="maas-ratelimit",
         grpc_addr=config.server.grpc_addr,
@@ -146,26 +215,26 @@ def build_app(
         services=[GrpcService(service.SERVICE_NAME, servicer.register)],
         registry=registry,
         drain_timeout=config.server.drain_timeout,
-        background=[
-            *([watched.watch] if watched else []),
-            *([ledger.run] if ledger else []),
-        ],
-        on_close=[*([ledger.close] if ledger else []), bucket_store.close],
+        background=limiting.background,
+        on_close=limiting.on_close,
         grpc_tls=config.server.tls,
     )
-    return RateLimitApp(config, runtime, limiter, bucket_store, registry, ledger)
+    return RateLimitApp(
+        config, runtime, limiting.limiter, limiting.store, registry, limiting.ledger
+    )
 
 
 def build_ledger(
-    config: RateLimitConfig,
+    section: LedgerSection | None,
     base_dir: Path,
     registry: CollectorRegistry,
     clock: Clock,
     limits: Callable[[], LimitTable],
+    *,
+    process: str = "maas-ratelimit",
 ) -> UsageLedger | None:
     """The usage ledger's writer, its journal opened (and locked) now: a journal another process
     holds is a start-up error."""
-    section = config.ledger
     if section is None:
         return None
     journal = UsageJournal(
@@ -174,7 +243,7 @@ def build_ledger(
     journal.open()
     return UsageLedger(
         journal,
-        section.open(base_dir, "maas-ratelimit"),
+        section.open(base_dir, process),
         registry,
         clock=clock,
         prices=lambda: limits().price_for,

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from maas_common.metrics import BoundedLabel, FastCounter, FastHistogram, config_reload_counter
 from maas_ratelimit.limits import Limit, LimitTable
@@ -70,7 +70,9 @@ class WireLabels:
 
 
 class RateLimitMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, *, config_reloads: Counter | None = None
+    ) -> None:
         self.decisions = FastCounter(
             "maas_ratelimit_decisions",
             "Limits evaluated on admission, by result (allowed, limited, shadow_limited)",
@@ -146,7 +148,8 @@ class RateLimitMetrics:
             ["store", "kind"],
             registry,
         )
-        self.config_reloads = config_reload_counter(registry)
+        # the server's own where it has one (maas-authz in the one-hop topology)
+        self.config_reloads = config_reloads or config_reload_counter(registry)
         self.buckets = Gauge(
             "maas_ratelimit_buckets",
             "Live buckets held in memory (memory store)",

@@ -135,7 +135,7 @@ def test_maas_ratelimit_config_loads_as_mounted(
     assert redis_service["spec"]["ports"][0]["port"] == 6379
     summary = ratelimit_app.check_config(config, config_path.parent)
     assert "domain: maas" in summary and "store: redis" in summary
-    watched = ratelimit_app.limits_file(config, config_path.parent)
+    watched = ratelimit_app.limits_file(config.limits, config_path.parent)
     assert watched is not None
     assert len(watched.load().limits) == 6
 

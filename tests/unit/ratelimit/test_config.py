@@ -93,7 +93,7 @@ def test_durations_and_paths() -> None:
 @pytest.mark.asyncio
 async def test_build_store_memory_uses_the_request_id_ttl() -> None:
     config = validate(RateLimitConfig, {"store": {"request_id_ttl": "2s"}}, "ratelimit.yaml")
-    store = build_store(config)
+    store = build_store(config.store)
     assert isinstance(store, MemoryBucketStore)
     assert (await store.charge([], 10_000, "r1")).status is ChargeStatus.APPLIED
     assert (await store.charge([], 11_999, "r1")).status is ChargeStatus.DUPLICATE
@@ -338,7 +338,7 @@ def test_a_redis_url_redis_py_refuses_is_a_config_error_naming_the_key() -> None
         "ratelimit.yaml",
     )
     with pytest.raises(ConfigError) as caught:
-        build_store(config, "ratelimit.yaml")
+        build_store(config.store, "ratelimit.yaml")
     assert str(caught.value).startswith("ratelimit.yaml: store.redis.url: ")
 
 

@@ -21,7 +21,8 @@ from maas_ratelimit.limiter import RateLimiter
 from maas_ratelimit.limits import parse_limits
 from maas_ratelimit.memory_store import MemoryBucketStore
 from maas_ratelimit.metrics import RateLimitMetrics
-from maas_ratelimit.service import FailureMode, RateLimitService, to_descriptors
+from maas_ratelimit.accounting import FailureMode, LimitAccounting
+from maas_ratelimit.service import RateLimitService, to_descriptors
 from maas_ratelimit.store import Admission, AdmitResult, BucketStore, Charge, ChargeResult
 from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
 
@@ -119,7 +120,7 @@ class Rig:
         table = parse_limits(limits, "limits.yaml")
         limiter = RateLimiter(limits=lambda: table, store=self.store, clock=self.clock)
         self.service = RateLimitService(
-            limiter, self.metrics, failure_mode=failure_mode, clock=self.clock
+            LimitAccounting(limiter, self.metrics, failure_mode=failure_mode, clock=self.clock)
         )
         self.context = FakeContext()
 
@@ -462,12 +463,12 @@ async def test_store_failures_log_one_line_per_five_seconds_of_the_clock(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     rig = Rig(FailingStore(UNAVAILABLE), "open")
-    with caplog.at_level(logging.WARNING, logger="maas_ratelimit.service"):
+    with caplog.at_level(logging.WARNING, logger="maas_ratelimit.accounting"):
         for _ in range(3):
             await rig.call(request(user_descriptor()))
         rig.clock.advance(5.0)
         await rig.call(request(user_descriptor()))
-    lines = [r for r in caplog.records if r.name == "maas_ratelimit.service"]
+    lines = [r for r in caplog.records if r.name == "maas_ratelimit.accounting"]
     assert [r.getMessage() for r in lines] == [
         "rate limit store failed, failing open: redis unavailable (timeout): no answer in 50ms"
     ] * 2
