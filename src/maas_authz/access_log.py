@@ -1,12 +1,13 @@
 """The gRPC adapter for Envoy's access log stream (envoy.service.accesslog.v3.AccessLogService):
-each HTTP entry becomes a Decision in the DecisionLog (decisions.py). Envoy keeps one stream per
-worker thread open and sends entries in batches; a malformed entry is skipped and counted."""
+each HTTP entry becomes a Decision in the DecisionLog (decisions.py) and, in the one-hop
+topology, the request's charge (one_hop.py). Envoy keeps one stream per worker thread open and
+sends entries in batches; a malformed entry is skipped and counted."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC
 from typing import Any
 
@@ -15,6 +16,7 @@ from envoy.config.core.v3.base_pb2 import RequestMethod
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from maas_authz.decisions import AUTHZ_NAMESPACE, RATELIMIT_NAMESPACE, DecisionLog, decision_from
+from maas_authz.one_hop import AUTHZ, USAGE, InlineLimits
 from maas_common.clock import SystemClock
 from maas_common.logs import LogThrottle
 from maas_common.server import Undecodable, register_handlers, tolerant_decoder
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 
 
-def _flat(struct: Any) -> dict[str, Any]:
+def flat_struct(struct: Any) -> dict[str, Any]:
     """A google.protobuf.Struct of scalars as a dict (nested values are left out): cheaper than
     json_format per entry, and all the servers' metadata is flat."""
     out: dict[str, Any] = {}
@@ -40,8 +42,15 @@ def _flat(struct: Any) -> dict[str, Any]:
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    def __init__(self, decisions: DecisionLog, on_entry: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        decisions: DecisionLog,
+        on_entry: Callable[[str], None],
+        *,
+        charges: InlineLimits | None = None,
+    ) -> None:
         self._decisions = decisions
+        self._charges = charges  # the one-hop topology: entries carry the usage to charge
         self._on_entry = on_entry  # "recorded" or "skipped"
         self._streams: set[asyncio.Task[object]] = set()
         self._odd_log = LogThrottle(SystemClock(), seconds=5.0)  # a line per 5 s at most
@@ -88,23 +97,30 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"not a StreamAccessLogsMessage: {message.problem}",
                 )
+            settling = []
             for entry in message.http_logs.log_entry:
                 try:
-                    self._add(entry)
+                    charge = self._add(entry)
                 except Exception as exc:  # one odd entry must not end Envoy's stream
                     self._note("skipped an access log entry that could not be read: %r", exc)
                     self._on_entry("skipped")
                 else:
                     self._on_entry("recorded")
+                    if charge is not None:
+                        settling.append(charge)
+            if settling:  # the message's charges together; the next message waits for them
+                await asyncio.gather(*settling)
 
     def _note(self, message: str, detail: object) -> None:
         self._odd_log.log(log, logging.WARNING, message, detail)
 
-    def _add(self, entry: Any) -> None:
+    def _add(self, entry: Any) -> Coroutine[Any, Any, None] | None:
+        """Records the entry; returns its charge to await (one hop), if it has one."""
         common, request, response = entry.common_properties, entry.request, entry.response
         metadata = common.metadata.filter_metadata
-        authz = _flat(metadata[AUTHZ_NAMESPACE]) if AUTHZ_NAMESPACE in metadata else {}
-        ratelimit = _flat(metadata[RATELIMIT_NAMESPACE]) if RATELIMIT_NAMESPACE in metadata else {}
+        authz = flat_struct(metadata[AUTHZ_NAMESPACE]) if AUTHZ_NAMESPACE in metadata else {}
+        limited = RATELIMIT_NAMESPACE in metadata
+        ratelimit = flat_struct(metadata[RATELIMIT_NAMESPACE]) if limited else {}
         start = common.start_time.ToDatetime(tzinfo=UTC) if common.HasField("start_time") else None
         duration = common.duration
         decisions = self._decisions
@@ -123,6 +139,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 duration_ms=duration.seconds * 1000 + duration.nanos // 1_000_000,
             )
         )
+        if self._charges is None or "user" not in authz:  # only admitted requests are charged
+            return None
+        usage = flat_struct(metadata[USAGE]) if USAGE in metadata else {}
+        return self._charges.settle({AUTHZ: authz, USAGE: usage})
 
 
 def als_method(value: int) -> str:

@@ -45,6 +45,7 @@ from maas_authz.kubernetes import (
 )
 from maas_authz.metrics import AuthzMetrics
 from maas_authz.model_path import OpenPath, PathRouting, PathTemplate
+from maas_authz.one_hop import InlineLimits
 from maas_authz.peers import Peers
 from maas_authz.policy_edit import (
     ConfigMapStore,
@@ -55,7 +56,7 @@ from maas_authz.policy_edit import (
     PolicyStore,
 )
 from maas_authz.policy_view import PolicyView
-from maas_authz.quota import QuotaEndpoint, RateLimitPeeker
+from maas_authz.quota import Peeker, QuotaEndpoint, RateLimitPeeker
 from maas_authz.static_keys import StaticKeyReviewer, parse_static_keys
 from maas_authz.subscription_check import SubscriptionFlow
 from maas_authz.subscription_file import parse_subscription_file
@@ -70,6 +71,7 @@ from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import WatchedFile
 from maas_common.server import GrpcService, HttpSite, Readiness, ServerRuntime
 from maas_common.settings import CommandLine, load_server_config
+from maas_ratelimit.app import Limiting, build_limiting
 
 log = logging.getLogger(__name__)
 
@@ -451,16 +453,23 @@ async def build_app(
         subscriptions=subscriptions.flow if subscriptions else None,
         default_namespace=models.default_namespace,
     )
-    peeker = _build_peeker(config)
+    limiting = _build_limiting(config, base_dir, registry, clock, metrics)
+    inline = (
+        InlineLimits(limiting.accounting, retry_after=config.response.retry_after)
+        if limiting
+        else None
+    )
+    peeker: Peeker | None = inline or _build_peeker(config)
     servicer = service.AuthorizationService(
         pipeline,
         metrics,
         forward_authorization=config.response.forward_authorization,
         quota=QuotaEndpoint(pipeline, peeker, config.quota.path) if peeker else None,
+        limits=inline,
     )
     decisions = DecisionLog(config.admin.decisions, max_readers=config.admin.max_followers)
     access_log = AccessLogService(
-        decisions, lambda result: metrics.access_log_entries.labels(result).inc()
+        decisions, lambda result: metrics.access_log_entries.labels(result).inc(), charges=inline
     )
 
     key_cache = subscriptions.key_cache if subscriptions else None
@@ -526,10 +535,14 @@ async def build_app(
         background=[
             *(w.watch for w in watched),
             *(subscriptions.background if subscriptions else ()),
+            *(limiting.background if limiting else ()),
         ],
-        on_drain=[close_decisions, access_log.close],
+        # one hop: the access log streams stay open through the drain (they carry the charges
+        # of requests that finish meanwhile); the drain's end closes them
+        on_drain=[close_decisions, *([] if inline else [access_log.close])],
         grpc_tls=config.server.tls,
         on_close=[
+            *(limiting.on_close if limiting else ()),
             *([api.close] if api else []),
             *([peeker.close] if peeker else []),
             *([peers.close] if peers else []),
@@ -586,6 +599,30 @@ def _build_peers(config: AuthzConfig) -> Peers | None:
         return None
     return Peers(
         dns=section.dns, port=section.port, addresses=section.addresses, timeout=section.timeout
+    )
+
+
+def _build_limiting(
+    config: AuthzConfig,
+    base_dir: Path,
+    registry: CollectorRegistry,
+    clock: Clock,
+    metrics: AuthzMetrics,
+) -> Limiting | None:
+    """The one-hop topology's limiter (ratelimit.mode inline): maas-ratelimit's parts."""
+    section = config.ratelimit
+    if not section.inline:
+        return None
+    return build_limiting(
+        section.limits,
+        section.store,
+        section.ledger,
+        base_dir,
+        registry=registry,
+        clock=clock,
+        process="maas-authz",
+        config_reloads=metrics.config_reloads,
+        key_prefix="ratelimit.",
     )
 
 

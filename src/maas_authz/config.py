@@ -14,6 +14,7 @@ from maas_common.periods import TimeZoneName
 from maas_common.postgres import has_password
 from maas_common.settings import ServerSection
 from maas_common.tls import ClientTlsSection
+from maas_ratelimit.config import LedgerSection, LimitsSection, StoreSection
 
 MAX_WORKERS = 64
 
@@ -258,13 +259,41 @@ class ApiKeysSection(StrictModel):
         return self
 
 
-class RateLimitPeekSection(StrictModel):
-    # maas-ratelimit's gRPC address: /v1/quota and explain peek at it (consuming nothing)
+class RateLimitSection(StrictModel):
+    # remote (the two-server topology): maas-ratelimit at `target` serves Envoy's rate limit
+    # filter, and /v1/quota and explain peek at it (consuming nothing).
+    # inline (the one-hop topology, envoy/gateway-one-hop.yaml): this process admits, reserves
+    # and charges itself, with maas-ratelimit's limiter on `limits`, `store` and `ledger`
+    # (maas-ratelimit's own sections, the same keys and defaults)
+    mode: Literal["remote", "inline"] = "remote"
     target: str | None = None
     domain: str = "maas"  # as the Envoy rate limit filter's `domain`
     timeout: PositiveDuration = 0.5
     max_concurrency: int = Field(16, ge=1, le=1024)
     tls: ClientTlsSection | None = None  # maas-ratelimit serves TLS (its server.tls)
+    limits: LimitsSection = LimitsSection()
+    store: StoreSection = StoreSection()
+    ledger: LedgerSection | None = None
+
+    @model_validator(mode="after")
+    def _parts_of_the_mode(self) -> RateLimitSection:
+        given = self.model_fields_set
+        if self.mode == "inline":
+            extra = sorted(given & {"target", "tls"})
+            if extra:
+                raise ValueError(f"mode 'inline' limits in this process: remove {extra}")
+        else:
+            extra = sorted(given & {"limits", "store", "ledger"})
+            if extra:
+                raise ValueError(
+                    f"{extra} configure mode 'inline' (the one-hop topology); mode 'remote' "
+                    "leaves them to maas-ratelimit"
+                )
+        return self
+
+    @property
+    def inline(self) -> bool:
+        return self.mode == "inline"
 
 
 class QuotaSection(StrictModel):
@@ -341,7 +370,7 @@ class AuthzConfig(StrictModel):
     authorization: AuthorizationSection = AuthorizationSection()
     subscriptions: SubscriptionsSection = SubscriptionsSection()
     api_keys: ApiKeysSection | None = None
-    ratelimit: RateLimitPeekSection = RateLimitPeekSection()
+    ratelimit: RateLimitSection = RateLimitSection()
     quota: QuotaSection = QuotaSection()
     admin: AdminSection = AdminSection()
     usage: UsageSection | None = None
@@ -352,6 +381,20 @@ class AuthzConfig(StrictModel):
             raise ValueError(
                 "server.admin_api_addr (the operator API) keeps its decisions in one process: "
                 f"it needs server.workers 1, not {self.server.workers}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _inline_limits_shared_by_workers(self) -> AuthzConfig:
+        if (
+            self.ratelimit.inline
+            and self.server.workers > 1
+            and (self.ratelimit.store.type == "memory" or self.ratelimit.ledger is not None)
+        ):
+            raise ValueError(
+                "ratelimit.mode 'inline' with server.workers > 1 needs ratelimit.store.type "
+                "'redis' (a memory store is one process's) and no ratelimit.ledger (its journal "
+                f"is one process's); or server.workers 1, not {self.server.workers}"
             )
         return self
 

@@ -113,6 +113,8 @@ def classify(
     and the two servers' metadata."""
     if authz.get("answer") == "quota":
         return True, "quota", "ok"
+    if authz.get("phase") == "rate_limit":  # the one-hop topology's own rate limits refused
+        return False, "rate_limit", str(authz.get("reason") or "rate_limited")
     if "reason" in authz:
         return False, "authorization", str(authz["reason"])
     if "refusal" in ratelimit:
@@ -147,6 +149,8 @@ def decision_from(
         ratelimit=ratelimit,
         rate_limited_flag=rate_limited_flag,
     )
+    if authz.get("phase") == "rate_limit":  # one hop: the refusal is in maas-authz's metadata
+        ratelimit = authz
     retry = ratelimit.get("retry_after_seconds")
     return Decision(
         seq=seq,

@@ -67,6 +67,8 @@ class Peeker(Protocol):
 
     async def peek(self, descriptors: Sequence[Mapping[str, str]]) -> Peek: ...
 
+    async def close(self) -> None: ...
+
 
 class RateLimitPeeker:
     """maas-ratelimit's limits for a descriptor, consuming nothing; every call has a timeout and

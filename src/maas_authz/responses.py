@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
@@ -35,6 +36,7 @@ _ERROR_TYPES = {
     503: "service_unavailable_error",
 }
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 
 
 def _header(key: str, value: str) -> HeaderValueOption:
@@ -175,9 +177,14 @@ def allowed(
 
 
 def allowed_serialized(
-    allow: Allow, request_header_names: Collection[str], *, forward_authorization: bool
+    allow: Allow,
+    request_header_names: Collection[str],
+    *,
+    forward_authorization: bool,
+    request_id: str | None = None,
 ) -> bytes:
-    """allowed(...), serialized: what the gRPC method sends, without building the message."""
+    """allowed(...), serialized: what the gRPC method sends, without building the message.
+    `request_id`: one made already (new_request_id), else a new one."""
     identity, tier, model = allow.identity, allow.tier, allow.model
     # An open path without authentication was not ours to authenticate: its credentials are for
     # the service behind it (e.g. maas-api), so they pass untouched.
@@ -193,7 +200,7 @@ def allowed_serialized(
     entry = _ALLOWED.get(key, lambda: _build_allowed(allow, drop_authorization))
     # A per-request id no client can choose: the rate limiter keys charge de-duplication and
     # "never charge a refused request" on it (a client-supplied x-request-id could be replayed).
-    data = entry.data + _REQUEST_ID_FIELD + new_request_id().encode()
+    data = entry.data + _REQUEST_ID_FIELD + (request_id or new_request_id()).encode()
     # Never trust identity headers from the client: drop every x-maas-* it sent that we do not
     # overwrite ourselves (ours are set with OVERWRITE, which replaces the client's values).
     # One substring search over all the names first: most requests send no x-maas-* at all.
@@ -253,29 +260,72 @@ def _build_allowed(allow: Allow, drop_authorization: bool) -> _Entry:
     response.status.code = code_pb2.OK
     ok = response.ok_response
     ok.SetInParent()  # present even when it sets no header
-    metadata: dict[str, str] = {}
     headers: list[HeaderValueOption] = []
     if allow.identity is not None:
         headers.append(_header(USER_HEADER, allow.identity.userid))
+    if allow.tier is not None:
+        headers.append(_header(TIER_HEADER, allow.tier.name))
+    if allow.model is not None:
+        headers.append(_header(MODEL_HEADER, str(allow.model)))
+    if allow.subscription_flow and allow.identity is not None:
+        headers += _subscription_parts(allow)[0]
+    ok.headers.extend(headers)
+    if drop_authorization:
+        ok.headers_to_remove.append("authorization")
+    response.dynamic_metadata.update(allowed_metadata(allow))
+    return _Entry(response.SerializeToString(), frozenset(h.header.key for h in headers))
+
+
+def allowed_metadata(allow: Allow) -> dict[str, str]:
+    """The dynamic metadata of an allowed response (less the request id): what the rate limits
+    read (envoy/gateway.yaml's rate_limits; in the one-hop topology, one_hop.py)."""
+    metadata: dict[str, str] = {}
+    if allow.identity is not None:
         # `user` keys the rate-limit counters, so it must be unique: the full username. The short
         # userid (a ServiceAccount's name, as Authorino handed on) repeats across namespaces, and
         # anyone able to name a ServiceAccount like another user's would share that user's quota.
         metadata["user"] = allow.identity.username
         metadata["userid"] = allow.identity.userid
     if allow.tier is not None:
-        headers.append(_header(TIER_HEADER, allow.tier.name))
         metadata["tier"] = allow.tier.name
     if allow.model is not None:
-        headers.append(_header(MODEL_HEADER, str(allow.model)))
         metadata["model"] = str(allow.model)
         metadata["model_namespace"] = allow.model.namespace
         metadata["model_name"] = allow.model.name
     if allow.subscription_flow and allow.identity is not None:
-        more_headers, more_metadata = _subscription_parts(allow)
-        headers += more_headers
-        metadata.update(more_metadata)
-    ok.headers.extend(headers)
-    if drop_authorization:
-        ok.headers_to_remove.append("authorization")
+        metadata.update(_subscription_parts(allow)[1])
+    return metadata
+
+
+def with_response_headers(data: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
+    """An allowed response's bytes with headers for the client's response added (as Envoy's
+    rate limit filter adds its own: appended)."""
+    if not headers:
+        return data
+    extra = CheckResponse()
+    extra.ok_response.response_headers_to_add.extend(
+        HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=_APPEND)
+        for key, value in headers
+    )
+    # a message field that comes twice is merged: the ok_response gains these headers
+    more: bytes = extra.SerializeToString()
+    return data + more
+
+
+def limited_serialized(
+    headers: Sequence[tuple[str, str]], body: bytes, metadata: Mapping[str, Any]
+) -> bytes:
+    """A 429 of the one-hop topology's rate limits: the status, headers and body Envoy's rate
+    limit filter sends in the two-server topology, and the refusal for the access log."""
+    response = CheckResponse()
+    response.status.code = code_pb2.RESOURCE_EXHAUSTED
+    out = response.denied_response
+    out.status.code = 429
+    out.headers.extend(
+        HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=_APPEND)
+        for key, value in headers
+    )
+    out.body = body.decode()
     response.dynamic_metadata.update(metadata)
-    return _Entry(response.SerializeToString(), frozenset(h.header.key for h in headers))
+    data: bytes = response.SerializeToString()
+    return data

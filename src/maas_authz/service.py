@@ -14,9 +14,11 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from maas_authz import responses
+from maas_authz.access_log import flat_struct
 from maas_authz.check import CheckPipeline
 from maas_authz.decision import Allow, Deny
 from maas_authz.metrics import AuthzMetrics
+from maas_authz.one_hop import USAGE, InlineLimits, Refused
 from maas_authz.quota import QuotaEndpoint
 from maas_common.clock import SystemClock
 from maas_common.logs import LogThrottle
@@ -38,8 +40,10 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         *,
         forward_authorization: bool,
         quota: QuotaEndpoint | None = None,
+        limits: InlineLimits | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._limits = limits  # the one-hop topology: rate limits admitted here (one_hop.py)
         self._quota = quota  # GET /v1/quota, answered here (quota.py)
         self._metrics = metrics
         self._forward_authorization = forward_authorization
@@ -85,9 +89,15 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     http.path, headers.get("authorization"), headers=headers, body=body
                 )
                 if isinstance(decision, Allow):
-                    response = responses.allowed_serialized(
-                        decision, headers, forward_authorization=self._forward_authorization
-                    )
+                    limits = self._limits
+                    if limits is not None and decision.identity is not None:
+                        response = await self._admitted(limits, decision, request)
+                    else:
+                        response = responses.allowed_serialized(
+                            decision, headers, forward_authorization=self._forward_authorization
+                        )
+                    # maas-authz's own decision; a rate limit's refusal is counted as
+                    # maas-ratelimit counts it, in both topologies
                     self._metrics.decision("allowed", "ok", _scope(decision))
                 else:
                     response = responses.denied_serialized(decision)
@@ -101,6 +111,30 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             self._metrics.decision("denied", _INTERNAL.code, "")
         self._metrics.check_seconds.observe(time.perf_counter() - started)
         return response
+
+    async def _admitted(
+        self,
+        limits: InlineLimits,
+        allow: Allow,
+        request: external_auth_pb2.CheckRequest,
+    ) -> bytes:
+        """One hop: the request limits and the token reservation, then the answer."""
+        request_id = responses.new_request_id()
+        authz = responses.allowed_metadata(allow)
+        authz["request_id"] = request_id
+        # what the Lua usage reader, before ext_authz, estimated (metadata_context_namespaces)
+        context = request.attributes.metadata_context.filter_metadata
+        usage = flat_struct(context[USAGE]) if USAGE in context else {}
+        admission = await limits.admit(authz, usage)
+        if isinstance(admission, Refused):
+            return admission.response
+        data = responses.allowed_serialized(
+            allow,
+            request.attributes.request.http.headers,
+            forward_authorization=self._forward_authorization,
+            request_id=request_id,
+        )
+        return responses.with_response_headers(data, admission.headers)
 
     def _undecodable(self, request: Undecodable) -> bytes:
         self._undecodable_log.log(  # a line per 5 s, not one per call

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_TEMPLATE = REPO_ROOT / "envoy" / "gateway.yaml"
+ONE_HOP_TEMPLATE = REPO_ROOT / "envoy" / "gateway-one-hop.yaml"
 USAGE_LUA = REPO_ROOT / "envoy" / "lua" / "usage.lua"
 
 

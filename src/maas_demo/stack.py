@@ -16,10 +16,18 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Literal
+
+import yaml
 
 from maas_demo import processes
-from maas_demo.envoy import USAGE_LUA, find_envoy, render_gateway
+from maas_demo.envoy import (
+    GATEWAY_TEMPLATE,
+    ONE_HOP_TEMPLATE,
+    USAGE_LUA,
+    find_envoy,
+    render_gateway,
+)
 from maas_demo.processes import free_port, log_tail
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
@@ -111,8 +119,13 @@ class Child:
         return log_tail(self.log_path, lines)
 
 
-def gateway_config(ports: Ports) -> str:
-    """envoy/gateway.yaml rendered for these ports (Envoy, maas-authz, maas-ratelimit, model)."""
+Topology = Literal["two-hop", "one-hop"]
+TOPOLOGIES: tuple[Topology, ...] = ("two-hop", "one-hop")
+
+
+def gateway_config(ports: Ports, topology: Topology = "two-hop") -> str:
+    """envoy/gateway.yaml (or gateway-one-hop.yaml) rendered for these ports (Envoy, maas-authz,
+    maas-ratelimit, model)."""
     return render_gateway(
         {
             "ENVOY_HOST": ports.envoy_host,
@@ -122,8 +135,48 @@ def gateway_config(ports: Ports) -> str:
             "RATELIMIT_GRPC_PORT": ports.ratelimit_grpc,
             "USAGE_LUA": str(USAGE_LUA),
             "BACKEND_PORT": ports.backend,
-        }
+        },
+        ONE_HOP_TEMPLATE if topology == "one-hop" else GATEWAY_TEMPLATE,
     )
+
+
+def _absolute(base: Path, value: str) -> str:
+    return value if Path(value).is_absolute() else str(base / value)
+
+
+def inline_authz_config(authz_config: Path, ratelimit_config: Path) -> Path:
+    """The one-hop topology's maas-authz configuration, written beside `authz_config`: that one,
+    with maas-ratelimit's limits, store and ledger (paths made absolute) under ratelimit.mode
+    inline. Same policy, same limits, one server."""
+    authz: dict[str, Any] = yaml.safe_load(authz_config.read_text()) or {}
+    limiter: dict[str, Any] = yaml.safe_load(ratelimit_config.read_text()) or {}
+    base = ratelimit_config.resolve().parent
+    section = {
+        key: value
+        for key, value in (authz.get("ratelimit") or {}).items()
+        if key not in ("target", "tls")  # maas-ratelimit's address: there is none
+    }
+    section["mode"] = "inline"
+    limits = dict(limiter.get("limits") or {})
+    if limits.get("file"):
+        limits["file"] = _absolute(base, limits["file"])
+    section["limits"] = limits
+    if limiter.get("store"):
+        section["store"] = limiter["store"]
+    ledger = limiter.get("ledger")
+    if ledger:
+        ledger = dict(ledger)
+        url = ledger["url"]
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            ledger["url"] = "sqlite:///" + _absolute(base, url.removeprefix("sqlite:///"))
+        for key in ("spool_dir", "password_file"):
+            if ledger.get(key):
+                ledger[key] = _absolute(base, ledger[key])
+        section["ledger"] = ledger
+    authz["ratelimit"] = section
+    out = authz_config.with_name(f"{authz_config.stem}.one-hop.yaml")
+    out.write_text(yaml.safe_dump(authz, sort_keys=False))
+    return out
 
 
 def wait_until_ready(child: Child, url: str, timeout: float) -> None:
@@ -155,8 +208,11 @@ class LocalStack:
         authz_env: dict[str, str] | None = None,
         external_backend: bool = False,
         envoy_config_edit: Callable[[str], str] | None = None,
+        topology: Topology = "two-hop",
     ) -> None:
         self.workdir = workdir
+        # one-hop: maas-authz limits inline (envoy/gateway-one-hop.yaml), no maas-ratelimit
+        self.topology = topology
         # a change to the rendered Envoy config (e.g. TLS to the servers), for tests
         self.envoy_config_edit = envoy_config_edit
         self.ports = ports or Ports()
@@ -172,6 +228,11 @@ class LocalStack:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.envoy}"
+
+    @property
+    def limiter_http_port(self) -> int:
+        """The HTTP port (/metrics) of the process that runs the rate limits."""
+        return self.ports.authz_http if self.topology == "one-hop" else self.ports.ratelimit_http
 
     def _own_config(self) -> None:
         """The demo's own configuration is copied afresh into the workdir at every start and run
@@ -190,10 +251,17 @@ class LocalStack:
         self._own_config()
         p = self.ports
         envoy_config = self.workdir / "envoy.yaml"
-        rendered = gateway_config(p)
+        rendered = gateway_config(p, self.topology)
         if self.envoy_config_edit is not None:
             rendered = self.envoy_config_edit(rendered)
         envoy_config.write_text(rendered)
+        one_hop = self.topology == "one-hop"
+        authz_config = (
+            inline_authz_config(self.authz_config, self.ratelimit_config)
+            if one_hop
+            else self.authz_config
+        )
+        to_ratelimit = [] if one_hop else ["--ratelimit-target", f"127.0.0.1:{p.ratelimit_grpc}"]
         python = sys.executable
         plan = [
             (
@@ -205,11 +273,11 @@ class LocalStack:
             ),
             (
                 "authz",
-                [python, "-m", "maas_authz", "--config", str(self.authz_config),
+                [python, "-m", "maas_authz", "--config", str(authz_config),
                  "--grpc-addr", f"127.0.0.1:{p.authz_grpc}",
                  "--http-addr", f"127.0.0.1:{p.authz_http}",
                  "--admin-api-addr", f"127.0.0.1:{p.authz_admin}",
-                 "--ratelimit-target", f"127.0.0.1:{p.ratelimit_grpc}"],
+                 *to_ratelimit],
                 self.authz_env,
                 f"http://127.0.0.1:{p.authz_http}/readyz",
             ),
@@ -231,6 +299,8 @@ class LocalStack:
         ]  # fmt: skip
         if self.external_backend:
             plan = [step for step in plan if step[0] != "backend"]
+        if one_hop:
+            plan = [step for step in plan if step[0] != "ratelimit"]
         try:
             for name, argv, env, ready_url in plan:
                 child = Child(name, argv, self.workdir / f"{name}.log", self.echo, env)

@@ -78,6 +78,12 @@ class LimitAccounting:
             )
         return verdict
 
+    def count_outcome(self, tier: str, outcome: str) -> None:
+        """An outcome the usage reader would report (the one-hop topology's own 429s, which no
+        after-response call reports)."""
+        labels = self._labels
+        self.metrics.reported.inc(labels.tier(tier), labels.outcome(outcome))
+
     def store_failed(self, exc: BackendUnavailable, *, charges: bool) -> FailureMode:
         """Logs (a line per 5 s) and counts a store that could not answer; `charges`: the call
         carried usage, now not charged. Returns the failure mode to apply."""

@@ -134,11 +134,12 @@ def build_limiting(
     process: str,
     config_reloads: Counter | None = None,
     store: BucketStore | None = None,
+    key_prefix: str = "",
 ) -> Limiting:
     """The limits table (loaded now, then hot reloaded), the store (connected on first use),
     the ledger's writer (its journal opened and locked now), and the accounting over them.
     `process` names the writer in the ledger's database; `config_reloads` is the server's
-    counter where it has one already."""
+    counter where it has one already; `key_prefix` where the sections are in its file."""
     metrics = RateLimitMetrics(registry, config_reloads=config_reloads)
     watched = limits_file(
         limits_section, base_dir, reload_observer(metrics.config_reloads, "limits")
@@ -151,7 +152,7 @@ def build_limiting(
         watched.load()
         limits = lambda: watched.value  # noqa: E731 - read at every call: reloads apply at once
 
-    raw_store = store or build_store(store_section)
+    raw_store = store or build_store(store_section, key_prefix=key_prefix)
     bucket_store: BucketStore
     if isinstance(raw_store, MemoryBucketStore):
         metrics.track_buckets(raw_store.__len__)

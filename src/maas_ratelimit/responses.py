@@ -374,3 +374,38 @@ def allow_all(descriptor_count: int) -> RateLimitResponse:
     for _ in range(descriptor_count):
         response.statuses.add().code = OK
     return response
+
+
+_WINDOW_SECONDS = {
+    RateLimit.Unit.SECOND: 1,
+    RateLimit.Unit.MINUTE: 60,
+    RateLimit.Unit.HOUR: 3600,
+    RateLimit.Unit.DAY: 86400,
+}
+
+
+def envoy_draft03_headers(response: RateLimitResponse) -> list[tuple[str, str]]:
+    """The x-ratelimit-{limit,remaining,reset} headers Envoy's rate limit filter derives from a
+    response's statuses (enable_x_ratelimit_headers: DRAFT_VERSION_03): the status with the
+    least remaining, and a quota policy per status. The one-hop topology has no such filter,
+    so maas-authz adds them itself and clients see the same headers in both topologies."""
+    least = None
+    policy = ""
+    for status in response.statuses:
+        if not status.HasField("current_limit"):
+            continue
+        if least is None or status.limit_remaining < least.limit_remaining:
+            least = status
+        limit = status.current_limit
+        window = _WINDOW_SECONDS.get(limit.unit, 0)
+        if window:
+            policy += f", {limit.requests_per_unit};w={window}"
+            if limit.name:
+                policy += f';name="{limit.name}"'
+    if least is None:
+        return []
+    return [
+        ("x-ratelimit-limit", f"{least.current_limit.requests_per_unit}{policy}"),
+        ("x-ratelimit-remaining", str(least.limit_remaining)),
+        ("x-ratelimit-reset", str(least.duration_until_reset.seconds)),
+    ]

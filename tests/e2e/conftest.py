@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
+from maas_demo.stack import CONFIG_DIR, TOPOLOGIES, LocalStack, Ports, Topology
 from tests.support import leaks
 
 
@@ -95,9 +95,19 @@ def no_credential_in_logs_or_metrics(tmp_path_factory: pytest.TempPathFactory) -
     )
 
 
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> Topology:
+    """Each module whose stack takes this runs in both topologies: maas-authz and
+    maas-ratelimit behind Envoy's two filters, and maas-authz alone (one hop, limits inline)."""
+    value: Topology = request.param
+    return value
+
+
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), Ports.free())
+def gateway(tmp_path_factory: pytest.TempPathFactory, topology: Topology) -> Iterator[Gateway]:
+    stack = LocalStack(
+        tmp_path_factory.mktemp(f"stack-{topology}"), Ports.free(), topology=topology
+    )
     stack.start()
     yield Gateway(stack)
     stack.stop()
@@ -165,7 +175,7 @@ def seconds_until(predicate: Callable[[], object], timeout: float = 5.0) -> floa
 
 @dataclass
 class Metrics:
-    """maas-ratelimit's /metrics at one moment."""
+    """A server's /metrics at one moment."""
 
     text: str
 
@@ -187,7 +197,9 @@ class Metrics:
 
 
 def metrics(gateway: Gateway) -> Metrics:
-    url = f"http://127.0.0.1:{gateway.stack.ports.ratelimit_http}/metrics"
+    """The rate limiter's /metrics: maas-ratelimit's, or in the one-hop topology maas-authz's
+    (the same maas_ratelimit_* series)."""
+    url = f"http://127.0.0.1:{gateway.stack.limiter_http_port}/metrics"
     return Metrics(http(url, method="GET").body.decode())
 
 

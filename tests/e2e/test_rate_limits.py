@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from maas_demo.stack import LocalStack, Ports
+from maas_demo.stack import LocalStack, Ports, Topology
 from tests.e2e.conftest import Gateway, http
 from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
 
@@ -21,9 +21,19 @@ GRPCURL = str(pathlib.Path(sys.executable).parent / "grpcurl")
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A stack of its own, so that its counters start at zero (the default platform limits)."""
-    stack = LocalStack(tmp_path_factory.mktemp("limited"), Ports.free())
+def limited(tmp_path_factory: pytest.TempPathFactory, topology: Topology) -> Iterator[Gateway]:
+    """A stack of its own, so that its counters start at zero (the default platform limits), in
+    each topology."""
+    stack = LocalStack(tmp_path_factory.mktemp("limited"), Ports.free(), topology=topology)
+    stack.start()
+    yield Gateway(stack)
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def two_hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The two-server topology alone: maas-ratelimit's own port."""
+    stack = LocalStack(tmp_path_factory.mktemp("two-hop"), Ports.free())
     stack.start()
     yield Gateway(stack)
     stack.stop()
@@ -70,7 +80,7 @@ def test_denied_requests_consume_nothing(limited: Gateway) -> None:
     for _ in range(8):
         assert limited.request(CHAT, "sk-demo-noaccess", BODY).status == 403
     metrics = http(
-        f"http://127.0.0.1:{limited.stack.ports.ratelimit_http}/metrics", method="GET"
+        f"http://127.0.0.1:{limited.stack.limiter_http_port}/metrics", method="GET"
     ).body.decode()
     assert (
         'maas_ratelimit_decisions_total{limit="free-requests",result="allowed",tier="free"} 5.0'
@@ -89,8 +99,8 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_grpcurl_lists_describes_and_shows_over_limit(limited: Gateway) -> None:
-    address = f"127.0.0.1:{limited.stack.ports.ratelimit_grpc}"
+def test_grpcurl_lists_describes_and_shows_over_limit(two_hop: Gateway) -> None:
+    address = f"127.0.0.1:{two_hop.stack.ports.ratelimit_grpc}"
 
     listed = grpcurl(address, "list")
     assert listed.returncode == 0, listed.stderr
