@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from maas_demo.stack import LocalStack, Ports
+from maas_demo.stack import LocalStack, Ports, Topology
 from tests.e2e.conftest import Gateway, HttpResult, http, wait_for
 
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -24,8 +24,10 @@ ADMIN = {"Authorization": "Bearer sk-demo-admin"}
 
 
 @pytest.fixture(scope="module")
-def operator_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    stack = LocalStack(tmp_path_factory.mktemp("operator"), Ports.free())
+def operator_gateway(
+    tmp_path_factory: pytest.TempPathFactory, topology: Topology
+) -> Iterator[Gateway]:
+    stack = LocalStack(tmp_path_factory.mktemp("operator"), Ports.free(), topology=topology)
     stack.start()
     yield Gateway(stack)
     stack.stop()
@@ -203,7 +205,7 @@ async def test_decisions_stream_live(operator_gateway: Gateway) -> None:
         )
 
 
-def test_grpcurl_lists_the_access_log_service_and_peeks(operator_gateway: Gateway) -> None:
+def test_grpcurl_lists_the_access_log_service(operator_gateway: Gateway) -> None:
     ports = operator_gateway.stack.ports
     grpcurl = pathlib.Path(sys.executable).parent / "grpcurl"
     listed = subprocess.run(
@@ -211,25 +213,6 @@ def test_grpcurl_lists_the_access_log_service_and_peeks(operator_gateway: Gatewa
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert "envoy.service.accesslog.v3.AccessLogService" in listed
-    peek = {
-        "domain": "maas",
-        "descriptors": [
-            {
-                "entries": [{"key": "tier", "value": "free"}, {"key": "user", "value": "x"}],
-                "hits_addend": 0,
-            }
-        ],
-    }
-    answer = json.loads(
-        subprocess.run(
-            [str(grpcurl), "-plaintext", "-d", json.dumps(peek),
-             f"127.0.0.1:{ports.ratelimit_grpc}",
-             "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    )  # fmt: skip
-    names = [x["name"] for x in answer["dynamic_metadata"]["limits"]]  # grpcurl: proto names
-    assert names == ["free-requests", "free-tokens"]
 
 
 # --- maas-ctl, the real command ------------------------------------------------------------------

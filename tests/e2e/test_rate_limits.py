@@ -131,3 +131,27 @@ def test_grpcurl_lists_describes_and_shows_over_limit(two_hop: Gateway) -> None:
     answer = json.loads(called.stdout)
     assert answer["overall_code"] == "OVER_LIMIT"
     assert answer["statuses"][0]["current_limit"]["name"] == "free tier: 5 requests per 2m"
+
+
+def test_grpcurl_peeks_without_consuming(two_hop: Gateway) -> None:
+    peek = {
+        "domain": "maas",
+        "descriptors": [
+            {
+                "entries": [{"key": "tier", "value": "free"}, {"key": "user", "value": "x"}],
+                "hits_addend": 0,
+            }
+        ],
+    }
+    address = f"127.0.0.1:{two_hop.stack.ports.ratelimit_grpc}"
+    for _ in range(2):  # the second sees as much as the first: nothing was taken
+        called = grpcurl(
+            "-d",
+            json.dumps(peek),
+            address,
+            "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+        )
+        assert called.returncode == 0, called.stderr
+        limits = json.loads(called.stdout)["dynamic_metadata"]["limits"]  # grpcurl: proto names
+        assert [x["name"] for x in limits] == ["free-requests", "free-tokens"]
+        assert [x["remaining"] for x in limits] == [5, 100]

@@ -6,7 +6,6 @@ settles it against the real usage after the response. With the demo backend stre
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import threading
@@ -15,9 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from envoy.service.ratelimit.v3 import rls_pb2
 
-from maas_demo.stack import LocalStack, Ports
+from maas_demo.stack import LocalStack, Ports, Topology
 from tests.e2e.conftest import (
     Gateway,
     HttpResult,
@@ -27,7 +25,6 @@ from tests.e2e.conftest import (
     stack_configs,
     wait_for,
 )
-from tests.support.ratelimit_client import RateLimitClient, descriptor
 
 pytestmark = pytest.mark.e2e
 CHAT = "/llm/tiny/v1/chat/completions"
@@ -44,7 +41,7 @@ USERS = {  # key -> (username, group)
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, topology: Topology) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("reservations")
     limits = {
         "domain": "maas",
@@ -57,6 +54,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     stack = LocalStack(
         work / "stack",
         Ports.free(),
+        topology=topology,
         backend_args=("--token-delay-ms", str(TOKEN_DELAY_MS)),
         **stack_configs(work, USERS, limits),
     )
@@ -101,20 +99,16 @@ def tokens_metric(gateway: Gateway, name: str, **labels: str) -> float:
 
 
 def tokens_left(gateway: Gateway, user: str) -> int:
-    """The user's free-tokens credit, asked of maas-ratelimit with a check-only descriptor."""
-
-    async def ask() -> rls_pb2.RateLimitResponse:
-        client = RateLimitClient(f"127.0.0.1:{gateway.stack.ports.ratelimit_grpc}")
-        try:
-            return await client.should_rate_limit(
-                descriptor(0, tier="free", user=user, model=MODEL)
-            )
-        finally:
-            await client.close()
-
-    status = asyncio.run(ask()).statuses[0]
-    assert status.current_limit.name == f"free tier: {CREDIT} tokens per {WINDOW}"
-    return int(status.limit_remaining)
+    """The user's free-tokens credit, peeked at (consuming nothing) through the gateway's
+    /v1/quota with the user's key: the same answer in both topologies."""
+    key = next(key for key, (name, _) in USERS.items() if name == user)
+    answer = gateway.request(f"/v1/quota?model={MODEL}", key, method="GET")
+    assert answer.status == 200, answer.body
+    body = answer.json()
+    assert isinstance(body, dict)
+    (limit,) = body["limits"]
+    assert limit["description"] == f"free tier: {CREDIT} tokens per {WINDOW}"
+    return int(limit["remaining"])
 
 
 @dataclass

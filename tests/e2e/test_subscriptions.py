@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from maas_authz.api_keys import hash_key
-from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
+from maas_demo.stack import CONFIG_DIR, LocalStack, Ports, Topology
 from tests.e2e.conftest import Gateway, HttpResult, demo_authz_config, seconds_until, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ class Stack(Gateway):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, topology: Topology) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("subscriptions")
     keys = yaml.safe_load((CONFIG_DIR / "api-keys.yaml").read_text())
     keys["api_keys"] += [
@@ -68,7 +68,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     authz = demo_authz_config()
     authz["api_keys"]["file"] = str(keys_file)
     (work / "authz.yaml").write_text(yaml.safe_dump(authz))
-    local = LocalStack(work / "run", Ports.free(), authz_config=work / "authz.yaml")
+    local = LocalStack(
+        work / "run", Ports.free(), authz_config=work / "authz.yaml", topology=topology
+    )
     local.start()
     try:
         yield Stack(local, keys_file)

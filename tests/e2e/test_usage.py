@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from maas_demo.stack import LocalStack, Ports
+from maas_demo.stack import LocalStack, Ports, Topology
 from tests.e2e.conftest import (
     Gateway,
     HttpResult,
@@ -38,7 +38,7 @@ USERS = {  # key -> (username, group)
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, topology: Topology) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("usage")
     limits = {
         "domain": "maas",
@@ -51,7 +51,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
              "window": "1m"},
         ],
     }  # fmt: skip
-    stack = LocalStack(work / "stack", Ports.free(), **stack_configs(work, USERS, limits))
+    stack = LocalStack(
+        work / "stack", Ports.free(), topology=topology, **stack_configs(work, USERS, limits)
+    )
     stack.start()
     yield Gateway(stack)
     stack.stop()
