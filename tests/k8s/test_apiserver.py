@@ -126,7 +126,9 @@ def _split(cluster: Cluster, resources: list[Resource]) -> tuple[list[Resource],
     return served, skipped
 
 
-@pytest.mark.parametrize("name", ["kubernetes", "openshift", "standalone", "samples"])
+@pytest.mark.parametrize(
+    "name", ["kubernetes", "openshift", "kubernetes+one-hop", "standalone", "samples"]
+)
 def test_builtin_resources_pass_a_server_side_dry_run(cluster: Cluster, name: str) -> None:
     if name == "standalone":
         resources = kustomize(standalone_overlay(cluster.workdir / "standalone", "kubernetes"))

@@ -34,7 +34,7 @@ import yaml
 
 from maas_demo.envoy import find_envoy
 from maas_demo.stack import Child, free_port, wait_until_ready
-from tests.e2e.conftest import HttpResult, http
+from tests.e2e.conftest import HttpResult, demo_authz_config, http
 from tests.k8s.manifests import (
     REPO_ROOT,
     built,
@@ -60,11 +60,14 @@ DEMO_CONFIG = REPO_ROOT / "src" / "maas_demo" / "config"
 # -- 1. the committed file is the generator's output, and the generator changes nothing else ------
 
 
-def test_committed_envoyfilter_is_the_generators_output() -> None:
-    committed = (REPO_ROOT / "k8s" / "istio" / "envoyfilter.yaml").read_text()
-    assert committed == load_generator().render(), (
-        "k8s/istio/envoyfilter.yaml is out of date: run .venv/bin/python scripts/gen-envoyfilter.py"
-    )
+def test_committed_envoyfilters_are_the_generators_output() -> None:
+    generator = load_generator()
+    assert len(generator.TARGETS) == 2  # two servers, and one hop
+    for template, output, name in generator.TARGETS:
+        committed = output.read_text()
+        assert committed == generator.render(template=template, envoyfilter_name=name), (
+            f"{output} is out of date: run .venv/bin/python scripts/gen-envoyfilter.py"
+        )
 
 
 def test_generator_check_mode() -> None:
@@ -78,9 +81,10 @@ def test_generator_check_mode() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def _local_gateway() -> dict[str, Any]:
-    """envoy/gateway.yaml with its placeholders filled the way the demo fills them."""
-    text = (REPO_ROOT / "envoy" / "gateway.yaml").read_text()
+def _local_gateway(name: str = "gateway.yaml") -> dict[str, Any]:
+    """envoy/gateway.yaml (or `name`) with its placeholders filled the way the demo fills
+    them."""
+    text = (REPO_ROOT / "envoy" / name).read_text()
     values = {
         "ENVOY_HOST": "127.0.0.1",
         "ENVOY_PORT": "1",
@@ -169,6 +173,39 @@ def test_envoyfilter_carries_exactly_the_local_gateways_filters_and_clusters() -
         assert service["spec"]["clusterIP"] == "None"
         (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
         assert address["port_value"] == grpc["port"]
+
+
+def test_one_hop_envoyfilter_carries_exactly_the_one_hop_gateways_filters() -> None:
+    resources = built("kubernetes+one-hop")
+    envoy_filter = one(resources, "EnvoyFilter", "maas-gateway-one-hop")
+    assert not [r for r in resources if r["kind"] == "EnvoyFilter" and r is not envoy_filter]
+    patches = envoy_filter["spec"]["configPatches"]
+    local = _local_gateway("gateway-one-hop.yaml")
+    (listener,) = local["static_resources"]["listeners"]
+    (hcm,) = [f for f in listener["filter_chains"][0]["filters"] if f["name"] == HCM]
+    expected = copy.deepcopy(hcm["typed_config"]["http_filters"][:-1])
+    for f in expected:
+        if f["name"] == "envoy.filters.http.lua":
+            f["typed_config"]["default_source_code"] = {
+                "inline_string": (REPO_ROOT / "envoy" / "lua" / "usage.lua").read_text()
+            }
+    inserted = [_unwrap(p["patch"]["value"]) for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    assert inserted == expected
+    # the usage reader first (its reservation estimate reaches ext_authz as metadata), no
+    # rate limit filter
+    assert [f["name"] for f in inserted] == [
+        "envoy.filters.http.lua",
+        "envoy.filters.http.ext_authz",
+    ]
+    assert inserted[1]["typed_config"]["metadata_context_namespaces"] == ["maas.usage"]
+    (merge,) = [p for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    (access_log,) = merge["patch"]["value"]["typed_config"]["access_log"]
+    assert access_log == hcm["typed_config"]["access_log"][0]
+    assert access_log["typed_config"]["common_config"]["grpc_service"] == {
+        "envoy_grpc": {"cluster_name": "maas_authz"}
+    }
+    added = [p["patch"]["value"]["name"] for p in patches if p["applyTo"] == "CLUSTER"]
+    assert added == ["maas_authz"]
 
 
 # -- 2. the extracted configuration in the real Envoy ----------------------------------------------
@@ -308,8 +345,12 @@ def test_patches_land_before_the_router_in_order() -> None:
 
 
 class ShippedGateway:
-    def __init__(self, workdir: pathlib.Path, redis_url: str) -> None:
+    """The shipped EnvoyFilter and server configuration in front of real servers: two servers,
+    or (topology one-hop) the one-hop component's EnvoyFilter and maas-authz alone."""
+
+    def __init__(self, workdir: pathlib.Path, redis_url: str, topology: str = "two-hop") -> None:
         self.workdir = workdir
+        self.one_hop = topology == "one-hop"
         self.port, self.admin_port = free_port(), free_port()
         self.backend_port = free_port()
         self.authz = (free_port(), free_port())
@@ -319,11 +360,14 @@ class ShippedGateway:
         self.bootstrap = workdir / "gateway.json"
 
     def write_configs(self) -> pathlib.Path:
-        resources = built("kubernetes")
+        """Envoy's bootstrap; the limiter's configuration (maas-ratelimit's, or in one hop
+        maas-authz's), whose path it returns."""
+        resources = built("kubernetes+one-hop" if self.one_hop else "kubernetes")
+        envoy_filter = "maas-gateway-one-hop" if self.one_hop else "maas-gateway"
         self.bootstrap.write_text(
             json.dumps(
                 gateway_bootstrap(
-                    one(resources, "EnvoyFilter", "maas-gateway"),
+                    one(resources, "EnvoyFilter", envoy_filter),
                     port=self.port,
                     admin_port=self.admin_port,
                     backend_port=self.backend_port,
@@ -332,6 +376,8 @@ class ShippedGateway:
                 indent=1,
             )
         )
+        if self.one_hop:
+            return self._write_one_hop_authz_config(resources)
         # maas-ratelimit: the shipped config and limits, laid out as the pod mounts them; only
         # the Redis address differs
         spec = pod_spec(one(resources, "Deployment", "maas-ratelimit"))
@@ -350,18 +396,43 @@ class ShippedGateway:
             (limits_dir / key).write_text(text)
         return config_path
 
+    def _write_one_hop_authz_config(self, resources: tuple[dict[str, Any], ...]) -> pathlib.Path:
+        """The demo's maas-authz (its keys: no cluster here) with the one-hop component's
+        ratelimit section as shipped; only the limits' directory and Redis differ."""
+        shipped = yaml.safe_load(
+            configmap_named(resources, "maas-authz-config")["data"]["authz.yaml"]
+        )
+        section = shipped["ratelimit"]
+        assert section["mode"] == "inline"
+        limits_dir = self.workdir / "limits"
+        limits_dir.mkdir()
+        for key, text in configmap_named(resources, "maas-ratelimit-limits")["data"].items():
+            (limits_dir / key).write_text(text)
+        section["limits"]["file"] = str(limits_dir / "limits.yaml")
+        section["store"]["redis"]["url"] = self.redis_url
+        config = demo_authz_config()
+        config["ratelimit"] = section
+        path = self.workdir / "authz.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    @property
+    def limiter_http(self) -> int:
+        return self.authz[1] if self.one_hop else self.ratelimit[1]
+
     def start(self) -> None:
-        ratelimit_config = self.write_configs()
+        limiter_config = self.write_configs()
+        authz_config = limiter_config if self.one_hop else DEMO_CONFIG / "authz.yaml"
         python = sys.executable
         backend = f"127.0.0.1:{self.backend_port}"
         plan = [
             ("backend", [python, "-m", "maas_demo.backend", "--addr", backend],
              f"http://{backend}/healthz"),
-            ("authz", [python, "-m", "maas_authz", "--config", str(DEMO_CONFIG / "authz.yaml"),
+            ("authz", [python, "-m", "maas_authz", "--config", str(authz_config),
                        "--grpc-addr", f"127.0.0.1:{self.authz[0]}",
                        "--http-addr", f"127.0.0.1:{self.authz[1]}"],
              f"http://127.0.0.1:{self.authz[1]}/readyz"),
-            ("ratelimit", [python, "-m", "maas_ratelimit", "--config", str(ratelimit_config),
+            ("ratelimit", [python, "-m", "maas_ratelimit", "--config", str(limiter_config),
                            "--grpc-addr", f"127.0.0.1:{self.ratelimit[0]}",
                            "--http-addr", f"127.0.0.1:{self.ratelimit[1]}",
                            "--log-format", "text"],
@@ -370,6 +441,8 @@ class ShippedGateway:
                        "--log-level", "warn"],
              f"http://127.0.0.1:{self.admin_port}/ready"),
         ]  # fmt: skip
+        if self.one_hop:
+            plan = [step for step in plan if step[0] != "ratelimit"]
         for name, argv, ready in plan:
             child = Child(name, argv, self.workdir / f"{name}.log", echo=False)
             self.children.append(child)
@@ -385,7 +458,7 @@ class ShippedGateway:
         return http(f"http://127.0.0.1:{self.port}{path}", body=body, headers=headers)
 
     def ratelimit_metric(self, name: str) -> float:
-        text = http(f"http://127.0.0.1:{self.ratelimit[1]}/metrics", method="GET").body.decode()
+        text = http(f"http://127.0.0.1:{self.limiter_http}/metrics", method="GET").body.decode()
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -393,13 +466,15 @@ class ShippedGateway:
         )
 
 
-@pytest.fixture(scope="module")
-def shipped_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShippedGateway]:
+@pytest.fixture(scope="module", params=["two-hop", "one-hop"])
+def shipped_gateway(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ShippedGateway]:
     if find_redis_server() is None:
         pytest.fail("redis-server not found: scripts/install-test-packages.sh installs it")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
-    gateway = ShippedGateway(tmp_path_factory.mktemp("gateway"), server.url)
+    gateway = ShippedGateway(tmp_path_factory.mktemp("gateway"), server.url, request.param)
     try:
         gateway.start()
         yield gateway
@@ -409,12 +484,18 @@ def shipped_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shippe
 
 
 @pytest.mark.e2e
-def test_real_envoy_accepts_the_assembled_bootstrap(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("overlay", "envoy_filter"),
+    [("openshift", "maas-gateway"), ("openshift+one-hop", "maas-gateway-one-hop")],
+)
+def test_real_envoy_accepts_the_assembled_bootstrap(
+    tmp_path: pathlib.Path, overlay: str, envoy_filter: str
+) -> None:
     config = tmp_path / "gateway.json"
     config.write_text(
         json.dumps(
             gateway_bootstrap(
-                one(built("openshift"), "EnvoyFilter", "maas-gateway"),
+                one(built(overlay), "EnvoyFilter", envoy_filter),
                 port=free_port(), admin_port=free_port(), backend_port=free_port(),
                 upstreams={"maas_authz": free_port(), "maas_ratelimit": free_port()},
             )
@@ -457,7 +538,8 @@ def test_shipped_filters_authorize_limit_and_charge(shipped_gateway: ShippedGate
     assert int(sixth.headers["retry-after"]) > 0
     assert sixth.json()["error"]["code"] == "rate_limit_exceeded"  # type: ignore[index]
 
-    # the Lua filter's usage, charged after each response through apply_on_stream_done
+    # the Lua filter's usage, charged after each response: through apply_on_stream_done, or
+    # in one hop from the access log
     deadline = time.monotonic() + 10
     charged = 0.0
     while time.monotonic() < deadline:

@@ -627,3 +627,51 @@ def test_ledger_component_points_both_servers_at_the_database(
     ratelimit = pod_spec(one(resources, "Deployment", "maas-ratelimit"))["containers"][0]
     journal = {e["name"]: e for e in ratelimit["env"]}["MAAS_RATELIMIT_LEDGER_SPOOL_DIR"]["value"]
     assert journal in {m["mountPath"] for m in ratelimit["volumeMounts"]}  # writable, not the root
+
+
+# -- the one-hop component -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAY_NAMES)
+def test_one_hop_component_runs_maas_authz_alone_with_the_same_limits(overlay: str) -> None:
+    resources = built(f"{overlay}+one-hop")
+    two_hop = built(overlay)
+    names = {(r["kind"], r["metadata"]["name"]) for r in resources}
+    # maas-ratelimit and what only it used are gone; Redis and the limits stay
+    assert not [n for n in names if n[1].startswith("maas-ratelimit") and "redis" not in n[1]
+                and n[1] != "maas-ratelimit-limits"]  # fmt: skip
+    assert {r["metadata"]["name"] for r in of_kind(resources, "Deployment")} == {
+        "maas-authz",
+        "maas-ratelimit-redis",
+    }
+    assert [r["metadata"]["name"] for r in of_kind(resources, "EnvoyFilter")] == [
+        "maas-gateway-one-hop"
+    ]
+    # maas-authz mounts the limits ConfigMap where its config says, and reaches Redis
+    spec = pod_spec(one(resources, "Deployment", "maas-authz"))
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert mounts["limits"] == "/etc/maas/limits"
+    assert volumes["limits"]["configMap"]["name"] == "maas-ratelimit-limits"
+    policy = one(resources, "NetworkPolicy", "maas-ratelimit-redis")
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "maas-authz"
+    }
+    # the configuration: the two-server one, but for its ratelimit section, which holds
+    # maas-ratelimit's own limits and store sections as shipped
+    config = yaml.safe_load(configmap_named(resources, "maas-authz-config")["data"]["authz.yaml"])
+    base = yaml.safe_load(configmap_named(two_hop, "maas-authz-config")["data"]["authz.yaml"])
+    limiter = yaml.safe_load(
+        configmap_named(two_hop, "maas-ratelimit-config")["data"]["ratelimit.yaml"]
+    )
+    section = config.pop("ratelimit")
+    base.pop("ratelimit")
+    assert config == base
+    assert section == {"mode": "inline", "limits": limiter["limits"], "store": limiter["store"]}
+    validated = validate(AuthzConfig, {**config, "ratelimit": section}, "one-hop authz.yaml")
+    assert validated.ratelimit.inline and validated.ratelimit.store.type == "redis"
+    for resource in resources:
+        if is_builtin(resource):
+            kubernetes_validate.validate(resource, KUBERNETES_SCHEMA_VERSION, strict=True)
+    envoy_filter = one(resources, "EnvoyFilter", "maas-gateway-one-hop")
+    assert not list(schema_validator("envoyfilter").iter_errors(envoy_filter))
