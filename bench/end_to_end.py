@@ -47,6 +47,7 @@ from bench.load import Load, LoadResult, run_h2load
 from bench.procs import Service, free_port, http_get
 from bench.report import Figure, Floor
 from bench.servers import (
+    BENCH_LIMITS,
     DEMO_CONFIG,
     MODEL_PATH,
     Runs,
@@ -65,10 +66,14 @@ from maas_demo.stack import gateway_config as stack_gateway_config
 SCENARIO_NOOP = "E2E, Envoy + do-nothing servers"
 SCENARIO_FULL = "E2E, Envoy + maas-authz + maas-ratelimit"
 SCENARIO_LEDGER = "E2E, the same stack + the usage ledger (SQLite)"
+SCENARIO_NOOP_ONE_HOP = "E2E, Envoy + a do-nothing ext_authz server (one hop)"
+SCENARIO_ONE_HOP = "E2E, one hop: Envoy + maas-authz limiting inline"
 PLAIN = "plain Envoy"
 NOOP = "Envoy + do-nothing servers"
+NOOP_ONE_HOP = "Envoy + do-nothing ext_authz (1 hop)"
 FULL = "Envoy + maas-authz + maas-ratelimit"
 LEDGER = "the same + usage ledger"
+ONE_HOP = "one hop: maas-authz inline"
 
 SATURATION_CLIENTS = 8  # connections, one request in flight on each
 PACED_RPS_PER_CLIENT = 50.0  # at most, so that a slow answer seldom delays the next paced one
@@ -174,13 +179,15 @@ def _address(port: int) -> Json:
     return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
 
 
-def gateway_config(port: int, admin_port: int, backend: int, authz: int, ratelimit: int) -> str:
-    """envoy/gateway.yaml as the local stack renders it."""
+def gateway_config(
+    port: int, admin_port: int, backend: int, authz: int, ratelimit: int, *, one_hop: bool = False
+) -> str:
+    """envoy/gateway.yaml (or gateway-one-hop.yaml) as the local stack renders it."""
     ports = Ports(
         envoy=port, envoy_admin=admin_port, authz_grpc=authz, ratelimit_grpc=ratelimit,
         backend=backend,
     )  # fmt: skip
-    return stack_gateway_config(ports)
+    return stack_gateway_config(ports, "one-hop" if one_hop else "two-hop")
 
 
 def plain_config(port: int, admin_port: int, backend: int) -> Json:
@@ -291,6 +298,24 @@ def _gateway_checks(layer: Layer) -> Callable[[int], str | None]:
     return verify
 
 
+def _one_hop_checks(layer: Layer) -> Callable[[int], str | None]:
+    """Envoy's own counters, one hop: each request authorized, an access log entry for each
+    (they carry the charges), no ext_authz errors."""
+
+    def verify(sent: int) -> str | None:
+        stats = envoy_stats(layer.admin_port)
+        problems = []
+        if stats.get("http.maas_gateway.ext_authz.ok", 0) < sent:
+            problems.append(f"ext_authz.ok = {stats.get('http.maas_gateway.ext_authz.ok', 0)}")
+        if stats.get("http.maas_gateway.ext_authz.error", 0):
+            problems.append(f"ext_authz errors: {stats['http.maas_gateway.ext_authz.error']}")
+        if "cluster.maas_ratelimit.upstream_rq_total" in stats:
+            problems.append("a rate limit cluster in the one-hop gateway")
+        return "; ".join(problems) or None
+
+    return verify
+
+
 def _charged(http_port: int) -> Callable[[int], str | None]:
     """maas-ratelimit reserved tokens on admission and charged every response's usage (as the
     upstream reported it)."""
@@ -348,7 +373,51 @@ def _layers(ctx: Context) -> list[Layer]:
         _charged(ledger_ratelimit.http_port),
         _recorded(ledger_ratelimit.http_port, ledger_file),
     ]
-    return [plain, noop_layer, full, with_ledger]
+    # one hop: the do-nothing floor of that architecture (ext_authz and the access log stream
+    # to one do-nothing server), and maas-authz limiting inline (the same limits, memory store)
+    noop_one_hop = _one_hop_gateway(
+        ctx, NOOP_ONE_HOP, "envoy-noop-one-hop", up_port,
+        authz=start_noop(ctx, "authz", "--metadata"),
+    )  # fmt: skip
+    inline = start_authz(ctx, "maas-authz (one hop)", str(_one_hop_authz_config(ctx)))
+    one_hop = _one_hop_gateway(ctx, ONE_HOP, "envoy-one-hop", up_port, authz=inline)
+    one_hop.verify += [inline.verify, _charged(inline.http_port)]
+    return [plain, noop_layer, full, with_ledger, noop_one_hop, one_hop]
+
+
+def _one_hop_authz_config(ctx: Context) -> Path:
+    """The demo's maas-authz with ratelimit.mode inline on BENCH_LIMITS (memory store), as
+    maas-ratelimit runs them in the two-hop layer."""
+    limits_file = ctx.path("authz/one-hop.limits.yaml")
+    limits_file.write_text(BENCH_LIMITS)
+    authz = yaml.safe_load((DEMO_CONFIG / "authz.yaml").read_text())
+    static = authz["identity"]["static"]
+    static["keys_file"] = str(DEMO_CONFIG / static["keys_file"])
+    for section in ("tiers", "subscriptions", "api_keys"):
+        authz[section]["file"] = str(DEMO_CONFIG / authz[section]["file"])
+    authz["admin"]["auth"]["keys_file"] = str(DEMO_CONFIG / authz["admin"]["auth"]["keys_file"])
+    authz.pop("usage", None)
+    authz["ratelimit"] = {
+        "mode": "inline",
+        "limits": {"file": str(limits_file)},
+        "store": {"type": "memory"},
+    }
+    path = ctx.path("authz/one-hop.yaml")
+    path.write_text(yaml.safe_dump(authz))
+    return path
+
+
+def _one_hop_gateway(ctx: Context, name: str, service: str, up_port: int, *, authz: Side) -> Layer:
+    """envoy/gateway-one-hop.yaml in front of `authz` alone, checked by its own counters."""
+    layer = _envoy(
+        ctx,
+        name,
+        service,
+        lambda port, admin: gateway_config(port, admin, up_port, authz.port, 1, one_hop=True),
+    )
+    layer.servers = [authz.service]
+    layer.verify = [_one_hop_checks(layer)]
+    return layer
 
 
 def _recorded(http_port: int, database: Path) -> Callable[[int], str | None]:
@@ -423,7 +492,7 @@ def end_to_end(ctx: Context) -> list[Figure]:
                     raise RuntimeError(
                         f"end to end: {layer.name} did not work as expected: {problem}"
                     )
-    plain, noop, full, ledger = (layer.runs for layer in layers)
+    plain, noop, full, ledger, noop_one, one = (layer.runs for layer in layers)
     timeouts = f"do-nothing {layers[1].rls_errors}, ours {layers[2].rls_errors}"
     for layer in layers:
         r = layer.runs
@@ -433,7 +502,7 @@ def end_to_end(ctx: Context) -> list[Figure]:
             f"({parts}); at {rate:g}/s p50 {r.p50():.2f} ms, p99 {r.p99():.2f} ms"
         )
     at = f"at {rate:g}/s"
-    loadgen = max(r.loadgen() for r in (plain, noop, full, ledger))
+    loadgen = max(r.loadgen() for r in (plain, noop, full, ledger, noop_one, one))
     note_load = (
         f"h2load --h1, {SATURATION_CLIENTS} connections, one request in flight on each; it used "
         f"at most {loadgen:.0%} of a core"
@@ -447,6 +516,10 @@ def end_to_end(ctx: Context) -> list[Figure]:
         f"paced over {paced_clients} connections, {rate * sizes.e2e_fixed_seconds:.0f} requests "
         f"per round, median of {sizes.rounds}; rate limit calls Envoy gave up on (100 ms "
         f"timeout, then it goes on): {timeouts}"
+    )
+    note_one_hop = (
+        "maas-authz authenticates, authorizes, admits and reserves in Check and charges from "
+        "the access log stream; the do-nothing two-hop stack makes three calls per request"
     )
     return [
         Figure(SCENARIO_NOOP, "throughput at saturation", "req/s", noop.rps(), plain.rps(), PLAIN,
@@ -469,4 +542,23 @@ def end_to_end(ctx: Context) -> list[Figure]:
         Figure(SCENARIO_LEDGER, f"p99 {at}", "ms", ledger.p99(), full.p99(), FULL),
         Figure(SCENARIO_LEDGER, "CPU per request, request path", "µs", ledger.cpu(), full.cpu(),
                FULL),
+        Figure(SCENARIO_NOOP_ONE_HOP, "throughput at saturation", "req/s", noop_one.rps(),
+               noop.rps(), NOOP),
+        Figure(SCENARIO_NOOP_ONE_HOP, "CPU per request, request path", "µs", noop_one.cpu(),
+               noop.cpu(), NOOP),
+        # issue 19: the whole policy plane in one hop against an empty copy of the peers'
+        # two-hop architecture (goal >= 1.0), and against the empty one-hop floor (stretch 0.9)
+        Figure(SCENARIO_ONE_HOP, "throughput at saturation", "req/s", one.rps(), noop.rps(),
+               NOOP, Floor(">=", 1.0), note=note_one_hop),
+        Figure(SCENARIO_ONE_HOP, "throughput at saturation", "req/s", one.rps(), noop_one.rps(),
+               NOOP_ONE_HOP, Floor(">=", 0.9)),
+        Figure(SCENARIO_ONE_HOP, "throughput at saturation", "req/s", one.rps(), full.rps(),
+               FULL),
+        Figure(SCENARIO_ONE_HOP, "CPU per request, request path", "µs", one.cpu(), noop.cpu(),
+               NOOP),
+        Figure(SCENARIO_ONE_HOP, f"p99 {at}", "ms", one.p99(), full.p99(), FULL),
+        Figure(SCENARIO_ONE_HOP, f"added p99 {at}", "ms", one.p99() - plain.p99(),
+               noop.p99() - plain.p99(), f"{NOOP}, added"),
+        Figure(SCENARIO_ONE_HOP, f"added p99 {at}", "ms", one.p99() - plain.p99(),
+               full.p99() - plain.p99(), f"{FULL}, added"),
     ]  # fmt: skip
