@@ -6,7 +6,7 @@ PORT ?= 8080
 	test-packages vllm bench bench-quick bench-usage fuzz soak image clean
 
 help:
-	@echo "make demo   - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
+	@echo "make demo [TOPOLOGY=one-hop] - set up and run the local stack (Envoy on 127.0.0.1:$(PORT)) in the foreground"
 	@echo "make test   - set up (venv, packages, kube-apiserver, vLLM, the image), then lint + all tests"
 	@echo "make lint   - ruff check, ruff format --check, mypy"
 	@echo "make bench [ARGS='--quick --only NAME'] - policy plane vs its do-nothing floor (docs/performance.md)"
@@ -14,7 +14,7 @@ help:
 	@echo "make bench-usage [ARGS=--quick] - measure the usage readers (docs/usage-accounting.md)"
 	@echo "make test-unit | test-integration (with tests/k8s) | test-e2e | test-deploy - one test tier"
 	@echo "make fuzz [CALLS=N] - the gRPC fuzzer's long run against both servers (default 1e6)"
-	@echo "make soak [MINUTES=10] - mixed traffic through Envoy, memory and fds sampled (docs/operations.md)"
+	@echo "make soak [MINUTES=10] [TOPOLOGY=one-hop] - mixed traffic through Envoy, memory and fds sampled (docs/operations.md)"
 	@echo "make image [BASE=IMAGE] - build localhost/maas-gateway:VERSION with podman (docs/deploy.md)"
 
 setup:
@@ -31,15 +31,16 @@ vllm:
 
 # mixed traffic through Envoy for MINUTES, RSS and file descriptors per process (not in CI)
 MINUTES ?= 10
+TOPOLOGY ?= two-hop
 soak: setup
-	$(PY) -m bench.soak --minutes $(MINUTES)
+	$(PY) -m bench.soak --minutes $(MINUTES) --topology $(TOPOLOGY)
 
 # the Containerfile built with podman; FROM a local Debian base unless BASE names an image
 image:
 	@BASE=$(BASE) scripts/build-image.sh
 
 demo: setup
-	$(PY) -m maas_demo --port $(PORT)
+	$(PY) -m maas_demo --port $(PORT) --topology $(TOPOLOGY)
 
 lint: setup
 	$(PY) -m ruff check .

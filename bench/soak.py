@@ -1,11 +1,12 @@
 """`make soak`: mixed traffic through the real Envoy for a long while, watching memory and file
 descriptors of every process of the stack (docs/operations.md, "Soak").
 
-    python -m bench.soak [--minutes 10] [--rate 60] [--sample 30]
+    python -m bench.soak [--minutes 10] [--rate 60] [--sample 30] [--topology one-hop]
 
-The demo stack (Envoy, maas-authz, maas-ratelimit on the memory store, the demo model) on free
-ports, and a paced mix of requests: allowed (premium, enterprise, subscription keys), denied
-(no key, a wrong key, a key without access), streamed answers (with and without
+The demo stack (Envoy, maas-authz, maas-ratelimit on the memory store, the demo model; with
+`--topology one-hop`, maas-authz limiting inline instead of maas-ratelimit) on free ports, and
+a paced mix of requests: allowed (premium, enterprise, subscription keys), denied (no key, a
+wrong key, a key without access), streamed answers (with and without
 `include_usage`), and over-limit ones (the free tier's 5 requests per 2 minutes are spent in the
 first seconds). Every `--sample` seconds: RSS and open file descriptors per process. At the end:
 the answers by status, and each process's growth from the first sample after the warm-up (90 s;
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import yaml
 
-from maas_demo.stack import CONFIG_DIR, LocalStack, Ports
+from maas_demo.stack import CONFIG_DIR, TOPOLOGIES, LocalStack, Ports
 
 CHAT = "/llm/tiny/v1/chat/completions"
 # maas-ratelimit remembers each request id for store.request_id_ttl (de-duplication of retried
@@ -204,14 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=60.0, help="requests per second")
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="two-hop")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="maas-soak-") as work:
         workdir = pathlib.Path(work)
-        stack = LocalStack(workdir, Ports.free(), ratelimit_config=ratelimit_config(workdir))
+        stack = LocalStack(
+            workdir,
+            Ports.free(),
+            ratelimit_config=ratelimit_config(workdir),
+            topology=args.topology,
+        )
         stack.start()
         try:
             raise_limits(stack)
-            print(f"soak: {args.minutes} min at {args.rate}/s through {stack.gateway_url}")
+            print(
+                f"soak: {args.minutes} min at {args.rate}/s through {stack.gateway_url} "
+                f"({args.topology})"
+            )
             soak = asyncio.run(traffic(stack, args.minutes * 60, args.rate, args.sample))
             dead = stack.dead_child()
             if dead is not None:

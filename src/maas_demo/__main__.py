@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from maas_demo.stack import LocalStack, Ports, StackError
+from maas_demo.stack import TOPOLOGIES, LocalStack, Ports, StackError
 
 CURL_HELP = """
 The MaaS gateway is up on {url}
-(Envoy -> maas-authz -> maas-ratelimit -> demo model llm/tiny; the platform's default limits)
+({path} -> demo model llm/tiny; the platform's default limits)
 
 The operator console: {console}  (admin key sk-demo-admin; sk-demo-viewer reads only)
   and from a shell (maas-ctl --help):
@@ -67,9 +67,8 @@ The operator console: {console}  (admin key sk-demo-admin; sk-demo-viewer reads 
 
   # the servers themselves
   .venv/bin/grpcurl -plaintext 127.0.0.1:{authz_grpc} list
-  .venv/bin/grpcurl -plaintext 127.0.0.1:{ratelimit_grpc} list
-  curl -s http://127.0.0.1:{authz_http}/metrics | grep maas_authz_decisions
-  curl -s http://127.0.0.1:{ratelimit_http}/metrics | grep maas_ratelimit_decisions
+{ratelimit_grpcurl}  curl -s http://127.0.0.1:{authz_http}/metrics | grep maas_authz_decisions
+  curl -s http://127.0.0.1:{limiter_http}/metrics | grep maas_ratelimit_decisions
 
 Keys: sk-demo-free, sk-demo-tokens (free), sk-demo-premium, sk-demo-enterprise,
 sk-demo-budget (trial: 200 tokens a month, then 429 budget_exceeded), sk-demo-noaccess
@@ -91,13 +90,20 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
     parser.add_argument("--quiet", action="store_true", help="do not echo the servers' logs")
+    parser.add_argument(
+        "--topology", choices=TOPOLOGIES, default=os.environ.get("MAAS_DEMO_TOPOLOGY", "two-hop"),
+        help="two-hop: maas-authz and maas-ratelimit; one-hop: maas-authz alone, limiting "
+        "inline (env MAAS_DEMO_TOPOLOGY, default two-hop)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     # During start-up a signal interrupts at once (LocalStack.start stops what it started);
     # afterwards it only asks the loop below to stop everything in order.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    stack = LocalStack(args.workdir, Ports(envoy=args.port), echo=not args.quiet)
+    stack = LocalStack(
+        args.workdir, Ports(envoy=args.port), echo=not args.quiet, topology=args.topology
+    )
     try:
         stack.start()
     except (StackError, FileNotFoundError) as exc:
@@ -115,8 +121,17 @@ def main() -> int:
             url=stack.gateway_url,
             authz_grpc=p.authz_grpc,
             authz_http=p.authz_http,
-            ratelimit_grpc=p.ratelimit_grpc,
-            ratelimit_http=p.ratelimit_http,
+            path=(
+                "Envoy -> maas-authz, limiting inline (one hop)"
+                if args.topology == "one-hop"
+                else "Envoy -> maas-authz -> maas-ratelimit"
+            ),
+            ratelimit_grpcurl=(
+                ""
+                if args.topology == "one-hop"
+                else f"  .venv/bin/grpcurl -plaintext 127.0.0.1:{p.ratelimit_grpc} list\n"
+            ),
+            limiter_http=stack.limiter_http_port,
             logs=args.workdir.resolve(),
             console=f"http://127.0.0.1:{p.authz_admin}/",
             workdir=args.workdir.resolve(),

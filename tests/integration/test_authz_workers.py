@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from maas_demo.stack import CONFIG_DIR, Child, free_port
 from tests.support.authz_client import CheckResult, check_request, result_of
 from tests.support.kube_platform import MODEL, MODEL_NS, PREMIUM_NS, Kube
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 MODEL_PATH = "/llm/tiny/v1/chat/completions"
@@ -390,3 +391,44 @@ async def test_each_worker_has_its_own_caches_and_purge_sums_them(
         assert server.purge(f"?user={username}")[1]["identities"] == 0
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_two_workers_limit_inline_on_one_redis_and_the_supervisor_sums_the_limiter(
+    tmp_path: pathlib.Path,
+) -> None:
+    """One hop with workers: both workers admit against the same Redis buckets (the free
+    tier's 5 requests in 2 minutes hold across them), and the limiter's maas_ratelimit_*
+    series, prometheus_client's own in a worker, are summed by the supervisor."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    config = {
+        **static_config(),
+        "ratelimit": {
+            "mode": "inline",
+            "limits": {"file": str(CONFIG_DIR / "limits.yaml")},
+            "store": {"type": "redis", "redis": {"url": redis.url}},
+        },
+    }
+    server = Supervised(tmp_path / "authz", config)
+    try:
+        server.wait_ready()
+        # 32 connections: all on one worker has a chance of 2 in 2**32
+        results = await checks_over_separate_connections(server.target, FREE_KEY, MODEL_PATH, 32, 1)
+        assert sorted(r.http_status for r in results) == [200] * 5 + [429] * 27
+        per_worker = [
+            metric_sum(server.worker_metrics(i), "maas_ratelimit_calls_total") for i in ("0", "1")
+        ]
+        assert all(count > 0 for count in per_worker), per_worker
+        summed = server.metrics()
+        assert metric_sum(summed, "maas_ratelimit_calls_total", answer="ok") == 5
+        assert metric_sum(summed, "maas_ratelimit_calls_total", answer="over_limit") == 3
+        assert (
+            metric_sum(
+                summed, "maas_ratelimit_decisions_total", limit="free-requests", result="limited"
+            )
+            == 3
+        )
+    finally:
+        server.stop()
+        redis.cleanup()
