@@ -277,13 +277,21 @@ class RateLimitSection(StrictModel):
 
     @model_validator(mode="after")
     def _parts_of_the_mode(self) -> RateLimitSection:
-        given = self.model_fields_set
+        # by value, not by the keys given: a worker validates the supervisor's full dump
         if self.mode == "inline":
-            extra = sorted(given & {"target", "tls"})
+            extra = [k for k in ("target", "tls") if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"mode 'inline' limits in this process: remove {extra}")
         else:
-            extra = sorted(given & {"limits", "store", "ledger"})
+            extra = [
+                key
+                for key, default in (
+                    ("limits", LimitsSection()),
+                    ("store", StoreSection()),
+                    ("ledger", None),
+                )
+                if getattr(self, key) != default
+            ]
             if extra:
                 raise ValueError(
                     f"{extra} configure mode 'inline' (the one-hop topology); mode 'remote' "

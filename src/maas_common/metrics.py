@@ -84,8 +84,9 @@ class FastCounter(Collector):
     ) -> None:
         self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
         self._values: dict[tuple[str, ...], float] = {}
-        if _MULTIPROCESS:  # a worker: counted in its value files (the registry is not read)
-            self.inc = LabelledCounter(Counter(name, documentation, labelnames, registry=None)).inc  # type: ignore[method-assign]
+        if _MULTIPROCESS:  # a worker: counted in its value files, which the supervisor sums
+            counter = Counter(name, documentation, labelnames, registry=registry)
+            self.inc = LabelledCounter(counter).inc  # type: ignore[method-assign]
             return
         registry.register(self)
 

@@ -258,7 +258,7 @@ async def test_a_store_down_fails_open_counted_or_closed_with_503() -> None:
     ("ratelimit", "workers", "message"),
     [
         ({"mode": "inline", "target": "x:1"}, 1, "mode 'inline' limits in this process"),
-        ({"store": {"type": "memory"}}, 1, "configure mode 'inline'"),
+        ({"limits": {"file": "limits.yaml"}}, 1, "configure mode 'inline'"),
         ({"mode": "inline"}, 2, "needs ratelimit.store.type 'redis'"),
         ({"mode": "inline", "store": {"type": "redis", "redis": {"url": "redis://r:6379/0"}},
           "ledger": {"url": "sqlite:///l.db"}}, 2, "no ratelimit.ledger"),
@@ -279,3 +279,11 @@ def test_inline_with_redis_serves_several_workers() -> None:
                       "store": {"type": "redis", "redis": {"url": "redis://r:6379/0"}}},
     }  # fmt: skip
     assert validate(AuthzConfig, data, "authz.yaml").ratelimit.inline
+
+
+@pytest.mark.parametrize("ratelimit", [{}, {"target": "r:1"}, {"mode": "inline"}])
+def test_a_full_dump_validates_again(ratelimit: dict[str, Any]) -> None:
+    """A worker validates the supervisor's dump of every key, defaults included."""
+    config = validate(AuthzConfig, {"ratelimit": ratelimit}, "authz.yaml")
+    again = validate(AuthzConfig, config.model_dump(mode="json"), "from the supervisor")
+    assert again == config
