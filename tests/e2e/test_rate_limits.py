@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -112,46 +113,35 @@ def test_grpcurl_lists_describes_and_shows_over_limit(two_hop: Gateway) -> None:
     )
 
     # 6 hits at once against "free: 5 requests per 2m" for a user nobody has used
-    over = {
-        "domain": "maas",
-        "descriptors": [
-            {
-                "entries": [{"key": "tier", "value": "free"}, {"key": "user", "value": "grpcurl"}],
-                "hits_addend": 6,
-            }
-        ],
-    }
-    called = grpcurl(
-        "-d",
-        json.dumps(over),
-        address,
-        "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
-    )
-    assert called.returncode == 0, called.stderr
-    answer = json.loads(called.stdout)
+    answer = should_rate_limit(address, "grpcurl", hits=6)
     assert answer["overall_code"] == "OVER_LIMIT"
     assert answer["statuses"][0]["current_limit"]["name"] == "free tier: 5 requests per 2m"
 
 
-def test_grpcurl_peeks_without_consuming(two_hop: Gateway) -> None:
-    peek = {
+def should_rate_limit(address: str, user: str, *, hits: int) -> dict[str, Any]:
+    """ShouldRateLimit through grpcurl: one free-tier descriptor for `user`; the JSON answer."""
+    request = {
         "domain": "maas",
         "descriptors": [
             {
-                "entries": [{"key": "tier", "value": "free"}, {"key": "user", "value": "x"}],
-                "hits_addend": 0,
+                "entries": [{"key": "tier", "value": "free"}, {"key": "user", "value": user}],
+                "hits_addend": hits,
             }
         ],
     }
+    called = grpcurl(
+        "-d", json.dumps(request), address,
+        "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr
+    answer: dict[str, Any] = json.loads(called.stdout)
+    return answer
+
+
+def test_grpcurl_peeks_without_consuming(two_hop: Gateway) -> None:
     address = f"127.0.0.1:{two_hop.stack.ports.ratelimit_grpc}"
     for _ in range(2):  # the second sees as much as the first: nothing was taken
-        called = grpcurl(
-            "-d",
-            json.dumps(peek),
-            address,
-            "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
-        )
-        assert called.returncode == 0, called.stderr
-        limits = json.loads(called.stdout)["dynamic_metadata"]["limits"]  # grpcurl: proto names
+        answer = should_rate_limit(address, "x", hits=0)
+        limits = answer["dynamic_metadata"]["limits"]  # grpcurl: proto names
         assert [x["name"] for x in limits] == ["free-requests", "free-tokens"]
         assert [x["remaining"] for x in limits] == [5, 100]

@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from maas_common.clock import ManualClock
 from maas_common.errors import BackendUnavailable
+from maas_ratelimit.accounting import FailureMode, LimitAccounting
 from maas_ratelimit.descriptors import Descriptor
 from maas_ratelimit.instrumented import InstrumentedStore
 from maas_ratelimit.limiter import RateLimiter
 from maas_ratelimit.limits import parse_limits
 from maas_ratelimit.memory_store import MemoryBucketStore
 from maas_ratelimit.metrics import RateLimitMetrics
-from maas_ratelimit.accounting import FailureMode, LimitAccounting
 from maas_ratelimit.service import RateLimitService, to_descriptors
 from maas_ratelimit.store import Admission, AdmitResult, BucketStore, Charge, ChargeResult
 from tests.support.refusals import free_requests_refusal_body, free_requests_refusal_headers
