@@ -24,6 +24,7 @@ from google.protobuf.json_format import MessageToDict
 
 from maas_authz import responses
 from maas_authz.decision import Deny
+from maas_authz.decisions import AUTHZ_NAMESPACE
 from maas_authz.quota import Peek
 from maas_common.errors import BackendUnavailable
 from maas_ratelimit import responses as limit_responses
@@ -33,7 +34,7 @@ from maas_ratelimit.limiter import Verdict
 
 log = logging.getLogger(__name__)
 
-AUTHZ = "envoy.filters.http.ext_authz"  # maas-authz's own metadata (Check's dynamic_metadata)
+AUTHZ = AUTHZ_NAMESPACE  # maas-authz's own metadata (Check's dynamic_metadata)
 USAGE = "maas.usage"  # the Lua usage reader's (envoy/lua/usage.lua)
 RATELIMITED_HEADER = ("x-envoy-ratelimited", "true")  # what Envoy's filter adds to its 429
 
