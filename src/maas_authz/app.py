@@ -532,6 +532,7 @@ async def build_app(
         sites=sites,
         registry=registry,
         drain_timeout=config.server.drain_timeout,
+        shutdown_delay=config.server.shutdown_delay,
         background=[
             *(w.watch for w in watched),
             *(subscriptions.background if subscriptions else ()),

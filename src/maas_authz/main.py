@@ -65,6 +65,7 @@ def supervisor_settings(config: AuthzConfig, base_dir: Path) -> SupervisorSettin
         admin_addr=server.admin_addr,
         admin_fanout=["/admin/purge"],
         drain_timeout=server.drain_timeout,
+        shutdown_delay=server.shutdown_delay,
     )
 
 

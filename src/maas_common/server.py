@@ -174,6 +174,7 @@ class ServerRuntime:
         services: Sequence[GrpcService],
         registry: CollectorRegistry,
         drain_timeout: float,
+        shutdown_delay: float = 0.0,
         background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
         on_close: Sequence[Callable[[], Awaitable[None]]] = (),
         http_routes: Sequence[web.RouteDef] = (),
@@ -193,6 +194,7 @@ class ServerRuntime:
         self._services = services
         self._registry = registry
         self._drain_timeout = drain_timeout
+        self._shutdown_delay = shutdown_delay
         self._background = background
         self._on_close = on_close
         self._http_routes = http_routes
@@ -300,9 +302,13 @@ class ServerRuntime:
             self.readiness.set(f"background:{task.get_name()}", False, "failed")
 
     async def stop(self) -> None:
-        """Drain: report not-ready, let in-flight calls finish (up to drain_timeout), then close."""
+        """Drain: report not-ready, keep serving for shutdown_delay (the load balancer moves
+        away), let in-flight calls finish (up to drain_timeout), then close."""
         self.readiness.set("shutdown", False, "draining")
         await self._health.enter_graceful_shutdown()
+        if self._grpc is not None and self._shutdown_delay > 0:
+            log.info("%s not ready, still serving for %.1fs", self.name, self._shutdown_delay)
+            await asyncio.sleep(self._shutdown_delay)
         for drain in self._on_drain:
             try:
                 await drain()

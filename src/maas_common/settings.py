@@ -31,6 +31,11 @@ class ServerSection(StrictModel):
     grpc_addr: Address
     http_addr: Address
     drain_timeout: Duration = 10.0
+    # after SIGTERM, keep serving this long while reporting not ready (readyz 503, gRPC health
+    # NOT_SERVING), so a load balancer that health-checks (Envoy without Kubernetes) stops
+    # picking this server before the drain refuses new calls; 0: drain at once (a pod's
+    # preStop sleep does the same job)
+    shutdown_delay: Duration = 0.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     event_loop: EventLoop = "uvloop"

@@ -216,6 +216,7 @@ def build_app(
         services=[GrpcService(service.SERVICE_NAME, servicer.register)],
         registry=registry,
         drain_timeout=config.server.drain_timeout,
+        shutdown_delay=config.server.shutdown_delay,
         background=limiting.background,
         on_close=limiting.on_close,
         grpc_tls=config.server.tls,

@@ -173,6 +173,7 @@ class SupervisorSettings:
     admin_addr: str | None = None
     admin_fanout: Sequence[str] = ()  # POST paths passed on to every worker's admin listener
     drain_timeout: float = 10.0
+    shutdown_delay: float = 0.0  # the workers keep serving this long after SIGTERM
     stop_margin: float = 5.0  # on top of drain_timeout before workers are killed
     poll_interval: float = 0.5  # between readiness probes of the workers
     probe_timeout: float = 2.0
@@ -275,7 +276,11 @@ class Supervisor:
         for process in list(self._processes.values()):
             _signal(process, signal.SIGTERM)
         if self._slots:
-            grace = self.settings.drain_timeout + self.settings.stop_margin
+            grace = (
+                self.settings.shutdown_delay
+                + self.settings.drain_timeout
+                + self.settings.stop_margin
+            )
             _, pending = await asyncio.wait(self._slots, timeout=grace)
             if pending:
                 log.warning(
