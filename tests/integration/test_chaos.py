@@ -19,9 +19,13 @@ tests/e2e/test_ledger.py.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import pathlib
 import secrets
+import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -31,8 +35,9 @@ import pytest
 import yaml
 
 from maas_authz.api_keys import hash_key
-from maas_demo.stack import LocalStack, Ports
-from tests.e2e.conftest import demo_authz_config, wait_for
+from maas_demo.processes import free_port
+from maas_demo.stack import Child, LocalStack, Ports, wait_until_ready
+from tests.e2e.conftest import demo_authz_config, http, wait_for
 from tests.support.kube_platform import MODEL, MODEL_NS, PREMIUM_NS, Kube
 from tests.support.load import Load, Outcome, Request, between, report, tally
 from tests.support.postgres_server import (
@@ -41,6 +46,7 @@ from tests.support.postgres_server import (
     insert_key,
     maas_api_database,
 )
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -273,3 +279,171 @@ def test_postgresql_stopped_under_load_serves_cached_keys_and_refuses_new_ones_w
     assert new.sent() > 5 and tally(new.of()) == {"503 auth_backend_unavailable": new.sent()}
     # the database back: they work, no restart
     assert late.sent() > 5 and tally(late.of()) == {"200": late.sent()}
+
+
+# ---------------------------------------------------------------- SIGTERM, rolling restart
+
+SHUTDOWN_DELAY = 1.5  # > Envoy's health check interval x unhealthy threshold, with a margin
+HEALTH_CHECK = {
+    "timeout": "0.5s",
+    "interval": "0.2s",
+    "no_traffic_interval": "0.2s",
+    "unhealthy_threshold": 1,
+    "healthy_threshold": 1,
+    "grpc_health_check": {},
+}
+CLUSTERS = {"authz": "maas_authz", "ratelimit": "maas_ratelimit"}
+
+
+def _two_replicas(ports: dict[str, int]) -> Any:
+    """Envoy's edit: a second endpoint in both servers' clusters, and health checks over
+    grpc.health.v1 (what Kubernetes' endpoints do for a mesh: a server not ready gets no new
+    calls); never panic-routing to an unhealthy host."""
+
+    def edit(rendered: str) -> str:
+        config = yaml.safe_load(rendered)
+        for cluster in config["static_resources"]["clusters"]:
+            server = next((s for s, c in CLUSTERS.items() if c == cluster["name"]), None)
+            if server is None:
+                continue
+            endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            endpoints.append(
+                {"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": ports[server]}}}}
+            )  # fmt: skip
+            cluster["health_checks"] = [HEALTH_CHECK]
+            cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+        return str(yaml.safe_dump(config, sort_keys=False))
+
+    return edit
+
+
+def _replica_argv(argv: list[str], replacements: dict[str, str]) -> list[str]:
+    out = list(argv)
+    for flag, value in replacements.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def _ratelimit_config(work: pathlib.Path, name: str, redis_url: str) -> pathlib.Path:
+    config = {
+        "server": {"shutdown_delay": f"{SHUTDOWN_DELAY}s", "drain_timeout": "5s"},
+        "limits": {"file": "limits.yaml"},
+        "store": {"type": "redis", "failure_mode": "closed", "redis": {"url": redis_url}},
+        "ledger": {"url": f"sqlite:///{work / name}.db", "spool_dir": f"{name}-journal",
+                   "flush_interval": "100ms"},
+    }  # fmt: skip
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _records(database: pathlib.Path) -> list[tuple[str, int]]:
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        return list(db.execute("SELECT request_id, total_tokens FROM usage_records"))
+
+
+def _envoy_healthy(stack: LocalStack, cluster: str) -> int:
+    clusters = http(f"http://127.0.0.1:{stack.ports.envoy_admin}/clusters", method="GET")
+    lines = clusters.body.decode().splitlines()
+    return sum(
+        1
+        for line in lines
+        if line.startswith(f"{cluster}::") and line.endswith("health_flags::healthy")
+    )
+
+
+@pytest.mark.parametrize("server", ["authz", "ratelimit"])
+def test_sigterm_in_a_rolling_restart_fails_no_request_and_loses_no_charge(
+    server: str, tmp_path: pathlib.Path
+) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    (tmp_path / "limits.yaml").write_text(yaml.safe_dump(LIMITS))
+    authz = demo_authz_config()
+    authz["server"] = {"shutdown_delay": f"{SHUTDOWN_DELAY}s", "drain_timeout": "5s"}
+    (tmp_path / "authz.yaml").write_text(yaml.safe_dump(authz))
+    second = {"authz": free_port(), "ratelimit": free_port()}
+    stack = LocalStack(
+        tmp_path / "stack",
+        Ports.free(),
+        authz_config=tmp_path / "authz.yaml",
+        ratelimit_config=_ratelimit_config(tmp_path, "ratelimit-a", redis.url),
+        envoy_config_edit=_two_replicas(second),
+    )
+    replicas: list[Child] = []
+    try:
+        stack.start()
+        for name, http_port in (("authz", free_port()), ("ratelimit", free_port())):
+            first = stack.child(name)
+            flags = {"--grpc-addr": f"127.0.0.1:{second[name]}",
+                     "--http-addr": f"127.0.0.1:{http_port}"}  # fmt: skip
+            if name == "authz":
+                flags["--admin-api-addr"] = f"127.0.0.1:{free_port()}"
+            else:
+                flags["--config"] = str(_ratelimit_config(tmp_path, "ratelimit-b", redis.url))
+            replica = Child(f"{name}-b", _replica_argv(first.argv, flags),
+                            tmp_path / f"{name}-b.log", echo=False)  # fmt: skip
+            replicas.append(replica)
+            replica.start()
+            wait_until_ready(replica, f"http://127.0.0.1:{http_port}/readyz", 30)
+        for cluster in CLUSTERS.values():
+            assert wait_for(lambda c=cluster: _envoy_healthy(stack, c) == 2, timeout=10), cluster
+
+        keys = itertools.cycle(["sk-demo-premium", "sk-demo-enterprise"])
+
+        def chat() -> Request:
+            return MODEL_PATH.replace(f"/{MODEL_NS}/{MODEL}", "/llm/tiny"), bearer(next(keys)), CHAT
+
+        stopped = stack.child(server)
+        assert stopped.process is not None
+        clients = {f"client{n}": chat for n in range(4)}
+        with Load("127.0.0.1", stack.ports.envoy, clients) as load:
+            time.sleep(2.0)
+            sigterm = load.mark("sigterm")
+            stopped.process.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: _envoy_healthy(stack, CLUSTERS[server]) == 1, timeout=5)
+            load.mark("unhealthy")
+            stopped.process.wait(SHUTDOWN_DELAY + 10)
+            load.mark("exited")
+            time.sleep(2.0)
+            load.mark("stop")
+        outcomes = load.of()
+        in_flight = [o for o in outcomes if o.started < sigterm < o.ended]
+        phases = {
+            "before": ("start", "sigterm"),
+            "to unhealthy": ("sigterm", "unhealthy"),
+            "draining": ("unhealthy", "exited"),
+            "after": ("exited", "stop"),
+        }
+        print(report(f"SIGTERM of one of two maas-{server} replicas", load, phases))
+        print(f"  in flight at the SIGTERM: {len(in_flight)}  {tally(in_flight)}")
+
+        assert stopped.process.returncode == 0, stopped.log_tail()
+        assert "stopped" in stopped.log_tail()
+        assert in_flight and tally(in_flight) == {"200": len(in_flight)}
+        assert load.sent() > 200 and tally(outcomes) == {"200": load.sent()}
+        after = between(outcomes, load.marks["exited"], load.marks["stop"])
+        assert len(after) > 20  # the other replica carried on alone
+
+        # every answer charged once: one usage record per response, in one replica's ledger
+        # (the stopped replica shipped its journal while draining)
+        answered = {json.loads(o.body)["id"]: json.loads(o.body)["usage"]["total_tokens"]
+                    for o in outcomes}  # fmt: skip
+        assert len(answered) == len(outcomes)
+        databases = [tmp_path / "ratelimit-a.db", tmp_path / "ratelimit-b.db"]
+
+        def records() -> list[tuple[str, int]]:
+            return [r for db in databases for r in _records(db)]
+
+        assert wait_for(lambda: len(records()) >= len(outcomes), timeout=10)
+        rows = records()
+        assert len(rows) == len(outcomes) == len({request_id for request_id, _ in rows})
+        assert sum(tokens for _, tokens in rows) == sum(answered.values())
+        print(f"  usage records: {len(rows)} for {len(outcomes)} answers, "
+              f"{sum(answered.values())} tokens")  # fmt: skip
+    finally:
+        for replica in replicas:
+            replica.stop()
+        stack.stop()
+        redis.cleanup()
