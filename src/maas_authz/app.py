@@ -71,6 +71,7 @@ from maas_common.metrics import new_registry, reload_observer
 from maas_common.reload import WatchedFile
 from maas_common.server import GrpcService, HttpSite, Readiness, ServerRuntime
 from maas_common.settings import CommandLine, load_server_config
+from maas_common.tls import ReloadingClientChannel
 from maas_ratelimit.app import Limiting, build_limiting
 
 log = logging.getLogger(__name__)
@@ -631,13 +632,13 @@ def _build_peeker(config: AuthzConfig) -> RateLimitPeeker | None:
     section = config.ratelimit
     if section.target is None:
         return None
-    channel = section.tls.channel(section.target, "ratelimit") if section.tls else None
+    tls = ReloadingClientChannel(section.tls, section.target, "ratelimit") if section.tls else None
     return RateLimitPeeker(
         section.target,
         section.domain,
         timeout=section.timeout,
         max_concurrency=section.max_concurrency,
-        channel=channel,
+        tls=tls,
     )
 
 

@@ -30,6 +30,7 @@ from maas_authz.decision import Allow, Deny, QuotaReply
 from maas_authz.model_path import BodyRoute, ModelRef, OpenPath, is_namespace_name
 from maas_common.errors import BackendUnavailable
 from maas_common.quota_headers import quota_header_triple
+from maas_common.tls import ReloadingClientChannel
 
 QUOTA_PATH = "/v1/quota"
 
@@ -81,9 +82,11 @@ class RateLimitPeeker:
         *,
         timeout: float,
         max_concurrency: int,
-        channel: grpc.aio.Channel | None = None,
+        tls: ReloadingClientChannel | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        # with TLS, the channel follows renewed certificate files (a new one after a rotation)
+        self._tls = tls
+        self._channel = tls.current() if tls else grpc.aio.insecure_channel(target)
         self._stub = rls_pb2_grpc.RateLimitServiceStub(self._channel)
         self._domain = domain
         self._timeout = timeout
@@ -100,7 +103,7 @@ class RateLimitPeeker:
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._slots:
-                    response = await self._stub.ShouldRateLimit(request)
+                    response = await self._current_stub().ShouldRateLimit(request)
         except TimeoutError:
             raise BackendUnavailable(
                 "ratelimit", "timeout", "maas-ratelimit did not answer"
@@ -113,8 +116,19 @@ class RateLimitPeeker:
         limits = tuple(_whole_numbers(limit) for limit in metadata.get("limits", ()))
         return Peek(limits, metadata.get("refusal"))
 
+    def _current_stub(self) -> rls_pb2_grpc.RateLimitServiceStub:
+        if self._tls is not None:
+            channel = self._tls.current()
+            if channel is not self._channel:
+                self._channel = channel
+                self._stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        return self._stub
+
     async def close(self) -> None:
-        await self._channel.close()
+        if self._tls is not None:
+            await self._tls.close()
+        else:
+            await self._channel.close()
 
 
 def _whole_numbers(limit: dict[str, Any]) -> dict[str, Any]:

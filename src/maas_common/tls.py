@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from maas_common.clock import SystemClock
+from maas_common.clock import Clock, SystemClock
 from maas_common.config import Duration, StrictModel
 from maas_common.errors import ConfigError
 from maas_common.logs import LogThrottle
@@ -177,18 +177,88 @@ class ClientTlsSection(StrictModel):
     cert_file: Path | None = None  # with key_file: a client certificate, for mutual TLS
     key_file: Path | None = None
     server_name: str | None = None  # the name to verify, when the target's host is not in it
+    reload_interval: Duration = 10.0  # how often the files are looked at for a renewal
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p in (self.ca_file, self.cert_file, self.key_file) if p is not None]
 
     def channel(self, target: str, setting: str) -> grpc.aio.Channel:
-        """A TLS channel to `target`; files read once, at start (a renewed client certificate
-        needs a restart: the server side reloads, this side does not)."""
+        """A TLS channel to `target` from the files as they are now (ConfigError if unusable)."""
+        cert_file, key_file = self.cert_file, self.key_file
         try:
             ca = self.ca_file.read_bytes()
-            cert = self.cert_file.read_bytes() if self.cert_file else None
-            key = self.key_file.read_bytes() if self.key_file else None
-        except OSError as exc:
+            cert = cert_file.read_bytes() if cert_file else None
+            key = key_file.read_bytes() if key_file else None
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            # gRPC would only fail the handshakes: files that cannot work are refused here
+            probe.load_verify_locations(cadata=ca.decode())
+            if cert_file is not None and key_file is not None:
+                probe.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
             raise ConfigError(setting, "tls", f"cannot be read: {exc}") from None
         if (cert is None) != (key is None):
             raise ConfigError(setting, "tls", "cert_file and key_file go together")
         credentials = grpc.ssl_channel_credentials(ca, key, cert)
         options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
         return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+class ReloadingClientChannel:
+    """A TLS client channel that follows its files: at most every reload_interval, `current()`
+    stats them; when they changed (a renewed client certificate, a rotated CA) and can be used,
+    the next calls go on a new channel and the old one closes once its calls are done. Files that
+    cannot be used keep the previous channel (a warning at most every 30 s)."""
+
+    CLOSE_GRACE = 10.0  # the old channel's calls get this long to finish
+
+    def __init__(
+        self, section: ClientTlsSection, target: str, setting: str, clock: Clock | None = None
+    ) -> None:
+        self._section = section
+        self._target = target
+        self._setting = setting
+        self._clock = clock or SystemClock()
+        try:
+            self._stamp = _stamp(section.paths)
+        except OSError as exc:
+            raise ConfigError(setting, "tls", f"cannot be read: {exc}") from None
+        self._channel = section.channel(target, setting)
+        self._next_check = self._clock.monotonic() + section.reload_interval
+        self._closing: set[asyncio.Task[None]] = set()
+        self._throttle = LogThrottle(SystemClock(), 30.0)
+        self.reloads = 0
+
+    def current(self) -> grpc.aio.Channel:
+        now = self._clock.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._section.reload_interval
+            self._reload_if_changed()
+        return self._channel
+
+    def _reload_if_changed(self) -> None:
+        try:
+            stamp = _stamp(self._section.paths)
+            if stamp == self._stamp:
+                return
+            channel = self._section.channel(self._target, self._setting)
+        except (OSError, ConfigError) as exc:
+            self._throttle.log(
+                log,
+                logging.WARNING,
+                "%s: new TLS client files could not be used (keeping the previous): %s",
+                self._setting,
+                exc,
+            )
+            return
+        old, self._channel, self._stamp = self._channel, channel, stamp
+        self.reloads += 1
+        log.info("%s: TLS client certificate reloaded", self._setting)
+        task = asyncio.get_running_loop().create_task(old.close(grace=self.CLOSE_GRACE))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        await self._channel.close()
+        for task in list(self._closing):
+            await task

@@ -4,6 +4,7 @@ server and picked up without a restart; mutual TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import ssl
@@ -19,6 +20,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from maas_authz.quota import RateLimitPeeker
+from maas_common.errors import BackendUnavailable, ConfigError
+from maas_common.tls import ClientTlsSection, ReloadingClientChannel
 from maas_demo.processes import free_port
 from tests.e2e.conftest import demo_authz_config
 from tests.support.pki import Pki
@@ -226,3 +230,60 @@ def test_operator_api_serves_https_and_reloads_its_certificate(
             assert answer.status == 200
     finally:
         server.child.stop()
+
+
+@pytest.mark.asyncio
+async def test_maas_authz_peeks_follow_a_renewed_client_certificate_without_a_restart(
+    pki: Pki, served: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    cert, key = served
+    server = ratelimit_with_tls(
+        tmp_path,
+        {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(pki.ca)},
+        name="maas-ratelimit (mTLS, peeks)",
+    )
+    (tmp_path / "other").mkdir()
+    stranger = Pki(tmp_path / "other").issue("maas-authz", server=False)  # another CA's
+    client_cert, client_key = tmp_path / "client.crt", tmp_path / "client.key"
+    install(stranger, client_cert, client_key)
+    section = ClientTlsSection(
+        ca_file=pki.ca, cert_file=client_cert, key_file=client_key, reload_interval=0.1
+    )
+    tls = ReloadingClientChannel(section, server.target, "ratelimit")
+    peeker = RateLimitPeeker(server.target, "maas", timeout=2, max_concurrency=4, tls=tls)
+    descriptor = [{"tier": "free", "user": "u"}]
+    try:
+        # a client certificate the server does not trust: refused, as it should be
+        with pytest.raises(BackendUnavailable):
+            await peeker.peek(descriptor)
+
+        # the Secret renewed with a certificate of the right CA: the next peeks use it
+        install(pki.issue("maas-authz", server=False), client_cert, client_key)
+        await asyncio.sleep(0.2)
+        assert "free-requests" in [
+            limit["name"] for limit in (await peeker.peek(descriptor)).limits
+        ]
+        assert tls.reloads == 1
+
+        # caught mid-update: the channel in use stays, a warning says why
+        client_cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n")
+        await asyncio.sleep(0.2)
+        assert "free-requests" in [
+            limit["name"] for limit in (await peeker.peek(descriptor)).limits
+        ]
+        assert tls.reloads == 1
+    finally:
+        await peeker.close()
+        server.child.stop()
+
+
+def test_an_unusable_client_certificate_fails_start_up_naming_the_setting(
+    pki: Pki, tmp_path: pathlib.Path
+) -> None:
+    broken = tmp_path / "client.crt"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n")
+    _, key = pki.issue("maas-authz", server=False)
+    section = ClientTlsSection(ca_file=pki.ca, cert_file=broken, key_file=key)
+    with pytest.raises(ConfigError) as refused:
+        ReloadingClientChannel(section, "127.0.0.1:1", "ratelimit")
+    assert "ratelimit" in str(refused.value) and "tls" in str(refused.value)
