@@ -312,6 +312,32 @@ async def test_an_in_flight_call_completes_during_drain_while_new_calls_are_refu
 
 
 @pytest.mark.asyncio
+async def test_during_the_shutdown_delay_new_calls_are_served_while_health_says_not_serving(
+    http: aiohttp.ClientSession,
+) -> None:
+    stack = Stack(shutdown_delay=3.0)
+    await stack.runtime.start()
+    port = stack.runtime.grpc_port
+    async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        stopping = asyncio.create_task(stack.runtime.stop())
+        async with asyncio.timeout(10):
+            while await health_status(channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                await asyncio.sleep(0.01)
+        status, body = await get_json(http, stack.url("/readyz"))
+        assert status == 503
+        assert body["components"]["shutdown"] == {"ready": False, "detail": "draining"}
+        # not ready, yet still serving: a load balancer moving away fails nothing meanwhile
+        for _ in range(3):
+            await stub.Check(external_auth_pb2.CheckRequest(), timeout=5)
+        assert stack.servicer.finished == 3
+        assert not stopping.done()
+        async with asyncio.timeout(20):
+            await stopping  # then the drain, as without a delay
+    assert await port_is_closed(port)
+
+
+@pytest.mark.asyncio
 async def test_background_tasks_run_and_are_cancelled_on_stop() -> None:
     started = asyncio.Event()
     outcome: list[str] = []
