@@ -128,7 +128,7 @@ def test_unknown_identity_source() -> None:
             {"server": {"grpc_address": "x"}},
             "authz.yaml: server.grpc_address: unknown key (expected one of: admin_addr, "
             "admin_api_addr, drain_timeout, event_loop, grpc_addr, http_addr, log_format, "
-            "log_level, tls, workers)",
+            "log_level, shutdown_delay, tls, workers)",
         ),
     ],
 )

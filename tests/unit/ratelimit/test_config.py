@@ -133,7 +133,7 @@ def test_redis_store_without_a_redis_section() -> None:
         (
             {"server": {"grpc_address": "x"}},
             "ratelimit.yaml: server.grpc_address: unknown key (expected one of: drain_timeout, "
-            "event_loop, grpc_addr, http_addr, log_format, log_level, tls)",
+            "event_loop, grpc_addr, http_addr, log_format, log_level, shutdown_delay, tls)",
         ),
     ],
 )
