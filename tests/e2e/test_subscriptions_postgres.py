@@ -15,7 +15,7 @@ from maas_demo.stack import LocalStack, Ports
 from tests.e2e.conftest import Gateway, HttpResult, demo_authz_config, http, seconds_until, wait_for
 from tests.support.postgres_server import (
     PostgresServer,
-    gateway_dsn,
+    api_keys_section,
     insert_key,
     maas_api_database,
 )
@@ -52,12 +52,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                    groups=["demo-team"], subscription="demo-basic")  # fmt: skip
     work = tmp_path_factory.mktemp("pg-stack")
     authz = demo_authz_config()
-    authz["api_keys"] = {
-        "source": "postgresql",
-        "postgresql": {"dsn": gateway_dsn(database), "timeout": "300ms",
-                       "connect_timeout": "300ms", "max_connections": 4},
-        "cache": {"ttl": "1s", "negative_ttl": "1s", "stale_if_error": "60s"},
-    }  # fmt: skip
+    authz["api_keys"] = api_keys_section(database)
     (work / "authz.yaml").write_text(yaml.safe_dump(authz))
     local = LocalStack(work / "run", Ports.free(), authz_config=work / "authz.yaml")
     local.start()

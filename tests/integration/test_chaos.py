@@ -42,7 +42,7 @@ from tests.support.kube_platform import MODEL, MODEL_NS, PREMIUM_NS, Kube
 from tests.support.load import Load, Outcome, Request, between, report, tally
 from tests.support.postgres_server import (
     PostgresServer,
-    gateway_dsn,
+    api_keys_section,
     insert_key,
     maas_api_database,
 )
@@ -95,6 +95,19 @@ def _limits_config(work: pathlib.Path) -> pathlib.Path:
     return work / "ratelimit.yaml"
 
 
+def _started_stack(work: pathlib.Path, authz: dict[str, Any]) -> LocalStack:
+    """Envoy, both servers and the demo model with this authz config and limits nobody reaches."""
+    (work / "authz.yaml").write_text(yaml.safe_dump(authz))
+    stack = LocalStack(
+        work / "stack",
+        Ports.free(),
+        authz_config=work / "authz.yaml",
+        ratelimit_config=_limits_config(work),
+    )
+    stack.start()
+    return stack
+
+
 def _only(outcomes: list[Outcome], *labels: str) -> bool:
     return all(o.label in labels for o in outcomes)
 
@@ -114,14 +127,7 @@ def kube_stack(
         # the shipped bound (k8s/base): under half of Envoy's ext_authz timeout (1 s)
         "kubernetes": {"kubeconfig": str(authz_kubeconfig), "timeout": "400ms"},
     }
-    (tmp_path / "authz.yaml").write_text(yaml.safe_dump(authz))
-    stack = LocalStack(
-        tmp_path / "stack",
-        Ports.free(),
-        authz_config=tmp_path / "authz.yaml",
-        ratelimit_config=_limits_config(tmp_path),
-    )
-    stack.start()
+    stack = _started_stack(tmp_path, authz)
     try:
         yield stack
     finally:
@@ -214,20 +220,8 @@ def keys_stack(tmp_path: pathlib.Path) -> Iterator[tuple[LocalStack, PostgresSer
                    subscription="demo-basic")  # fmt: skip
         keys.append(key)
     authz: dict[str, Any] = demo_authz_config()
-    authz["api_keys"] = {
-        "source": "postgresql",
-        "postgresql": {"dsn": gateway_dsn(database), "timeout": "300ms",
-                       "connect_timeout": "300ms", "max_connections": 4},
-        "cache": {"ttl": "1s", "negative_ttl": "1s", "stale_if_error": "60s"},
-    }  # fmt: skip
-    (tmp_path / "authz.yaml").write_text(yaml.safe_dump(authz))
-    stack = LocalStack(
-        tmp_path / "stack",
-        Ports.free(),
-        authz_config=tmp_path / "authz.yaml",
-        ratelimit_config=_limits_config(tmp_path),
-    )
-    stack.start()
+    authz["api_keys"] = api_keys_section(database)
+    stack = _started_stack(tmp_path, authz)
     try:
         yield stack, database, keys
     finally:
@@ -394,7 +388,7 @@ def test_sigterm_in_a_rolling_restart_fails_no_request_and_loses_no_charge(
         keys = itertools.cycle(["sk-demo-premium", "sk-demo-enterprise"])
 
         def chat() -> Request:
-            return MODEL_PATH.replace(f"/{MODEL_NS}/{MODEL}", "/llm/tiny"), bearer(next(keys)), CHAT
+            return MODEL_PATH, bearer(next(keys)), CHAT
 
         stopped = stack.child(server)
         assert stopped.process is not None

@@ -106,6 +106,21 @@ def ratelimit(
     server.child.stop()
 
 
+@pytest.fixture
+def mutual_tls_ratelimit(
+    pki: Pki, served: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+) -> Iterator[ServerProcess]:
+    """maas-ratelimit serving TLS and asking clients for a certificate of the test CA."""
+    cert, key = served
+    server = ratelimit_with_tls(
+        tmp_path,
+        {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(pki.ca)},
+        name="maas-ratelimit (mTLS)",
+    )
+    yield server
+    server.child.stop()
+
+
 def test_grpc_listener_serves_tls_only_and_picks_up_a_rotated_certificate(
     pki: Pki, served: tuple[pathlib.Path, pathlib.Path], ratelimit: ServerProcess
 ) -> None:
@@ -140,28 +155,20 @@ def test_grpc_listener_serves_tls_only_and_picks_up_a_rotated_certificate(
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate_of_the_ca(
-    pki: Pki, served: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+    pki: Pki, mutual_tls_ratelimit: ServerProcess
 ) -> None:
-    cert, key = served
-    server = ratelimit_with_tls(
-        tmp_path,
-        {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(pki.ca)},
-        name="maas-ratelimit (mTLS)",
+    server = mutual_tls_ratelimit
+    client_cert, client_key = pki.issue("envoy", server=False)
+    with_cert = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=client_key.read_bytes(),
+        certificate_chain=client_cert.read_bytes(),
     )
-    try:
-        client_cert, client_key = pki.issue("envoy", server=False)
-        with_cert = grpc.ssl_channel_credentials(
-            root_certificates=pki.ca.read_bytes(),
-            private_key=client_key.read_bytes(),
-            certificate_chain=client_cert.read_bytes(),
-        )
-        assert health(server.target, with_cert) == health_pb2.HealthCheckResponse.SERVING
-        without = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
-        with pytest.raises(grpc.RpcError) as refused:
-            health(server.target, without)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        server.child.stop()
+    assert health(server.target, with_cert) == health_pb2.HealthCheckResponse.SERVING
+    without = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+    with pytest.raises(grpc.RpcError) as refused:
+        health(server.target, without)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_a_missing_certificate_fails_start_up_naming_the_key(tmp_path: pathlib.Path) -> None:
@@ -234,14 +241,9 @@ def test_operator_api_serves_https_and_reloads_its_certificate(
 
 @pytest.mark.asyncio
 async def test_maas_authz_peeks_follow_a_renewed_client_certificate_without_a_restart(
-    pki: Pki, served: tuple[pathlib.Path, pathlib.Path], tmp_path: pathlib.Path
+    pki: Pki, mutual_tls_ratelimit: ServerProcess, tmp_path: pathlib.Path
 ) -> None:
-    cert, key = served
-    server = ratelimit_with_tls(
-        tmp_path,
-        {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(pki.ca)},
-        name="maas-ratelimit (mTLS, peeks)",
-    )
+    server = mutual_tls_ratelimit
     (tmp_path / "other").mkdir()
     stranger = Pki(tmp_path / "other").issue("maas-authz", server=False)  # another CA's
     client_cert, client_key = tmp_path / "client.crt", tmp_path / "client.key"
@@ -274,7 +276,6 @@ async def test_maas_authz_peeks_follow_a_renewed_client_certificate_without_a_re
         assert tls.reloads == 1
     finally:
         await peeker.close()
-        server.child.stop()
 
 
 def test_an_unusable_client_certificate_fails_start_up_naming_the_setting(

@@ -184,6 +184,17 @@ def gateway_dsn(server: PostgresServer) -> str:
     return f"postgresql://{GATEWAY_ROLE}@127.0.0.1:{server.port}/{DATABASE}"
 
 
+def api_keys_section(server: PostgresServer) -> dict[str, object]:
+    """maas-authz's `api_keys` on this database, with bounds short enough for a test to see an
+    outage: 300 ms timeouts, a 1 s cache that serves stale entries for 60 s while it is down."""
+    return {
+        "source": "postgresql",
+        "postgresql": {"dsn": gateway_dsn(server), "timeout": "300ms",
+                       "connect_timeout": "300ms", "max_connections": 4},
+        "cache": {"ttl": "1s", "negative_ttl": "1s", "stale_if_error": "60s"},
+    }  # fmt: skip
+
+
 def insert_key(
     server: PostgresServer,
     *,
